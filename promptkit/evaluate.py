@@ -1,0 +1,96 @@
+"""Evaluate a pipeline on a dataset with a metric."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from .data import load_examples
+from .metrics import Metric, get_metric, mean
+from .pipeline import Pipeline, Record, Stage
+from .types import Example
+
+
+class ExampleResult(BaseModel):
+    inputs: dict[str, Any]
+    gold: Any
+    prediction: Any
+    score: float
+
+
+class EvalResult(BaseModel):
+    """Mean score, per-example results and the LM counters of one evaluation."""
+
+    metric: str
+    score: float
+    n: int
+    seconds: float
+    results: list[ExampleResult] = Field(default_factory=list)
+    lm_stats: dict[str, Any] = Field(default_factory=dict)
+
+    def write_jsonl(self, path: str | Path) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            for r in self.results:
+                f.write(r.model_dump_json() + "\n")
+
+
+def evaluate(
+    pipeline: Stage,
+    dataset: Sequence[Example] | str | Path,
+    metric: str | Metric = "exact_match",
+    batch_size: int = 16,
+    output_key: str = "answer",
+    progress: bool = False,
+) -> EvalResult:
+    """Run ``pipeline`` on every example (in batches) and score its outputs against the gold field."""
+    examples = load_examples(dataset, output_key) if isinstance(dataset, (str, Path)) else list(dataset)
+    if not examples:
+        raise ValueError("evaluate needs at least one example")
+    fn = get_metric(metric)
+    name = metric if isinstance(metric, str) else getattr(metric, "__name__", "metric")
+    pipe = pipeline if isinstance(pipeline, Pipeline) else Pipeline(pipeline)
+    t0 = time.perf_counter()
+    results: list[ExampleResult] = []
+    batches = range(0, len(examples), batch_size)
+    bar = None
+    if progress:
+        from rich.progress import Progress
+
+        bar = Progress(transient=True)
+        bar.start()
+        task = bar.add_task(f"evaluating {name}", total=len(examples))
+    try:
+        for i in batches:
+            chunk = examples[i : i + batch_size]
+            records = pipe.process([Record(inputs=ex.inputs) for ex in chunk])
+            for ex, rec in zip(chunk, records):
+                try:
+                    s = float(fn(rec.output, ex.output))
+                except Exception as e:  # a metric bug should name the example, not vanish
+                    raise RuntimeError(f"metric {name!r} failed on example {ex.inputs}: {e}") from e
+                results.append(ExampleResult(inputs=ex.inputs, gold=ex.output, prediction=rec.output, score=s))
+            if bar:
+                bar.advance(task, len(chunk))
+    finally:
+        if bar:
+            bar.stop()
+    return EvalResult(metric=name, score=mean([r.score for r in results]), n=len(results),
+                      seconds=time.perf_counter() - t0, results=results)
+
+
+def print_result(result: EvalResult, limit: int = 10) -> None:
+    """A rich table of the first results and the mean score."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{result.metric}: {result.score:.3f} over {result.n} examples ({result.seconds:.1f} s)")
+    for col in ("input", "gold", "prediction", "score"):
+        table.add_column(col, overflow="fold")
+    for r in result.results[:limit]:
+        table.add_row(json.dumps(r.inputs)[:80], str(r.gold)[:40], str(r.prediction)[:60], f"{r.score:.2f}")
+    Console().print(table)

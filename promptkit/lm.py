@@ -1,0 +1,129 @@
+"""The LM facade: generate, score and per-token log-probabilities over any backend."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from .backends.base import Backend, SamplingParams
+from .engine.models import DEFAULT_LLM
+from .prompt import render
+from .types import Generation, Prompt, TokenLogprobs
+
+PromptLike = str | Prompt
+
+
+def _make_backend(model: str, backend: str, **options: Any) -> Backend:
+    if backend == "local":
+        from .backends.local import LocalBackend
+
+        return LocalBackend(model, **options)
+    if backend == "hf":
+        from .backends.hf import HFBackend
+
+        return HFBackend(model, **options)
+    if backend == "openai":
+        from .backends.openai import OpenAIBackend
+
+        return OpenAIBackend(model, **options)
+    raise ValueError(f"unknown backend {backend!r}; choose 'local', 'hf' or 'openai', or pass a Backend")
+
+
+class LM:
+    """A language model behind a small, batch-first API.
+
+    >>> lm = LM()                      # the embedded SmolLM2-135M-Instruct on the local engine
+    >>> lm.generate("What is the capital of France?")[0].text
+    'The capital of France is Paris.'
+
+    ``backend`` is ``"local"`` (the promptkit engine, default), ``"hf"`` (plain
+    transformers, the reference), ``"openai"`` (any OpenAI-compatible server;
+    pass ``base_url``) or a :class:`Backend` instance. Other keyword options go
+    to the backend (``device``, ``dtype``, ``max_cache_bytes``, ...).
+    """
+
+    def __init__(self, model: str = DEFAULT_LLM, backend: str | Backend = "local", chat: bool | None = None,
+                 **options: Any) -> None:
+        self.backend: Backend = (
+            _make_backend(model, backend, **options) if isinstance(backend, str) else backend
+        )
+        self.model = model
+        self.chat = self.backend.is_chat if chat is None else chat
+
+    def __repr__(self) -> str:
+        return f"LM({self.model!r}, backend={type(self.backend).__name__})"
+
+    # -- rendering ---------------------------------------------------------
+    def render(self, prompt: PromptLike, chat: bool | None = None) -> str:
+        """The exact text the model sees for ``prompt``."""
+        use_chat = self.chat if chat is None else chat
+        return render(prompt, self.backend.apply_chat_template if use_chat else None)
+
+    def _texts(self, prompts: PromptLike | Sequence[PromptLike], chat: bool | None) -> list[str]:
+        items = [prompts] if isinstance(prompts, (str, Prompt)) else list(prompts)
+        for p in items:
+            if isinstance(p, str) and not p.strip() or isinstance(p, Prompt) and not p.text().strip():
+                raise ValueError("empty prompt: give the model some text to condition on")
+        return [self.render(p, chat) for p in items]
+
+    def count_tokens(self, prompt: PromptLike, chat: bool | None = None) -> int:
+        """Tokens in a raw string, or in the rendered text of a Prompt (or of a string when ``chat``)."""
+        raw = isinstance(prompt, str) and not chat
+        return self.backend.count_tokens(prompt if raw else self.render(prompt, chat))
+
+    # -- calls -------------------------------------------------------------
+    def generate(
+        self,
+        prompts: PromptLike | Sequence[PromptLike],
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        chat: bool | None = None,
+        logprobs: bool = False,
+        truncate: bool = False,
+    ) -> list[Generation]:
+        """Generate a completion for each prompt (one batch). Greedy when ``temperature == 0``."""
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop,
+                                seed=seed, logprobs=logprobs, truncate=truncate)
+        return self.backend.generate(self._texts(prompts, chat), params)
+
+    def score(self, prompt: PromptLike, choices: Sequence[str], chat: bool | None = None) -> list[float]:
+        """Total log-likelihood of each choice as a continuation of ``prompt``."""
+        return self.score_many([prompt], [choices], chat=chat)[0]
+
+    def score_many(self, prompts: Sequence[PromptLike], choices: Sequence[Sequence[str]] | Sequence[str],
+                   chat: bool | None = None) -> list[list[float]]:
+        """:meth:`score` for many prompts in one batch; ``choices`` is one list per prompt or one shared list."""
+        texts = self._texts(list(prompts), chat)
+        if choices and isinstance(choices[0], str):
+            choices = [list(choices)] * len(texts)  # type: ignore[list-item]
+        if len(choices) != len(texts):
+            raise ValueError(f"{len(texts)} prompts but {len(choices)} choice lists")
+        for c in choices:
+            if not c:
+                raise ValueError("score needs at least one choice")
+        return self.backend.score(texts, [list(c) for c in choices])
+
+    def token_logprobs(self, texts: str | Sequence[str]) -> list[TokenLogprobs]:
+        """Log-probability of every token of each raw text (no chat template)."""
+        return self.backend.token_logprobs([texts] if isinstance(texts, str) else list(texts))
+
+    def stats(self) -> dict[str, Any]:
+        """Backend counters (for the local engine: tokens prefilled vs served from cache)."""
+        return self.backend.stats()
+
+
+_shared: dict[tuple[str, str], LM] = {}
+_shared_lock = threading.Lock()
+
+
+def get_lm(model: str = DEFAULT_LLM, backend: str = "local", **options: Any) -> LM:
+    """A process-wide shared LM, so stages naming the same model load it once."""
+    key = (model, backend)
+    with _shared_lock:
+        if key not in _shared:
+            _shared[key] = LM(model, backend=backend, **options)
+        return _shared[key]
