@@ -6,6 +6,7 @@ engine, plain transformers and any OpenAI-compatible server implement it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field, field_validator
@@ -15,6 +16,14 @@ from ..types import Generation, TokenLogprobs
 
 class ContextLengthError(ValueError):
     """A prompt (plus the tokens asked for) does not fit the model's context."""
+
+
+class StreamEvent(BaseModel):
+    """One step of a streamed generation: new text, and on the last event the whole Generation."""
+
+    text: str = ""
+    token_id: int | None = None
+    generation: Generation | None = None
 
 
 class SamplingParams(BaseModel):
@@ -57,6 +66,14 @@ class Backend(Protocol):
         ...
 
     def token_logprobs(self, texts: list[str]) -> list[TokenLogprobs]: ...
+
+    def generate_stream(self, text: str, params: SamplingParams) -> Iterator[StreamEvent]:
+        """Yield text as it is generated; the last event carries the Generation.
+
+        Safe to call from many threads at once; closing the iterator early
+        cancels the request.
+        """
+        ...
 
     def stats(self) -> dict[str, Any]: ...
 

@@ -8,13 +8,14 @@ local backend shares (loading, tokenizing, chat templates, context checks).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from ..engine.models import resolve_llm
 from ..types import Generation, TokenLogprobs, Usage
-from .base import ContextLengthError, SamplingParams, truncate_at_stop
+from .base import ContextLengthError, SamplingParams, StreamEvent, truncate_at_stop
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -158,6 +159,11 @@ class HFBackend(TransformersBase):
                 usage=Usage(prompt_tokens=len(s), completion_tokens=len(new), seconds=seconds),
             ))
         return results
+
+    def generate_stream(self, text: str, params: SamplingParams) -> Iterator[StreamEvent]:
+        """No incremental decoding here: one event with the whole generation."""
+        gen = self.generate([text], params)[0]
+        yield StreamEvent(text=gen.text, generation=gen)
 
     @torch.inference_mode()
     def score(self, texts: list[str], choices: list[list[str]]) -> list[list[float]]:

@@ -1,0 +1,225 @@
+"""The ``promptkit`` command line."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+
+app = typer.Typer(
+    name="promptkit",
+    help="Prompt engineering and RAG pipelines on a local, prefix-caching inference engine.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+models_app = typer.Typer(help="List and prepare the embedded models.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+err = Console(stderr=True)
+out = Console()
+QUICKSTART = Path(__file__).parent / "data" / "quickstart"
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"promptkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="Print the version and exit.")] = None,
+) -> None:
+    """promptkit: build, evaluate, optimize and serve prompt pipelines on a local model."""
+
+
+def _load_lm(model: str, backend: str = "local"):
+    from .lm import get_lm
+
+    with err.status(f"loading {model} ...", spinner="dots"):
+        return get_lm(model, backend)
+
+
+@models_app.command("list")
+def models_list(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Show the embedded models and whether they are installed and prepared."""
+    from .engine.models import EMBEDDED, embedded_status
+
+    rows = [embedded_status(name) for name in EMBEDDED]
+    if json_out:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title="embedded models")
+    for col in ("name", "kind", "installed", "prepared", "description"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(str(r["name"]), str(r["kind"]), "yes" if r["installed"] else f"no: {r['install']}",
+                      "yes" if r["prepared"] else "no", str(r["description"]))
+    out.print(table)
+
+
+@models_app.command("prepare")
+def models_prepare(
+    names: Annotated[Optional[list[str]], typer.Argument(help="Models to prepare (default: all embedded).")] = None,
+) -> None:
+    """Install-check and convert embedded models once (GGUF -> safetensors in the cache dir)."""
+    from .engine.models import EMBEDDED, ModelNotFoundError, resolve_embedder, resolve_llm
+
+    for name in names or list(EMBEDDED):
+        try:
+            kind = EMBEDDED[name].kind if name in EMBEDDED else "llm"
+            path = resolve_llm(name, progress=True) if kind == "llm" else resolve_embedder(name)
+        except ModelNotFoundError as e:
+            _fail(str(e))
+        err.print(f"[green]ready[/] {name}: {path}")
+
+
+@app.command()
+def ask(
+    question: Annotated[str, typer.Argument(help="The question or instruction.")],
+    model: Annotated[str, typer.Option(help="Model name, local HF directory or hub id.")] = "smollm2-135m-instruct",
+    system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate at most.")] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy.")] = 0.0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the whole Generation as JSON.")] = False,
+) -> None:
+    """Ask the model one question; prints the answer alone (or JSON with --json)."""
+    from .types import Prompt
+
+    if not question.strip():
+        _fail("the question is empty")
+    lm = _load_lm(model)
+    try:
+        gen = lm.generate(Prompt.from_parts(system=system, question=question), max_tokens=max_tokens,
+                          temperature=temperature)[0]
+    except ValueError as e:
+        _fail(str(e))
+    print(gen.model_dump_json(indent=2) if json_out else gen.text.strip())
+
+
+def _load_pipeline(recipe: Path):
+    from .recipes import RecipeError, load_recipe
+
+    try:
+        return load_recipe(recipe)
+    except RecipeError as e:
+        _fail(str(e))
+
+
+def _print_record(record, json_out: bool) -> None:
+    if json_out:
+        print(json.dumps({
+            "inputs": record.inputs,
+            "output": record.output,
+            "documents": [d.model_dump(mode="json") for d in record.documents],
+            "usage": record.generation.usage.model_dump() if record.generation else None,
+        }, ensure_ascii=False))
+    else:
+        print(record.output if isinstance(record.output, str) else json.dumps(record.output))
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path, typer.Argument(help="Recipe file (YAML or JSON).")],
+    input: Annotated[Optional[list[str]], typer.Option("--input", "-i", help="Input text (repeatable).")] = None,
+    input_file: Annotated[Optional[Path], typer.Option(help="JSONL of input objects.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per output line.")] = False,
+) -> None:
+    """Run a recipe's pipeline on inputs given inline or in a JSONL file."""
+    pipe = _load_pipeline(recipe)
+    items: list = list(input or [])
+    if input_file:
+        from .data import DataError, read_text
+
+        try:
+            items += [json.loads(line) for line in read_text(input_file).splitlines() if line.strip()]
+        except (DataError, json.JSONDecodeError) as e:
+            _fail(str(e))
+    if not items:
+        _fail("give at least one --input or an --input-file")
+    try:
+        records = pipe.run(items)
+    except ValueError as e:
+        _fail(str(e))
+    for r in records:
+        _print_record(r, json_out)
+
+
+@app.command("eval")
+def eval_cmd(
+    recipe: Annotated[Path, typer.Argument(help="Recipe file of the pipeline to evaluate.")],
+    data: Annotated[Path, typer.Argument(help="Dataset: JSONL or CSV with the input fields and the gold field.")],
+    metric: Annotated[str, typer.Option(help="exact_match, f1, accuracy or contains.")] = "exact_match",
+    output_key: Annotated[str, typer.Option(help="Name of the gold field.")] = "answer",
+    results: Annotated[Optional[Path], typer.Option(help="Write per-example results (JSONL) here.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Evaluate a recipe on a dataset: a table of results and the mean score."""
+    from .data import DataError
+    from .evaluate import evaluate, print_result
+
+    pipe = _load_pipeline(recipe)
+    try:
+        res = evaluate(pipe, data, metric=metric, output_key=output_key, progress=not json_out)
+    except (DataError, ValueError) as e:
+        _fail(str(e))
+    if results:
+        res.write_jsonl(results)
+    if json_out:
+        print(json.dumps({"metric": res.metric, "score": res.score, "n": res.n, "seconds": res.seconds}))
+    else:
+        print_result(res)
+
+
+@app.command()
+def quickstart(
+    question: Annotated[str, typer.Argument(help="Question about the bundled documents.")] = "How tall is Mount Everest?",
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON with the retrieved documents.")] = False,
+) -> None:
+    """Answer a question over a few bundled documents with the embedded models (retrieve, prompt, generate)."""
+    pipe = _load_pipeline(QUICKSTART / "recipe.yaml")
+    record = pipe(question)
+    if json_out:
+        _print_record(record, True)
+        return
+    err.print(f"[dim]retrieved: {', '.join(d.id for d in record.documents)}[/]")
+    print(record.output)
+
+
+@app.command()
+def stages() -> None:
+    """List the stage names recipes can use."""
+    from .registry import get_stage_class, stage_names
+
+    for name in stage_names():
+        doc = (get_stage_class(name).__doc__ or "").strip().splitlines()
+        out.print(f"[bold]{name}[/]  {doc[0] if doc else ''}")
+
+
+def _mount_plugins() -> None:
+    # Stage packages add sub-commands (e.g. `promptkit index`) through entry points.
+    for ep in importlib.metadata.entry_points(group="promptkit.cli"):
+        try:
+            app.add_typer(ep.load(), name=ep.name)
+        except ModuleNotFoundError:
+            continue
+
+
+_mount_plugins()
+
+if __name__ == "__main__":
+    sys.exit(app())
