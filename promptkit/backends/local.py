@@ -1,9 +1,121 @@
-"""The local backend (interim: plain transformers; the engine replaces its internals)."""
+"""The local backend: the promptkit engine (radix prefix cache, packed prefill, batched decode)."""
 
 from __future__ import annotations
 
-from .hf import HFBackend
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from ..engine.engine import Engine, Request
+from ..types import Generation, TokenLogprobs, Usage
+from .base import SamplingParams, StreamEvent, truncate_at_stop
+from .hf import TransformersBase
+
+DEFAULT_CACHE_BYTES = 2 << 30
 
 
-class LocalBackend(HFBackend):
-    """Local model backend."""
+class LocalBackend(TransformersBase):
+    """Runs a transformers causal LM on the promptkit engine.
+
+    Options: ``max_cache_bytes`` (prefix cache budget; 0 turns the cache off),
+    ``prefix_cache`` (False is the same as ``max_cache_bytes=0``),
+    ``max_batch_tokens`` (tokens per forward: bounds activation memory and
+    chunks long prefills), ``max_running`` (requests decoded together),
+    ``sparse`` (a :class:`promptkit.engine.sparse.SparseConfig`, or True for
+    the defaults: sparse attention for long prefills).
+    """
+
+    def __init__(self, model: str, max_cache_bytes: int = DEFAULT_CACHE_BYTES, prefix_cache: bool = True,
+                 max_batch_tokens: int = 2048, max_running: int = 64, sparse: Any = None, **kw: Any) -> None:
+        super().__init__(model, **kw)
+        attn_sparse, min_len = _sparse_hook(sparse)
+        self.engine = Engine(self.model, self.eos_ids, max_cache_bytes=max_cache_bytes if prefix_cache else 0,
+                             max_batch_tokens=max_batch_tokens, max_running=max_running,
+                             sparse=attn_sparse, sparse_min_length=min_len)
+        self.sparse_config = sparse
+
+    # -- generation --------------------------------------------------------------
+    def _request(self, text: str, params: SamplingParams) -> Request:
+        ids = self.check_length(self.encode(text), params.max_tokens, params.truncate)
+        stop = params.stop
+        check = (lambda gen: any(s in self.decode(gen) for s in stop)) if stop else None
+        return Request(tokens=ids, params=params, stop_check=check)
+
+    def _generation(self, r: Request) -> Generation:
+        text, stopped = truncate_at_stop(self.decode(r.generated), r.params.stop)
+        return Generation(
+            text=text, token_ids=list(r.generated), logprobs=list(r.logprobs) if r.params.logprobs else None,
+            finish_reason="stop" if stopped else r.finish_reason,
+            usage=Usage(prompt_tokens=r.prompt_len, cached_tokens=r.matched_len,
+                        completion_tokens=len(r.generated), seconds=r.seconds),
+        )
+
+    def generate(self, texts: list[str], params: SamplingParams) -> list[Generation]:
+        reqs = [self._request(t, params) for t in texts]
+        return [self._generation(r) for r in self.engine.run(reqs)]
+
+    def generate_stream(self, text: str, params: SamplingParams) -> Iterator[StreamEvent]:
+        req = self._request(text, params)
+        shown = ""
+        tokens = self.engine.stream(req)
+        try:
+            for tok in tokens:
+                full, _ = truncate_at_stop(self.decode(req.generated), params.stop)
+                if len(full) > len(shown) and not full.endswith("\ufffd"):  # wait for whole characters
+                    yield StreamEvent(text=full[len(shown):], token_id=tok)
+                    shown = full
+            gen = self._generation(req)
+            yield StreamEvent(text=gen.text[len(shown):], generation=gen)
+        finally:
+            tokens.close()
+
+    # -- scoring -----------------------------------------------------------------
+    def score(self, texts: list[str], choices: list[list[str]]) -> list[list[float]]:
+        reqs: list[Request] = []
+        for text, opts in zip(texts, choices):
+            ctx = self.encode(text)
+            for c in opts:
+                cont = self.encode_continuation(c)
+                if not cont:
+                    raise ValueError(f"choice {c!r} has no tokens")
+                reqs.append(Request(tokens=self.check_length(ctx + cont, 0), kind="score", score_from=len(ctx)))
+        self.engine.run(reqs)
+        it = iter(reqs)
+        return [[sum(next(it).logprobs) for _ in opts] for opts in choices]
+
+    def token_logprobs(self, texts: list[str]) -> list[TokenLogprobs]:
+        encs = [self.tokenizer(t, return_offsets_mapping=True) for t in texts]
+        reqs = [Request(tokens=self.check_length(list(e["input_ids"]), 0), kind="score", score_from=1)
+                for e in encs]
+        ok = [r for r in reqs if r.prompt_len > 1]
+        self.engine.run(ok)
+        return [TokenLogprobs(token_ids=r.tokens, tokens=self.tokenizer.convert_ids_to_tokens(r.tokens),
+                              logprobs=[None] + r.logprobs, offsets=[tuple(o) for o in e["offset_mapping"]])
+                for r, e in zip(reqs, encs)]
+
+    # -- cache ------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        return {**super().stats(), **self.engine.stats()}
+
+    def clear_cache(self) -> None:
+        """Drop every cached prefix not in use."""
+        with self.engine._step_lock:
+            self.engine.cache.clear()
+
+
+def _sparse_hook(sparse: Any) -> tuple[Any, int]:
+    """The engine's sparse-attention callable and its minimum length, from a config (or None)."""
+    if not sparse:
+        return None, 1 << 62
+    from ..engine import sparse as sparse_mod
+
+    cfg = sparse_mod.SparseConfig() if sparse is True else sparse
+    if isinstance(cfg, dict):
+        cfg = sparse_mod.SparseConfig(**cfg)
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, layer: int) -> torch.Tensor:
+        out, info = sparse_mod.sparse_attention(q, k, v, cfg, scale=scale)
+        return out
+
+    return run, cfg.min_length

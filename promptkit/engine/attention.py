@@ -1,0 +1,142 @@
+"""Attention over a packed batch whose requests share cached prefixes.
+
+The model runs on one packed sequence: the new tokens of every request laid
+end to end (block-diagonal causal attention, computed block by block, never
+over padding). Each request's keys are the KV of its cached prefix, a path of
+radix-tree nodes shared with other requests, followed by its own KV buffer.
+Queries of all requests that share a node attend to it in one matrix product
+(as in Hydragen / cascade attention); the partial results are merged with
+their log-sum-exp, so a shared prefix is read once per step however many
+requests use it.
+
+This module plugs into transformers through ``AttentionInterface`` under the
+name ``"promptkit"``; the layout of the current forward is set per thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+ATTN_NAME = "promptkit"
+_MAX_SCORE_ELEMENTS = 1 << 25  # bound the score matrix of one block (~128 MB in float32)
+
+
+@dataclass
+class SegmentLayout:
+    """One request's slice of the packed sequence."""
+
+    start: int  # first row in the packed sequence
+    length: int  # new tokens in this forward
+    own_kv: torch.Tensor  # [layers, 2, kv_heads, capacity, head_dim]
+    own_past: int  # tokens already in own_kv before this forward
+    has_prefix: bool  # whether cached prefix nodes precede own_kv
+
+
+@dataclass
+class BatchLayout:
+    """Everything the attention function needs to know about the current forward."""
+
+    segments: list[SegmentLayout]
+    # node KV tensor -> packed rows of all queries that attend to it (whole node, no mask)
+    prefix_groups: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    sparse: Callable | None = None  # (q, k, v, scale, layer) -> out, for long prefills
+    sparse_min_length: int = 1 << 62
+
+
+_state = threading.local()
+
+
+def set_layout(layout: BatchLayout | None) -> None:
+    _state.layout = layout
+
+
+def current_layout() -> BatchLayout:
+    layout = getattr(_state, "layout", None)
+    if layout is None:
+        raise RuntimeError("promptkit attention called outside an engine forward")
+    return layout
+
+
+def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+               causal_offset: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q`` [H, m, D] over ``k``, ``v`` [Hkv, n, D] with its log-sum-exp.
+
+    With ``causal_offset`` c, query i sees keys j <= c + i. Returns out [H, m, D]
+    (float32) and lse [H, m].
+    """
+    h, m, d = q.shape
+    hkv, n = k.shape[0], k.shape[1]
+    g = h // hkv
+    qg = q.reshape(hkv, g, m, d)
+    out = torch.empty(hkv, g, m, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(hkv, g, m, dtype=torch.float32, device=q.device)
+    step = max(1, _MAX_SCORE_ELEMENTS // max(1, h * n))
+    kt, vf = k.float().transpose(-1, -2), v.float()
+    for a in range(0, m, step):
+        b = min(m, a + step)
+        s = torch.matmul(qg[:, :, a:b].float(), kt.unsqueeze(1)) * scale  # [hkv, g, b-a, n]
+        if causal_offset is not None:
+            rows = torch.arange(a, b, device=q.device)[:, None] + causal_offset
+            s = s.masked_fill(torch.arange(n, device=q.device)[None, :] > rows, float("-inf"))
+        blk_lse = torch.logsumexp(s, dim=-1)
+        out[:, :, a:b] = torch.matmul(torch.exp(s - blk_lse[..., None]), vf.unsqueeze(1))
+        lse[:, :, a:b] = blk_lse
+    return out.reshape(h, m, d), lse.reshape(h, m)
+
+
+def _merge(out: torch.Tensor, lse: torch.Tensor, rows: torch.Tensor, o: torch.Tensor, l: torch.Tensor) -> None:
+    """Fold a partial result (o, l) for ``rows`` into the running (out, lse)."""
+    old_l = lse[:, rows]
+    new_l = torch.logaddexp(old_l, l)
+    out[:, rows] = out[:, rows] * torch.exp(old_l - new_l)[..., None] + o * torch.exp(l - new_l)[..., None]
+    lse[:, rows] = new_l
+
+
+def engine_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                     **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention function: query [1, H, T, D], key/value [1, Hkv, T, D] (RoPE applied)."""
+    layout = current_layout()
+    layer = module.layer_idx
+    q, k_new, v_new = query[0], key[0], value[0]
+    h, t, d = q.shape
+    scale = scaling if scaling is not None else d**-0.5
+    out = torch.zeros(h, t, d, dtype=torch.float32, device=q.device)
+    lse = torch.full((h, t), float("-inf"), dtype=torch.float32, device=q.device)
+
+    for seg in layout.segments:
+        s, e, p = seg.start, seg.start + seg.length, seg.own_past
+        kv = seg.own_kv[layer]
+        kv[0, :, p : p + seg.length] = k_new[:, s:e]
+        kv[1, :, p : p + seg.length] = v_new[:, s:e]
+        k_own, v_own = kv[0, :, : p + seg.length], kv[1, :, : p + seg.length]
+        if not seg.has_prefix and p == 0:
+            # A fresh prompt: plain causal attention (sparse when long), nothing to merge.
+            if layout.sparse is not None and seg.length >= layout.sparse_min_length:
+                o = layout.sparse(q[None, :, s:e], k_own[None], v_own[None], scale, layer)[0]
+            else:
+                o = F.scaled_dot_product_attention(q[None, :, s:e], k_own[None], v_own[None], is_causal=True,
+                                                   scale=scale, enable_gqa=True)[0]
+            out[:, s:e] = o.float()
+            lse[:, s:e] = 0.0  # a finished row: prefix groups never include it
+            continue
+        o, l = attend_lse(q[:, s:e], k_own, v_own, scale, causal_offset=p)
+        out[:, s:e], lse[:, s:e] = o, l
+
+    for node_kv, rows in layout.prefix_groups:
+        o, l = attend_lse(q[:, rows], node_kv[layer, 0], node_kv[layer, 1], scale, causal_offset=None)
+        _merge(out, lse, rows, o, l)
+
+    return out.to(query.dtype).transpose(0, 1).unsqueeze(0), None
+
+
+def register() -> None:
+    """Make ``attn_implementation="promptkit"`` available to transformers models."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_NAME, engine_attention)

@@ -1,0 +1,308 @@
+"""The engine: requests in, tokens out, every distinct prefix prefilled once.
+
+One ``step()`` admits waiting requests (after prefilling the prefixes they
+share), packs the next tokens of running requests into one sequence (decode
+tokens plus prefill chunks, up to ``max_batch_tokens``), runs the model once,
+then samples, scores and retires requests. Whoever calls ``run``/``stream``
+drives the steps, so concurrent callers share batches without a server thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..backends.base import SamplingParams
+from .attention import ATTN_NAME, BatchLayout, SegmentLayout, register, set_layout
+from .prepack import first_fit_decreasing, packed_positions
+from .radix_cache import CacheBudgetError, Node, RadixCache
+from .sampler import sample
+from .scheduler import batch_independent, longest_prefix_first, shared_prefixes
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation, scoring or prefix-prefill job and its progress."""
+
+    tokens: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    kind: str = "generate"  # "generate" | "score" | "prefix"
+    score_from: int = 0  # score: first token whose log-probability is wanted
+    stop_check: Callable[[list[int]], bool] | None = None
+    id: int = field(default_factory=lambda: next(_ids))
+    prompt_len: int = 0
+    last_node: Node | None = None
+    cached_len: int = 0  # tokens covered by the locked tree path
+    matched_len: int = 0  # prompt tokens served from the cache at admission
+    own_kv: torch.Tensor | None = None
+    own_len: int = 0  # tokens whose KV sits in own_kv
+    generated: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str = ""
+    error: Exception | None = None
+    aborted: bool = False
+    events: queue.SimpleQueue | None = None
+    generator: torch.Generator | None = None
+    started: float = field(default_factory=time.perf_counter)
+    seconds: float = 0.0
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.prompt_len = len(self.tokens)
+
+    @property
+    def computed(self) -> int:
+        return self.cached_len + self.own_len
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.computed < self.prompt_len
+
+
+class Engine:
+    """Continuous-batching engine over a transformers causal LM with a radix prefix cache."""
+
+    def __init__(self, model: Any, eos_ids: set[int], max_cache_bytes: int = 2 << 30,
+                 max_batch_tokens: int = 2048, max_running: int = 64, share_min_tokens: int = 16,
+                 sparse: Callable | None = None, sparse_min_length: int = 1 << 62) -> None:
+        register()
+        model.set_attn_implementation(ATTN_NAME)
+        self.model = model
+        self.eos_ids = eos_ids
+        cfg = model.config
+        self.num_layers = cfg.num_hidden_layers
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.bytes_per_token = self.num_layers * 2 * self.kv_heads * self.head_dim * p.element_size()
+        self.cache = RadixCache(max_cache_bytes, self.bytes_per_token)
+        self.max_batch_tokens = max_batch_tokens
+        self.max_running = max_running
+        self.share_min_tokens = share_min_tokens
+        self.sparse, self.sparse_min_length = sparse, sparse_min_length
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.steps = 0
+        self._queue_lock = threading.Lock()
+        self._step_lock = threading.RLock()
+
+    # -- public API ----------------------------------------------------------
+    def submit(self, req: Request) -> Request:
+        if not req.tokens:
+            raise ValueError("empty request: no tokens")
+        if self.cache.enabled and req.prompt_len * self.bytes_per_token > self.cache.max_bytes:
+            raise CacheBudgetError(
+                f"a {req.prompt_len}-token request needs {req.prompt_len * self.bytes_per_token:,} bytes of KV, "
+                f"more than the cache budget of {self.cache.max_bytes:,} bytes; raise max_cache_bytes "
+                "or turn the cache off with max_cache_bytes=0")
+        if req.params.temperature > 0:
+            req.generator = torch.Generator(device="cpu")
+            req.generator.manual_seed(req.params.seed if req.params.seed is not None else
+                                      torch.seed() % (1 << 63))
+        with self._queue_lock:
+            self.waiting.append(req)
+        return req
+
+    def run(self, reqs: list[Request]) -> list[Request]:
+        """Submit ``reqs`` and drive the engine until all of them are finished."""
+        for r in reqs:
+            self.submit(r)
+        for r in reqs:
+            self._drive_until(r)
+        return reqs
+
+    def stream(self, req: Request) -> Iterator[int]:
+        """Submit ``req`` and yield its tokens as they come; closing the iterator aborts it."""
+        self.submit(req)
+        sent = 0
+        try:
+            while True:
+                if not req.finished:
+                    with self._step_lock:
+                        if not req.finished:
+                            self.step()
+                while sent < len(req.generated):
+                    sent += 1
+                    yield req.generated[sent - 1]
+                if req.finished:
+                    return
+        finally:
+            if not req.finished:
+                req.aborted = True
+                with self._step_lock:
+                    self._retire(req, "abort")
+
+    def stats(self) -> dict[str, Any]:
+        s = self.cache.stats
+        return {"tokens_requested": s.tokens_requested, "tokens_cached": s.tokens_cached,
+                "tokens_prefilled": s.tokens_prefilled, "evictions": s.evictions,
+                "evicted_tokens": s.evicted_tokens, "steps": self.steps, "running": len(self.running),
+                "waiting": len(self.waiting), **{f"cache_{k}": v for k, v in self.cache.size_info().items()}}
+
+    # -- the step --------------------------------------------------------------
+    def _drive_until(self, req: Request) -> None:
+        while not req.finished:
+            with self._step_lock:
+                if not req.finished:
+                    self.step()
+        if req.error is not None:
+            raise req.error
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Admit, pack, forward, sample: one iteration of continuous batching."""
+        with self._step_lock:
+            self._admit()
+            batch = self._plan()
+            if batch:
+                self._forward(batch)
+                self.steps += 1
+
+    def _admit(self) -> None:
+        with self._queue_lock:
+            room = self.max_running - len(self.running)
+            new, self.waiting = self.waiting[:room], self.waiting[room:]
+        if not new:
+            return
+        if self.cache.enabled:
+            self._prefill_shared_prefixes(new)
+        limits = [r.score_from - 1 if r.kind == "score" else r.prompt_len - 1 for r in new]
+        matches = [self.cache.match_prefix(r.tokens, lim) for r, lim in zip(new, limits)]
+        for i in longest_prefix_first([m[1] for m in matches]):
+            r, (node, n) = new[i], matches[i]
+            if r.aborted:
+                self._retire(r, "abort")
+                continue
+            self.cache.lock(node)
+            r.last_node, r.cached_len, r.matched_len = node, n, n
+            if r.kind != "prefix":
+                self.cache.stats.tokens_requested += r.prompt_len
+                self.cache.stats.tokens_cached += n
+            extra = r.params.max_tokens if r.kind == "generate" else 0
+            r.own_kv = torch.empty(self.num_layers, 2, self.kv_heads, r.prompt_len - n + extra, self.head_dim,
+                                   dtype=self.dtype, device=self.device)
+            self.running.append(r)
+
+    def _prefill_shared_prefixes(self, new: list[Request]) -> None:
+        prompts = [r.tokens[: r.score_from] if r.kind == "score" else r.tokens for r in new]
+        jobs = [p for p in shared_prefixes(prompts, self.share_min_tokens)
+                if self.cache.match_prefix(list(p))[1] < len(p)]
+        for group in batch_independent(jobs, self.share_min_tokens):
+            reqs = [Request(tokens=list(p), kind="prefix") for p in group]
+            for r in reqs:
+                node, n = self.cache.match_prefix(r.tokens)
+                self.cache.lock(node)
+                r.last_node, r.cached_len = node, n
+                r.own_kv = torch.empty(self.num_layers, 2, self.kv_heads, r.prompt_len - n, self.head_dim,
+                                       dtype=self.dtype, device=self.device)
+            while any(not r.finished for r in reqs):
+                self._forward(self._plan(reqs))
+
+    def _plan(self, pool: list[Request] | None = None) -> list[tuple[Request, int]]:
+        """One decode token per decoding request, then the first first-fit-decreasing bin of
+        prefill work in the remaining token budget (a prompt longer than the budget is chunked)."""
+        pool = self.running if pool is None else pool
+        live = [r for r in pool if not r.finished]
+        batch = [(r, 1) for r in live if not r.in_prefill]
+        room = self.max_batch_tokens - len(batch)
+        prefilling = [r for r in live if r.in_prefill]
+        if prefilling and room > 0:
+            need = [r.prompt_len - r.computed for r in prefilling]
+            for i in first_fit_decreasing(need, room)[0]:
+                batch.append((prefilling[i], min(need[i], room)))
+        return batch
+
+    def _forward(self, batch: list[tuple[Request, int]]) -> None:
+        ids, starts, segs, groups = [], [], [], {}
+        offset = 0
+        for r, n in batch:
+            ids.extend(r.tokens[r.computed : r.computed + n])
+            starts.append(r.computed)
+            segs.append(SegmentLayout(offset, n, r.own_kv, r.own_len, r.cached_len > 0))  # type: ignore[arg-type]
+            if r.cached_len:
+                for node in r.last_node.path():  # type: ignore[union-attr]
+                    groups.setdefault(id(node), (node.kv, []))[1].append(torch.arange(offset, offset + n))
+            offset += n
+        layout = BatchLayout(segs, [(kv, torch.cat(rows).to(self.device)) for kv, rows in groups.values()],
+                             self.sparse, self.sparse_min_length)
+        input_ids = torch.tensor([ids], device=self.device)
+        positions = packed_positions(starts, [n for _, n in batch], self.device)[None]
+        set_layout(layout)
+        try:
+            hidden = self.model.model(input_ids=input_ids, position_ids=positions, use_cache=False).last_hidden_state[0]
+        finally:
+            set_layout(None)
+        offset = 0
+        for r, n in batch:
+            if r.in_prefill:
+                self.cache.stats.tokens_prefilled += n
+            self._after_forward(r, hidden[offset : offset + n], n)
+            offset += n
+
+    def _after_forward(self, r: Request, hidden: torch.Tensor, n: int) -> None:
+        first = r.computed  # absolute position of hidden[0]
+        r.own_len += n
+        if r.kind == "score":
+            lo, hi = max(first, r.score_from - 1), min(r.computed, r.prompt_len - 1)
+            if hi > lo:
+                logp = torch.log_softmax(self.model.lm_head(hidden[lo - first : hi - first]).float(), -1)
+                target = torch.tensor(r.tokens[lo + 1 : hi + 1], device=logp.device)
+                r.logprobs.extend(logp.gather(-1, target[:, None])[:, 0].tolist())
+        if r.in_prefill:
+            return
+        if r.kind == "prefix":
+            self._cache_prompt(r, r.prompt_len)
+            return self._retire(r, "stop")
+        if r.kind == "score":
+            self._cache_prompt(r, r.score_from)
+            return self._retire(r, "stop")
+        if len(r.generated) == 0:
+            self._cache_prompt(r, r.prompt_len)
+        logits = self.model.lm_head(hidden[-1:]).float()[0]
+        tok = sample(logits, r.params.temperature, r.params.top_p, r.generator)
+        if r.params.logprobs:
+            r.logprobs.append(float(torch.log_softmax(logits, -1)[tok]))
+        if tok in self.eos_ids:
+            return self._retire(r, "stop")
+        r.tokens.append(tok)
+        r.generated.append(tok)
+        if r.stop_check is not None and r.stop_check(r.generated):
+            return self._retire(r, "stop")
+        if len(r.generated) >= r.params.max_tokens or r.aborted:
+            self._retire(r, "abort" if r.aborted else "length")
+
+    def _cache_prompt(self, r: Request, upto: int) -> None:
+        """Move the prompt's KV into the tree so later requests (and this one's decode) share it."""
+        if not self.cache.enabled or upto <= r.cached_len:
+            return
+        node, n = self.cache.insert(r.tokens[:upto], r.own_kv[:, :, :, : upto - r.cached_len], r.cached_len)  # type: ignore[index]
+        if n == upto and r.kind == "generate":
+            # The prompt now lives in the tree; the own buffer is reused for generated tokens.
+            self.cache.lock(node)
+            self.cache.unlock(r.last_node)  # type: ignore[arg-type]
+            r.last_node, r.cached_len, r.own_len = node, upto, 0
+
+    def _retire(self, r: Request, reason: str) -> None:
+        if r.finished:
+            return
+        if r.kind == "generate" and self.cache.enabled and r.own_kv is not None and r.computed > r.cached_len:
+            self.cache.insert(r.tokens[: r.computed], r.own_kv[:, :, :, : r.own_len], r.cached_len)
+        if r.last_node is not None:
+            self.cache.unlock(r.last_node)
+        r.own_kv, r.last_node = None, None
+        r.finished, r.finish_reason = True, reason
+        r.seconds = time.perf_counter() - r.started
+        if r in self.running:
+            self.running.remove(r)
+        r.done.set()
