@@ -1,0 +1,102 @@
+"""Index directories: a manifest with format, version and checksums, written atomically.
+
+Every index directory holds ``manifest.json`` (kind, format version, settings
+and the size and SHA-256 of every file) next to its data files. Loading checks
+all of it, so a truncated or edited file is a clear error instead of garbage
+results; saving writes to a temporary sibling and renames it into place, so a
+failed save never leaves half an index behind and never overwrites one unless
+asked to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from promptkit.types import Document
+
+from .errors import IndexFormatError
+
+FORMAT = "promptkit-index"
+VERSION = 1
+MANIFEST = "manifest.json"
+DOCS = "docs.jsonl"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_index_dir(out: str | Path, kind: str, settings: dict[str, Any],
+                    write: Callable[[Path], None], force: bool = False) -> Path:
+    """Create index directory ``out``: ``write(tmpdir)`` writes the data files, then the manifest is added."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass force=True (--force) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(tmp)
+        files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest = {"format": FORMAT, "version": VERSION, "kind": kind, "settings": settings, "files": files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_manifest(path: str | Path, kind: str | None = None, verify: bool = True) -> dict[str, Any]:
+    """The manifest of index directory ``path``, after checking format, version, kind and file checksums."""
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise IndexFormatError(f"{path}: not an index directory (no {MANIFEST})")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IndexFormatError(f"{mpath}: corrupted manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise IndexFormatError(f"{path}: not a promptkit index (format {manifest.get('format')!r})")
+    if manifest.get("version") != VERSION:
+        raise IndexFormatError(f"{path}: index format version {manifest.get('version')} but this promptkit "
+                               f"reads version {VERSION}; rebuild the index")
+    if kind is not None and manifest.get("kind") != kind:
+        raise IndexFormatError(f"{path}: a {manifest.get('kind')!r} index, expected {kind!r}")
+    if verify:
+        for name, info in manifest.get("files", {}).items():
+            f = path / name
+            if not f.is_file():
+                raise IndexFormatError(f"{path}: missing index file {name}")
+            size = f.stat().st_size
+            if size != info["bytes"]:
+                raise IndexFormatError(f"{f}: truncated or altered ({size} bytes, expected {info['bytes']}); "
+                                       "rebuild the index")
+            if _sha256(f) != info["sha256"]:
+                raise IndexFormatError(f"{f}: corrupted (checksum mismatch); rebuild the index")
+    return manifest
+
+
+def write_docs(path: Path, docs: Iterable[Document]) -> None:
+    """Documents as JSONL (id, text, metadata)."""
+    with path.open("w", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps({"id": d.id, "text": d.text, "metadata": d.metadata}, ensure_ascii=False) + "\n")
+
+
+def read_docs(path: Path) -> list[Document]:
+    with path.open(encoding="utf-8") as f:
+        return [Document(**json.loads(line)) for line in f if line.strip()]
