@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
+from tiny import make_tiny_llama
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -24,17 +24,6 @@ def hf_lm():
     from promptkit import get_lm
 
     return get_lm(backend="hf")
-
-
-def make_tiny_llama(seed: int = 0, layers: int = 2, vocab: int = 512):
-    """A small random-weight llama plus the real SmolLM2 tokenizer cut to nothing special."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      rope_theta=10000.0, tie_word_embeddings=True, attn_implementation="sdpa")
-    return LlamaForCausalLM(cfg).eval()
 
 
 @pytest.fixture(scope="session")

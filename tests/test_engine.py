@@ -1,0 +1,154 @@
+"""The engine against plain transformers on a tiny random-weight llama (token ids in, token ids out)."""
+
+import threading
+
+import pytest
+import torch
+
+from promptkit.backends.base import SamplingParams
+from promptkit.engine.engine import Engine, Request
+from promptkit.engine.radix_cache import CacheBudgetError
+
+from tiny import make_tiny_llama
+
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def ref_model():
+    m = make_tiny_llama(seed=0, vocab=VOCAB)
+    m.generation_config.eos_token_id = None
+    m.generation_config.pad_token_id = 0
+    return m
+
+
+def make_engine(**kw):
+    return Engine(make_tiny_llama(seed=0, vocab=VOCAB), eos_ids=set(), **kw)
+
+
+def prompts(n, lo=5, hi=60, seed=1, shared=0):
+    g = torch.Generator().manual_seed(seed)
+    head = torch.randint(1, VOCAB, (shared,), generator=g).tolist()
+    return [head + torch.randint(1, VOCAB, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+@torch.inference_mode()
+def hf_greedy(model, ids, n):
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    return out[0, len(ids):].tolist()
+
+
+@torch.inference_mode()
+def hf_logprobs(model, ids):
+    logits = model(torch.tensor([ids])).logits[0].float()
+    return torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+def greedy(engine, ps, n=12):
+    reqs = engine.run([Request(tokens=list(p), params=SamplingParams(max_tokens=n)) for p in ps])
+    return [r.generated for r in reqs]
+
+
+def test_greedy_matches_hf_cold_warm_and_packed(ref_model):
+    ps = prompts(6, shared=20)  # a shared head exercises prefix jobs and cascade attention
+    want = [hf_greedy(ref_model, p, 12) for p in ps]
+    eng = make_engine()
+    assert greedy(eng, ps) == want  # cold, all packed into one batch
+    assert eng.stats()["tokens_prefilled"] < sum(map(len, ps))  # the shared head was prefilled once
+    before = eng.stats()["tokens_prefilled"]
+    assert greedy(eng, ps) == want  # warm: prompts (and outputs) now cached
+    assert eng.stats()["tokens_prefilled"] - before == len(ps)  # only the last prompt token of each
+    eng.cache.check_integrity()
+
+
+def test_greedy_matches_hf_with_chunked_prefill_and_eviction(ref_model):
+    ps = prompts(5, lo=40, hi=90, seed=2, shared=30)
+    want = [hf_greedy(ref_model, p, 10) for p in ps]
+    budget = 120 * Engine(make_tiny_llama(vocab=VOCAB), set(), max_cache_bytes=1).bytes_per_token
+    eng = make_engine(max_batch_tokens=32, max_cache_bytes=budget)  # prompts are chunked; the cache evicts
+    for _ in range(2):
+        assert greedy(eng, ps, 10) == want
+        eng.cache.check_integrity()
+        assert eng.cache.used_bytes <= budget
+    assert eng.cache.stats.evictions > 0
+
+
+def test_cache_off_matches_hf(ref_model):
+    ps = prompts(4, seed=3, shared=16)
+    eng = make_engine(max_cache_bytes=0)
+    assert greedy(eng, ps) == [hf_greedy(ref_model, p, 12) for p in ps]
+    assert eng.stats()["tokens_prefilled"] == sum(map(len, ps)) and eng.stats()["tokens_cached"] == 0
+
+
+def test_packed_and_cached_prefill_logits_equal_plain_prefill(ref_model):
+    ps = prompts(5, seed=4, shared=25)
+    eng = make_engine(max_batch_tokens=64)
+    eng.run([Request(tokens=ps[0][:30], params=SamplingParams(max_tokens=1))])  # warm a prefix
+    # logits of every token after the shared head: computed packed, on top of a cached prefix
+    reqs = eng.run([Request(tokens=list(p), kind="score", score_from=26) for p in ps])
+    for r, p in zip(reqs, ps):
+        assert r.matched_len == 25
+        torch.testing.assert_close(torch.tensor(r.logprobs), hf_logprobs(ref_model, p)[25:], atol=1e-4, rtol=1e-4)
+    # and with nothing cached: every token's logits through packed prefill
+    reqs = make_engine(max_cache_bytes=0).run([Request(tokens=list(p), kind="score", score_from=1) for p in ps])
+    for r, p in zip(reqs, ps):
+        torch.testing.assert_close(torch.tensor(r.logprobs), hf_logprobs(ref_model, p), atol=1e-4, rtol=1e-4)
+
+
+def test_shared_prefix_scoring_prefills_prompt_once(ref_model):
+    prompt = prompts(1, lo=50, hi=51, seed=5)[0]
+    choices = [[7], [8, 9], [10, 11, 12]]
+    eng = make_engine()
+    reqs = eng.run([Request(tokens=prompt + c, kind="score", score_from=len(prompt)) for c in choices])
+    for r, c in zip(reqs, choices):
+        full = hf_logprobs(ref_model, prompt + c)[len(prompt) - 1 :]
+        torch.testing.assert_close(torch.tensor(r.logprobs), full, atol=1e-4, rtol=1e-4)
+    # the prompt once (prefix job, minus its last token) + per choice its last prompt token and its tokens
+    assert eng.stats()["tokens_prefilled"] == (len(prompt) - 1) + sum(1 + len(c) for c in choices)
+
+
+def test_sampling_is_seeded():
+    eng = make_engine()
+    p = prompts(1, seed=6)[0]
+    run = lambda seed: eng.run([Request(tokens=list(p), params=SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=seed))])[0].generated
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_concurrent_callers_get_correct_results(ref_model):
+    ps = prompts(8, seed=7, shared=12)
+    want = [hf_greedy(ref_model, p, 8) for p in ps]
+    eng = make_engine()
+    got = [None] * len(ps)
+
+    def work(i):
+        got[i] = eng.run([Request(tokens=list(ps[i]), params=SamplingParams(max_tokens=8))])[0].generated
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(ps))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert got == want
+    eng.cache.check_integrity()
+    assert eng.cache.size_info()["locked_bytes"] == 0
+
+
+def test_stream_yields_tokens_and_abort_frees_the_slot(ref_model):
+    p = prompts(1, seed=8)[0]
+    eng = make_engine()
+    toks = list(eng.stream(Request(tokens=list(p), params=SamplingParams(max_tokens=6))))
+    assert toks == hf_greedy(ref_model, p, 6)
+    it = eng.stream(Request(tokens=list(p) + [3], params=SamplingParams(max_tokens=50)))
+    next(it)
+    it.close()
+    assert not eng.running and eng.cache.size_info()["locked_bytes"] == 0
+
+
+def test_bad_requests():
+    eng = make_engine(max_cache_bytes=1000)
+    with pytest.raises(ValueError, match="empty"):
+        eng.submit(Request(tokens=[]))
+    with pytest.raises(CacheBudgetError, match="cache budget"):
+        eng.submit(Request(tokens=list(range(1, 100))))
