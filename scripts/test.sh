@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Set up (once) and run the whole test suite. "No tests collected" counts as a failure.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh || exit 1
+.venv/bin/python -m pytest -q "$@"
+rc=$?
+if [ "$rc" -eq 5 ]; then
+  echo "no tests were collected" >&2
+  exit 1
+fi
+exit "$rc"
