@@ -7,8 +7,19 @@ pipeline stage (see :mod:`retrievers.stages`).
 
 from .base import Retriever
 from .bm25 import BM25
+from .chunk import chunk_documents, chunk_text
 from .corpus import load_corpus
+from .dense import Dense
 from .errors import CorpusError, IndexFormatError
-from .tokenize import Tokenizer
+from .fusion import reciprocal_rank_fusion, weighted_score_fusion
+from .hybrid import Hybrid
+from .index import build_index, load_index
+from .rerank import CrossEncoderReranker, LMReranker
+from .rewrite import RM3, HyDE
+from .tokenize import Tokenizer, english
 
-__all__ = ["BM25", "CorpusError", "IndexFormatError", "Retriever", "Tokenizer", "load_corpus"]
+__all__ = [
+    "BM25", "RM3", "CorpusError", "CrossEncoderReranker", "Dense", "HyDE", "Hybrid", "IndexFormatError",
+    "LMReranker", "Retriever", "Tokenizer", "build_index", "chunk_documents", "chunk_text", "english",
+    "load_corpus", "load_index", "reciprocal_rank_fusion", "weighted_score_fusion",
+]

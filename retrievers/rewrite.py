@@ -1,0 +1,115 @@
+"""Query rewriting: RM3 pseudo-relevance feedback (BM25) and HyDE hypothetical passages (LM)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from promptkit.lm import LM, get_lm
+from promptkit.types import Document
+
+from .base import Filter, Retriever, check_k, check_query
+from .bm25 import BM25
+from .dense import Dense
+from .fusion import reciprocal_rank_fusion
+from .tokenize import ENGLISH_STOPWORDS
+
+
+class RM3(Retriever):
+    """BM25 with RM3 query expansion (Lavrenko & Croft's relevance model, as in Anserini).
+
+    The first pass takes the top ``fb_docs`` documents; each contributes its
+    terms' relative frequencies weighted by its (first-pass) score; the best
+    ``fb_terms`` terms, L1-normalized, are mixed with the L1-normalized query
+    as ``orig_weight * query + (1 - orig_weight) * feedback``.
+    """
+
+    kind = "rm3"
+
+    def __init__(self, bm25: BM25, fb_docs: int = 10, fb_terms: int = 10, orig_weight: float = 0.5) -> None:
+        if not 0.0 <= orig_weight <= 1.0:
+            raise ValueError(f"orig_weight must lie in [0, 1], got {orig_weight}")
+        self.bm25, self.fb_docs, self.fb_terms, self.orig_weight = bm25, fb_docs, fb_terms, orig_weight
+
+    def _stop_ids(self) -> list[int]:
+        # stop words never make good expansion terms, even when the index keeps them
+        vocab, tok = self.bm25.vocab, self.bm25.tokenizer
+        return sorted({vocab[t] for w in ENGLISH_STOPWORDS for t in tok(w) if t in vocab})
+
+    def __len__(self) -> int:
+        return len(self.bm25)
+
+    def expand(self, query: str) -> dict[int, float]:
+        """Term id -> weight of the expanded query."""
+        q = self.bm25.query_weights(query)
+        if not q:
+            return q
+        idx, scores = self.bm25.retrieve_ids(query, self.fb_docs)
+        keep = scores > 0
+        idx, scores = idx[keep], scores[keep]
+        if idx.size == 0:
+            return q
+        rows = self.bm25.tf[idx]  # feedback documents x terms
+        rel = rows.multiply(1.0 / np.maximum(self.bm25.doc_len[idx], 1)[:, None])
+        fb = np.asarray(rel.T @ (scores / scores.sum())).ravel()
+        fb[self._stop_ids()] = 0.0
+        top = np.argsort(-fb, kind="stable")[: self.fb_terms]
+        top = top[fb[top] > 0]
+        fb_total, q_total = fb[top].sum(), sum(q.values())
+        out = {t: self.orig_weight * w / q_total for t, w in q.items()}
+        for t in top:
+            out[int(t)] = out.get(int(t), 0.0) + (1 - self.orig_weight) * fb[t] / fb_total
+        return out
+
+    def search(self, query: str, k: int = 10, filter: Filter | None = None) -> list[Document]:
+        return self.bm25.search_weights(self.expand(check_query(query)), check_k(k), filter)
+
+
+HYDE_PROMPT = "Write a short passage that answers the question.\nQuestion: {query}\nPassage:"
+
+
+class HyDE(Retriever):
+    """Search with LM-written hypothetical passages (Gao et al., 2022).
+
+    The LM writes ``n`` passages per query. With a dense retriever the query and
+    passage embeddings are averaged (as in the paper); with any other retriever
+    the result lists of the query and each passage are fused by RRF.
+    """
+
+    kind = "hyde"
+
+    def __init__(self, retriever: Retriever, lm: LM | None = None, n: int = 1, max_tokens: int = 96,
+                 temperature: float = 0.0, template: str = HYDE_PROMPT, depth: int = 100) -> None:
+        if n < 1:
+            raise ValueError(f"n must be at least 1, got {n}")
+        self.retriever, self.lm, self.n, self.max_tokens = retriever, lm or get_lm(), n, max_tokens
+        self.temperature, self.template, self.depth = (0.7 if n > 1 and temperature == 0 else temperature,
+                                                       template, depth)
+
+    def __len__(self) -> int:
+        return len(self.retriever)  # type: ignore[arg-type]
+
+    def passages(self, queries: Sequence[str]) -> list[list[str]]:
+        """``n`` hypothetical passages per query, generated as one batch."""
+        prompts = [self.template.format(query=q) for q in queries for _ in range(self.n)]
+        gens = self.lm.generate(prompts, max_tokens=self.max_tokens, temperature=self.temperature, seed=0)
+        texts = [g.text.strip() for g in gens]
+        return [texts[i * self.n:(i + 1) * self.n] for i in range(len(queries))]
+
+    def search(self, query: str, k: int = 10, filter: Filter | None = None) -> list[Document]:
+        return self.search_many([check_query(query)], k, filter)[0]
+
+    def search_many(self, queries: Sequence[str], k: int = 10, filter: Filter | None = None) -> list[list[Document]]:
+        k = check_k(k)
+        hyps = self.passages(queries)
+        if isinstance(self.retriever, Dense):
+            vecs = [self.retriever.encode([q, *h]).mean(axis=0) for q, h in zip(queries, hyps)]
+            vecs = np.stack(vecs)
+            vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+            return self.retriever.search_vectors(vecs, k, filter)
+        out = []
+        for q, h in zip(queries, hyps):
+            lists = self.retriever.search_many([q, *[p for p in h if p]], max(k, self.depth), filter)
+            out.append(reciprocal_rank_fusion(lists, top=k))
+        return out
