@@ -12,7 +12,7 @@ from rich.table import Table
 
 app = typer.Typer(name="index", help="Build and search retrieval indexes (BM25, dense, hybrid).",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # keep paths in errors on one line
 
 
 def _fail(message: str) -> None:

@@ -59,7 +59,7 @@ class RM3(Retriever):
         fb_total, q_total = fb[top].sum(), sum(q.values())
         out = {t: self.orig_weight * w / q_total for t, w in q.items()}
         for t in top:
-            out[int(t)] = out.get(int(t), 0.0) + (1 - self.orig_weight) * fb[t] / fb_total
+            out[int(t)] = out.get(int(t), 0.0) + float((1 - self.orig_weight) * fb[t] / fb_total)
         return out
 
     def search(self, query: str, k: int = 10, filter: Filter | None = None) -> list[Document]:

@@ -1,0 +1,158 @@
+"""Corpora, the index CLI, pipeline stages and chunking."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from promptkit.pipeline import Pipeline
+from promptkit.registry import get_stage_class
+from promptkit.stages import BuildPrompt
+from promptkit.types import Document
+from retrievers import CorpusError, chunk_documents, chunk_text, load_corpus
+from retrievers.chunk import paragraph_spans, sentence_spans
+from retrievers.cli import app
+from retrievers.samples import python_reference
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def jsonl(tmp_path_factory):
+    docs, _ = python_reference(max_chars=800)
+    path = tmp_path_factory.mktemp("corpus") / "ref.jsonl"
+    path.write_text("\n".join(json.dumps({"id": d.id, "text": d.text, "section": d.metadata["section"]})
+                              for d in docs), encoding="utf-8")
+    return path
+
+
+def test_load_jsonl_and_folder(jsonl, tmp_path):
+    docs = load_corpus(jsonl)
+    assert len(docs) == 79 and docs[0].id == "assert" and docs[0].metadata == {"section": "assert"}
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.txt").write_text("alpha text", encoding="utf-8")
+    (tmp_path / "sub" / "b.md").write_text("# beta", encoding="utf-8")
+    (tmp_path / "skip.bin").write_bytes(b"\x00")
+    assert [(d.id, d.text) for d in load_corpus(tmp_path)] == [("a.txt", "alpha text"), ("sub/b.md", "# beta")]
+
+
+def test_bad_corpora_are_clear_errors(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CorpusError, match="empty corpus"):
+        load_corpus(empty)
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text('{"id": "1", "text": "a"}\n{"id": "1", "text": "b"}\n', encoding="utf-8")
+    with pytest.raises(CorpusError, match=r"duplicate document ids \['1'\]"):
+        load_corpus(dup)
+    bad = tmp_path / "latin" / "x.txt"
+    bad.parent.mkdir()
+    bad.write_bytes("café".encode("latin-1"))
+    with pytest.raises(CorpusError, match=r"x\.txt: not valid UTF-8"):
+        load_corpus(bad.parent)
+    nokey = tmp_path / "nokey.jsonl"
+    nokey.write_text('{"id": "1", "text": "a"}\n{"text": "b"}\n', encoding="utf-8")
+    with pytest.raises(CorpusError, match=r"nokey\.jsonl:2: each line needs 'id' and 'text'"):
+        load_corpus(nokey)
+    with pytest.raises(CorpusError, match="no such file"):
+        load_corpus(tmp_path / "missing.jsonl")
+
+
+def test_cli_build_and_search(jsonl, tmp_path):
+    out = tmp_path / "idx"
+    res = runner.invoke(app, ["build", str(jsonl), "--kind", "bm25", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["search", str(out), "The assert statement", "--k", "3", "--json"])
+    assert res.exit_code == 0, res.output
+    hits = json.loads(res.stdout)
+    assert len(hits) == 3 and hits[0]["id"] == "assert" and set(hits[0]) == {"id", "score", "text"}
+    assert hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
+    table = runner.invoke(app, ["search", str(out), "The assert statement", "--k", "2"])
+    assert table.exit_code == 0 and "assert" in table.stdout
+
+
+def test_cli_refuses_existing_dir_and_bad_input(jsonl, tmp_path):
+    out = tmp_path / "idx"
+    assert runner.invoke(app, ["build", str(jsonl), "--out", str(out)]).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    res = runner.invoke(app, ["build", str(jsonl), "--out", str(out)])
+    assert res.exit_code == 1 and "already exists" in res.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text('{"id": "1", "text": "a"}\n{"id": "1", "text": "b"}\n', encoding="utf-8")
+    res = runner.invoke(app, ["build", str(dup), "--out", str(tmp_path / "new")])
+    assert res.exit_code == 1 and "duplicate" in res.output and not (tmp_path / "new").exists()
+    res = runner.invoke(app, ["build", str(jsonl), "--kind", "colbert", "--out", str(tmp_path / "new")])
+    assert res.exit_code == 1 and "unknown --kind" in res.output
+    res = runner.invoke(app, ["search", str(tmp_path), "x"])
+    assert res.exit_code == 1 and "not an index directory" in res.output
+
+
+def test_retriever_stages_fill_documents_and_context(jsonl, tmp_path):
+    index = tmp_path / "idx"
+    assert runner.invoke(app, ["build", str(jsonl), "--out", str(index)]).exit_code == 0
+    bm25 = get_stage_class("bm25")
+    pipe = Pipeline(BuildPrompt(), bm25(index=str(index), k=2))
+    rec = pipe("The assert statement")
+    assert [d.id for d in rec.documents][0] == "assert" and len(rec.documents) == 2
+    assert rec.prompt.get("context").startswith("Context:\n[1] Assert statements")
+    from_corpus = bm25(corpus=str(jsonl), k=3, rm3=True, query_key="q")
+    rec = Pipeline(from_corpus).run([{"q": "The raise statement"}])[0]
+    assert "raise" in [d.id for d in rec.documents] and len(rec.documents) == 3
+    assert from_corpus.config() == {"stage": "bm25", "corpus": str(jsonl), "k": 3, "rm3": True, "query_key": "q"}
+    with pytest.raises(KeyError, match="no input 'q'"):
+        Pipeline(from_corpus)("no q here")
+    with pytest.raises(ValueError, match="exactly one of 'index'"):
+        bm25(index=str(index), corpus=str(jsonl))
+    with pytest.raises(ValueError, match="is a 'bm25' index"):
+        Pipeline(get_stage_class("dense")(index=str(index)))("x")
+
+
+def test_chunk_spans_respect_budget_overlap_and_offsets():
+    docs, _ = python_reference(max_chars=None)
+    text = docs[0].text + "\n\n" + docs[1].text
+    words = lambda s: len(s.split())  # noqa: E731
+    spans = chunk_text(text, max_tokens=60, overlap=1, count_tokens=words)
+    sents = sentence_spans(text)
+    assert spans[0][0] == sents[0][0] and spans[-1][1] == sents[-1][1]
+    assert all(words(text[a:b]) <= 60 for a, b in spans)
+    covered = set()
+    for a, b in spans:
+        covered.update(i for i, (s, e) in enumerate(sents) if a <= s and e <= b)
+    assert covered == set(range(len(sents))) or all(words(text[s:e]) > 60 for i, (s, e) in enumerate(sents)
+                                                      if i not in covered)
+    assert sum(1 for (a1, b1), (a2, b2) in zip(spans, spans[1:]) if a2 < b1) > 0  # consecutive chunks overlap
+    no_overlap = chunk_text(text, max_tokens=60, overlap=0, count_tokens=words)
+    assert all(a2 >= b1 for (_, b1), (a2, _) in zip(no_overlap, no_overlap[1:]))
+    assert len(paragraph_spans(text)) == text.count("\n\n") + 1 - sum(
+        1 for p in text.split("\n\n") if not p.strip())
+
+
+def test_chunk_documents_keep_ids_offsets_and_model_token_budget():
+    docs, _ = python_reference(max_chars=None)
+    chunks = chunk_documents(docs[:3], max_tokens=64, overlap=1)
+    from retrievers.chunk import embedder_token_counter
+
+    count = embedder_token_counter()
+    by_id = {d.id: d for d in docs}
+    for c in chunks:
+        src = by_id[c.metadata["doc_id"]]
+        assert c.text == src.text[c.metadata["start"]:c.metadata["end"]]
+        assert c.id == f"{src.id}#{c.metadata['chunk']}"
+        assert count(c.text) <= 64
+    assert {c.metadata["doc_id"] for c in chunks} == {d.id for d in docs[:3]}
+    with pytest.raises(ValueError, match="max_tokens must be positive"):
+        chunk_text("x", max_tokens=0)
+
+
+def test_chunk_stage():
+    stage = get_stage_class("chunk")(max_tokens=20, overlap=0)
+    rec = Pipeline(stage).run([{"question": "q"}])[0]
+    assert rec.documents == []
+    from promptkit.pipeline import Record
+
+    r = Record(inputs={"question": "q"}, documents=[Document(id="d", text="One two three. Four five six. " * 10)])
+    out = stage.process([r])[0]
+    assert len(out.documents) > 1 and all(d.metadata["doc_id"] == "d" for d in out.documents)
