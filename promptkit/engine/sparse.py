@@ -1,0 +1,368 @@
+"""Sparse prefill: per-head block-sparse attention for long prompts.
+
+Most of a long prompt's attention mass sits in few key blocks. Following
+FlexPrefill (Lai et al., 2025) and MInference (Jiang et al., 2024), each head's
+pattern is estimated from the last block of queries:
+
+* the block-pooled estimate (mean-pooled queries and keys) is compared with the
+  true attention of that query block (square-root Jensen-Shannon divergence);
+  when they agree (< ``tau``) every query block keeps the fewest key blocks
+  whose pooled-score softmax mass reaches ``gamma`` (query-aware);
+* otherwise the head gets a vertical-slash pattern: the key columns and the
+  diagonals that carry ``gamma`` of the last queries' attention.
+
+Sink, local-window and diagonal blocks are always kept. The selection runs
+through ``flex_attention`` with a ``BlockMask`` (compiled: inductor on CPU,
+Triton on CUDA) or through a plain-torch block gather
+(both in :mod:`promptkit.engine.sparse_exec`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Pattern = Literal["query_aware", "vertical_slash", "a_shape", "dense"]
+
+
+class SparseConfig(BaseModel):
+    """Settings of sparse prefill (per model)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    pattern: Literal["flex", "a_shape"] = "flex"  # flex: query-aware FlexPrefill; a_shape: sink + window
+    gamma: float = Field(0.9, gt=0.0, le=1.0, description="attention mass each query block keeps")
+    tau: float = Field(0.1, ge=0.0, description="sqrt-JS threshold: below it, query-aware selection")
+    block_size: int = Field(64, ge=16, description="tokens per block (a multiple of 16)")
+    min_length: int = Field(2048, ge=0, description="key length below which attention stays dense")
+    sink_blocks: int = Field(1, ge=0)
+    local_blocks: int = Field(2, ge=0, description="blocks kept before the diagonal (sliding window)")
+    min_budget: int = Field(512, ge=0, description="tokens: least keys (or lines) a query block keeps")
+    max_budget: int | None = Field(None, ge=1, description="tokens: most keys (or lines) a query block keeps")
+    backend: Literal["auto", "flex", "gather"] = "auto"
+    bucket: int = Field(1024, ge=16, description="pad lengths to a multiple of this (fewer recompiles)")
+
+    @model_validator(mode="after")
+    def _check(self) -> SparseConfig:
+        if self.block_size % 16:
+            raise ValueError(f"block_size must be a multiple of 16, got {self.block_size}")
+        if self.bucket % self.block_size:
+            raise ValueError(f"bucket ({self.bucket}) must be a multiple of block_size ({self.block_size})")
+        if self.max_budget is not None and self.max_budget < self.min_budget:
+            raise ValueError(f"max_budget ({self.max_budget}) is below min_budget ({self.min_budget})")
+        return self
+
+
+@dataclass
+class SparseInfo:
+    """What one sparse attention call did: per-head density and pattern."""
+
+    density: torch.Tensor  # [H] fraction of causal key blocks computed
+    patterns: list[Pattern]
+    block_mask: torch.Tensor | None = None  # [H, nq, nk] bool, in padded-block coordinates
+    backend: str = "dense"
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of causal attention blocks skipped, averaged over heads."""
+        return float(1.0 - self.density.float().mean())
+
+
+class SparseStats:
+    """Per-layer sparsity of the long prefills seen so far (read by the engine and the benchmarks)."""
+
+    def __init__(self) -> None:
+        self.by_layer: dict[int, list[float]] = {}
+        self.patterns: dict[str, int] = {}
+
+    def record(self, layer: int, info: SparseInfo) -> None:
+        self.by_layer.setdefault(layer, []).append(info.sparsity)
+        for p in info.patterns:
+            self.patterns[p] = self.patterns.get(p, 0) + 1
+
+    def layer_sparsity(self) -> dict[int, float]:
+        """Mean sparsity per layer."""
+        return {k: sum(v) / len(v) for k, v in sorted(self.by_layer.items())}
+
+    def mean_sparsity(self) -> float:
+        vals = [x for v in self.by_layer.values() for x in v]
+        return sum(vals) / len(vals) if vals else 0.0
+
+    def reset(self) -> None:
+        self.by_layer.clear()
+        self.patterns.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense reference
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Causal SDPA where the ``Lq`` queries are the last ``Lq`` of the ``Lk`` key positions."""
+    lq, lk = q.shape[-2], k.shape[-2]
+    gqa = q.shape[1] != k.shape[1]
+    if lq == lk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    pos = torch.arange(lk - lq, lk, device=q.device)
+    mask = torch.arange(lk, device=q.device)[None, :] <= pos[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pattern estimation (all in block coordinates; queries padded in front so that the query
+# blocks line up with the key blocks: query block i covers key positions of block i + off_b)
+
+
+def _causal_blocks(nq: int, nk: int, off_b: int, device: torch.device) -> torch.Tensor:
+    """[nq, nk] bool: key blocks visible to each query block (diagonal included)."""
+    return torch.arange(nk, device=device)[None, :] <= (torch.arange(nq, device=device) + off_b)[:, None]
+
+
+def _always_kept(cfg: SparseConfig, nq: int, nk: int, off_b: int, device: torch.device) -> torch.Tensor:
+    """[nq, nk] bool: sink, local window and diagonal blocks."""
+    j = torch.arange(nk, device=device)[None, :]
+    diag = (torch.arange(nq, device=device) + off_b)[:, None]
+    keep = (j < cfg.sink_blocks) | ((j <= diag) & (j >= diag - cfg.local_blocks))
+    return keep & (j <= diag)
+
+
+def _budget(n: torch.Tensor, cfg: SparseConfig, unit: int) -> torch.Tensor:
+    """Clamp counts ``n`` (of items of ``unit`` tokens) to the configured token budget."""
+    lo = math.ceil(cfg.min_budget / unit)
+    n = n.clamp(min=lo)
+    if cfg.max_budget is not None:
+        n = n.clamp(max=max(1, cfg.max_budget // unit))
+    return n
+
+
+def _top_mass(probs: torch.Tensor, gamma: float, cfg: SparseConfig, unit: int) -> torch.Tensor:
+    """Bool mask of the fewest entries (last dim) whose mass reaches ``gamma``, within the budget."""
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    cum = sorted_p.cumsum(-1)
+    if gamma >= 1.0:  # everything that has mass (rounding must not drop the tail)
+        n = (sorted_p > 0).sum(-1, keepdim=True)
+    else:  # the fewest entries whose mass reaches gamma
+        n = (cum < gamma * cum[..., -1:]).sum(-1, keepdim=True) + 1
+    n = _budget(n, cfg, unit)
+    rank_keep = torch.arange(probs.shape[-1], device=probs.device) < n
+    return torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, rank_keep & (sorted_p > 0))
+
+
+def _pool(x: torch.Tensor, bs: int) -> torch.Tensor:
+    """Mean over blocks of ``bs`` rows: [H, L, D] -> [H, L // bs, D]."""
+    return x.reshape(x.shape[0], -1, bs, x.shape[-1]).mean(2)
+
+
+def _sqrt_js(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Square-root Jensen-Shannon divergence between rows of ``p`` and ``q`` (natural log)."""
+    m = 0.5 * (p + q)
+    kl = lambda a: (a * (torch.log(a.clamp_min(1e-12)) - torch.log(m.clamp_min(1e-12)))).sum(-1)  # noqa: E731
+    return (0.5 * kl(p) + 0.5 * kl(q)).clamp_min(0).sqrt()
+
+
+def select_blocks(q: torch.Tensor, k: torch.Tensor, cfg: SparseConfig, scale: float,
+                  off_b: int, q_end: int) -> tuple[torch.Tensor, list[Pattern]]:
+    """Per-head key-block selection.
+
+    ``q`` [H, Lq, D] and ``k`` [H, Lk, D] (KV heads already expanded), lengths multiples of the
+    block size; query block i sits on key block ``i + off_b``; ``q_end`` is one past the last
+    real (unpadded) query row. Returns [H, nq, nk] bool and each head's pattern.
+    """
+    bs = cfg.block_size
+    h, lq, d = q.shape
+    nq, nk = lq // bs, k.shape[1] // bs
+    dev = q.device
+    causal = _causal_blocks(nq, nk, off_b, dev)
+    keep = _always_kept(cfg, nq, nk, off_b, dev).expand(h, nq, nk).clone()
+    if cfg.pattern == "a_shape":
+        return keep, ["a_shape"] * h
+
+    # True attention of the last real block of queries, over every key position.
+    last_q = q_end
+    q_last = q[:, max(0, last_q - bs) : last_q].float()  # [H, b, D]
+    b = q_last.shape[1]
+    qpos = off_b * bs + torch.arange(last_q - b, last_q, device=dev)  # absolute key positions
+    kf = k.float()
+    logits = torch.einsum("hqd,hkd->hqk", q_last, kf) * scale
+    logits = logits.masked_fill(torch.arange(kf.shape[1], device=dev)[None, None, :] > qpos[None, :, None],
+                                float("-inf"))
+    attn = torch.softmax(logits, -1)  # [H, b, Lk]
+    a_true = attn.mean(1).reshape(h, nk, bs).sum(-1)  # [H, nk] pooled over key blocks
+
+    # Block-pooled estimate for the same query block.
+    k_pool = _pool(kf, bs)  # [H, nk, D]
+    last_blk = int(qpos[-1]) // bs
+    vis = torch.arange(nk, device=dev) <= last_blk
+    est = torch.einsum("hd,hkd->hk", q_last.mean(1), k_pool) * scale
+    a_est = torch.softmax(est.masked_fill(~vis, float("-inf")), -1)
+    query_aware = _sqrt_js(a_true, a_est) < cfg.tau  # [H]
+
+    patterns: list[Pattern] = []
+    qa_sel = None
+    if bool(query_aware.any()):
+        q_pool = _pool(q.float(), bs)  # [H, nq, D]
+        s = torch.einsum("hqd,hkd->hqk", q_pool, k_pool) * scale
+        probs = torch.softmax(s.masked_fill(~causal, float("-inf")), -1)
+        qa_sel = _top_mass(probs, cfg.gamma, cfg, bs)
+    vs_sel = _vertical_slash(attn, qpos, cfg, nq, nk, off_b) if bool((~query_aware).any()) else None
+    for i in range(h):
+        if bool(query_aware[i]):
+            keep[i] |= qa_sel[i]
+            patterns.append("query_aware")
+        else:
+            keep[i] |= vs_sel[i]
+            patterns.append("vertical_slash")
+    return keep & causal, patterns
+
+
+def _vertical_slash(attn: torch.Tensor, qpos: torch.Tensor, cfg: SparseConfig,
+                    nq: int, nk: int, off_b: int) -> torch.Tensor:
+    """Block mask [H, nq, nk] of the columns and diagonals carrying ``gamma`` of ``attn`` [H, b, Lk]."""
+    h, b, lk = attn.shape
+    bs, dev = cfg.block_size, attn.device
+    vertical = attn.sum(1)  # [H, Lk]
+    # Slash: mass per distance qpos - kpos (>= 0), summed over the query block.
+    dist = qpos[:, None] - torch.arange(lk, device=dev)[None, :]  # [b, Lk]
+    valid = dist >= 0
+    slash = torch.zeros(h, lk, device=dev, dtype=attn.dtype)
+    slash.index_add_(1, dist[valid], attn[:, valid])
+    v_sel = _top_mass(vertical, cfg.gamma, cfg, 1)  # [H, Lk] key columns
+    s_sel = _top_mass(slash, cfg.gamma, cfg, 1)  # [H, Lk] distances
+
+    mask = torch.zeros(h, nq, nk, dtype=torch.bool, device=dev)
+    # A column at key position p: its block, for every query block.
+    col_blocks = v_sel.reshape(h, nk, bs).any(-1)
+    mask |= col_blocks[:, None, :]
+    # A diagonal at distance t: query block i (key positions s_i..s_i+bs-1) meets key blocks
+    # (s_i - t) // bs and (s_i + bs - 1 - t) // bs.
+    starts = (torch.arange(nq, device=dev) + off_b) * bs  # [nq]
+    for head in range(h):
+        t = s_sel[head].nonzero()[:, 0]  # [n]
+        if t.numel() == 0:
+            continue
+        for edge in (0, bs - 1):
+            blk = (starts[None, :] + edge - t[:, None]).div(bs, rounding_mode="floor")  # [n, nq]
+            ok = blk >= 0
+            qi = torch.arange(nq, device=dev)[None, :].expand_as(blk)
+            mask[head, qi[ok], blk[ok]] = True
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+
+_flex_broken: str | None = None  # why compiled flex_attention failed here, once it has
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be [1, heads, length, dim]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[0] != 1 or k.shape[0] != 1:
+        raise ValueError(f"sparse attention runs one sequence at a time; got batch {q.shape[0]}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"head dims differ: q {q.shape[-1]}, k {k.shape[-1]}")
+    if q.shape[2] > k.shape[2]:
+        raise ValueError(f"more queries ({q.shape[2]}) than keys ({k.shape[2]}): the queries must be "
+                         "the last positions of the keys")
+
+
+def _dense_info(h: int, device: torch.device) -> SparseInfo:
+    return SparseInfo(density=torch.ones(h, device=device), patterns=["dense"] * h)
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: SparseConfig,
+                     scale: float | None = None) -> tuple[torch.Tensor, SparseInfo]:
+    """Causal block-sparse attention for a long prefill.
+
+    ``q`` [1, H, Lq, D]; ``k``, ``v`` [1, Hkv, Lk, D] with ``Lk >= Lq`` (GQA: H a multiple of
+    Hkv). The queries are the last ``Lq`` of the ``Lk`` key positions (the first ``Lk - Lq``
+    keys are a cached prefix), so this also serves chunked prefill. Below
+    ``config.min_length`` keys it is plain causal SDPA. Returns out [1, H, Lq, D] and a
+    :class:`SparseInfo` (per-head density and pattern).
+    """
+    global _flex_broken
+    _check(q, k, v)
+    h, lq, d = q.shape[1], q.shape[2], q.shape[3]
+    lk = k.shape[2]
+    scale = scale if scale is not None else d**-0.5
+    if not config.enabled or lk < config.min_length:
+        return dense_attention(q, k, v, scale), _dense_info(h, q.device)
+
+    from .sparse_exec import flex_block_sparse, gather_block_sparse
+
+    bs = config.block_size
+    # Pad keys (and queries, equally) at the end to a bucket multiple: fewer shapes to compile,
+    # and causality hides the padding from every real query. Pad queries in front so that the
+    # query blocks line up with the key blocks.
+    lk_pad = -(-lk // config.bucket) * config.bucket
+    off = lk - lq
+    front = off % bs
+    off_b = (off - front) // bs
+    qp = F.pad(q, (0, 0, front, lk_pad - lk))
+    kp, vp = F.pad(k, (0, 0, 0, lk_pad - lk)), F.pad(v, (0, 0, 0, lk_pad - lk))
+    q_end = front + lq
+    nq_real = -(-q_end // bs)
+    k_heads = kp[0].repeat_interleave(h // k.shape[1], 0) if h != k.shape[1] else kp[0]
+    keep, patterns = select_blocks(qp[0], k_heads, config, scale, off_b, q_end)
+    keep[:, nq_real:] = False  # padding rows compute nothing
+
+    causal = _causal_blocks(nq_real, keep.shape[-1], off_b, q.device)
+    density = keep[:, :nq_real].sum((1, 2)).float() / causal.sum().float()
+    backend = config.backend
+    if backend == "auto":
+        backend = "gather" if _flex_broken else "flex"
+    out = None
+    if backend == "flex":
+        try:
+            out = flex_block_sparse(qp, kp, vp, keep, off_b, bs, scale)
+        except Exception as e:  # compilation can be unavailable (no compiler, old torch): fall back
+            if config.backend == "flex":
+                raise
+            _flex_broken = f"{type(e).__name__}: {e}"
+            backend = "gather"
+    if out is None:
+        out = gather_block_sparse(qp, kp, vp, keep, off_b, bs, scale, n_blocks=nq_real)
+    out = out[:, :, front:q_end]
+    return out, SparseInfo(density=density, patterns=patterns, block_mask=keep, backend=backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers integration
+
+
+def register_hf_attention(config: SparseConfig, name: str = "promptkit_sparse",
+                          stats: SparseStats | None = None) -> SparseStats:
+    """Register sparse prefill with transformers' ``AttentionInterface`` under ``name``.
+
+    A model switched to it (``model.set_attn_implementation(name)``) runs sparse attention for
+    long inputs and dense causal SDPA for short ones and for decode. One unpadded sequence per
+    call (transformers builds no mask for custom implementations). Returns the
+    :class:`SparseStats` that collects the per-layer sparsity.
+    """
+    from transformers import AttentionInterface
+
+    stats = stats if stats is not None else SparseStats()
+
+    def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                  **kwargs) -> tuple[torch.Tensor, None]:
+        if query.shape[2] == 1 or key.shape[2] < config.min_length or not config.enabled:
+            out = dense_attention(query, key, value, scaling)
+        else:
+            out, info = sparse_attention(query, key, value, config, scale=scaling)
+            stats.record(getattr(module, "layer_idx", -1), info)
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register(name, attention)
+    return stats
