@@ -35,6 +35,7 @@ class SegmentLayout:
     own_kv: torch.Tensor  # [layers, 2, kv_heads, capacity, head_dim]
     own_past: int  # tokens already in own_kv before this forward
     has_prefix: bool  # whether cached prefix nodes precede own_kv
+    sparse_prefix: list[torch.Tensor] | None = None  # set: run sparse attention over these nodes' KV + own
 
 
 @dataclass
@@ -45,7 +46,6 @@ class BatchLayout:
     # node KV tensor -> packed rows of all queries that attend to it (whole node, no mask)
     prefix_groups: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     sparse: Callable | None = None  # (q, k, v, scale, layer) -> out, for long prefills
-    sparse_min_length: int = 1 << 62
 
 
 _state = threading.local()
@@ -97,6 +97,25 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, rows: torch.Tensor, o: torch.Te
     lse[:, rows] = new_l
 
 
+def _decode_attention(q: torch.Tensor, segs: list[SegmentLayout], layer: int,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query per segment over its own KV, batched by padding: out [H, B, D], lse [H, B]."""
+    keys = [s.own_kv[layer, 0, :, : s.own_past + 1].transpose(0, 1) for s in segs]  # [n, Hkv, D]
+    vals = [s.own_kv[layer, 1, :, : s.own_past + 1].transpose(0, 1) for s in segs]
+    k = torch.nn.utils.rnn.pad_sequence(keys, batch_first=True).permute(0, 2, 3, 1).float()  # [B, Hkv, D, n]
+    v = torch.nn.utils.rnn.pad_sequence(vals, batch_first=True).transpose(1, 2).float()  # [B, Hkv, n, D]
+    b, hkv, d, n = k.shape
+    h = q.shape[0]
+    qb = q.transpose(0, 1).reshape(b, hkv, h // hkv, d).float()  # [B, Hkv, g, D]
+    s = torch.matmul(qb, k) * scale  # [B, Hkv, g, n]
+    lengths = torch.tensor([seg.own_past + 1 for seg in segs], device=q.device)
+    s = s.masked_fill((torch.arange(n, device=q.device)[None, :] >= lengths[:, None])[:, None, None, :],
+                      float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    out = torch.matmul(torch.exp(s - lse[..., None]), v)  # [B, Hkv, g, D]
+    return out.reshape(b, h, d).transpose(0, 1), lse.reshape(b, h).transpose(0, 1)
+
+
 def engine_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                      **kwargs) -> tuple[torch.Tensor, None]:
@@ -109,24 +128,37 @@ def engine_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     out = torch.zeros(h, t, d, dtype=torch.float32, device=q.device)
     lse = torch.full((h, t), float("-inf"), dtype=torch.float32, device=q.device)
 
+    decode: list[SegmentLayout] = []
     for seg in layout.segments:
         s, e, p = seg.start, seg.start + seg.length, seg.own_past
         kv = seg.own_kv[layer]
         kv[0, :, p : p + seg.length] = k_new[:, s:e]
         kv[1, :, p : p + seg.length] = v_new[:, s:e]
+        if seg.length == 1 and p > 0:
+            decode.append(seg)
+            continue
         k_own, v_own = kv[0, :, : p + seg.length], kv[1, :, : p + seg.length]
+        if seg.sparse_prefix is not None and layout.sparse is not None:
+            # A long prefill (or a chunk of one): block-sparse attention over all its keys at once.
+            k_all = torch.cat([n[layer, 0] for n in seg.sparse_prefix] + [k_own], dim=1)
+            v_all = torch.cat([n[layer, 1] for n in seg.sparse_prefix] + [v_own], dim=1)
+            out[:, s:e] = layout.sparse(q[None, :, s:e], k_all[None], v_all[None], scale, layer)[0].float()
+            lse[:, s:e] = 0.0  # final: prefix groups never include these rows
+            continue
         if not seg.has_prefix and p == 0:
-            # A fresh prompt: plain causal attention (sparse when long), nothing to merge.
-            if layout.sparse is not None and seg.length >= layout.sparse_min_length:
-                o = layout.sparse(q[None, :, s:e], k_own[None], v_own[None], scale, layer)[0]
-            else:
-                o = F.scaled_dot_product_attention(q[None, :, s:e], k_own[None], v_own[None], is_causal=True,
-                                                   scale=scale, enable_gqa=True)[0]
+            # A fresh prompt: plain causal attention, nothing to merge.
+            o = F.scaled_dot_product_attention(q[None, :, s:e], k_own[None], v_own[None], is_causal=True,
+                                               scale=scale, enable_gqa=True)[0]
             out[:, s:e] = o.float()
-            lse[:, s:e] = 0.0  # a finished row: prefix groups never include it
+            lse[:, s:e] = 0.0
             continue
         o, l = attend_lse(q[:, s:e], k_own, v_own, scale, causal_offset=p)
         out[:, s:e], lse[:, s:e] = o, l
+
+    if decode:
+        rows = torch.tensor([seg.start for seg in decode], device=q.device)
+        o, l = _decode_attention(q[:, rows], decode, layer, scale)
+        out[:, rows], lse[:, rows] = o, l
 
     for node_kv, rows in layout.prefix_groups:
         o, l = attend_lse(q[:, rows], node_kv[layer, 0], node_kv[layer, 1], scale, causal_offset=None)

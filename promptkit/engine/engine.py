@@ -229,13 +229,17 @@ class Engine:
         for r, n in batch:
             ids.extend(r.tokens[r.computed : r.computed + n])
             starts.append(r.computed)
-            segs.append(SegmentLayout(offset, n, r.own_kv, r.own_len, r.cached_len > 0))  # type: ignore[arg-type]
-            if r.cached_len:
-                for node in r.last_node.path():  # type: ignore[union-attr]
+            path = r.last_node.path() if r.cached_len else []  # type: ignore[union-attr]
+            seg = SegmentLayout(offset, n, r.own_kv, r.own_len, r.cached_len > 0)  # type: ignore[arg-type]
+            if self._sparse_for(r, n):
+                seg.sparse_prefix = [node.kv for node in path]
+            else:
+                for node in path:
                     groups.setdefault(id(node), (node.kv, []))[1].append(torch.arange(offset, offset + n))
+            segs.append(seg)
             offset += n
         layout = BatchLayout(segs, [(kv, torch.cat(rows).to(self.device)) for kv, rows in groups.values()],
-                             self.sparse, self.sparse_min_length)
+                             self.sparse)
         input_ids = torch.tensor([ids], device=self.device)
         positions = packed_positions(starts, [n for _, n in batch], self.device)[None]
         set_layout(layout)
@@ -243,22 +247,41 @@ class Engine:
             hidden = self.model.model(input_ids=input_ids, position_ids=positions, use_cache=False).last_hidden_state[0]
         finally:
             set_layout(None)
-        offset = 0
+        # One lm_head call for every row whose logits are needed (scored tokens, next-token rows).
+        rows, spans, offset = [], [], 0
         for r, n in batch:
+            lo, hi = self._logit_rows(r, n)
+            spans.append((len(rows), len(rows) + hi - lo))
+            rows.extend(range(offset + lo, offset + hi))
+            offset += n
+        logits = self.model.lm_head(hidden[torch.tensor(rows, device=self.device)]).float() if rows else None
+        for (r, n), (a, b) in zip(batch, spans):
             if r.in_prefill:
                 self.cache.stats.tokens_prefilled += n
-            self._after_forward(r, hidden[offset : offset + n], n)
-            offset += n
+            self._after_forward(r, n, logits[a:b] if logits is not None else None)
 
-    def _after_forward(self, r: Request, hidden: torch.Tensor, n: int) -> None:
-        first = r.computed  # absolute position of hidden[0]
+    def _sparse_for(self, r: Request, n: int) -> bool:
+        """Sparse attention pays only for a long prefill chunk over a long context."""
+        return self.sparse is not None and n >= 128 and r.computed + n >= self.sparse_min_length
+
+    def _logit_rows(self, r: Request, n: int) -> tuple[int, int]:
+        """Rows (relative to the request's segment) whose logits this forward must produce."""
+        first, end = r.computed, r.computed + n
+        if r.kind == "score":
+            lo, hi = max(first, r.score_from - 1), min(end, r.prompt_len - 1)
+            return (lo - first, hi - first) if hi > lo else (0, 0)
+        if r.kind == "generate" and end == len(r.tokens):
+            return n - 1, n
+        return 0, 0
+
+    def _after_forward(self, r: Request, n: int, logits: torch.Tensor | None) -> None:
+        first = r.computed
         r.own_len += n
         if r.kind == "score":
-            lo, hi = max(first, r.score_from - 1), min(r.computed, r.prompt_len - 1)
-            if hi > lo:
-                logp = torch.log_softmax(self.model.lm_head(hidden[lo - first : hi - first]).float(), -1)
-                target = torch.tensor(r.tokens[lo + 1 : hi + 1], device=logp.device)
-                r.logprobs.extend(logp.gather(-1, target[:, None])[:, 0].tolist())
+            if logits is not None and len(logits):
+                lo = max(first, r.score_from - 1)
+                target = torch.tensor(r.tokens[lo + 1 : lo + 1 + len(logits)], device=logits.device)
+                r.logprobs.extend(torch.log_softmax(logits, -1).gather(-1, target[:, None])[:, 0].tolist())
         if r.in_prefill:
             return
         if r.kind == "prefix":
@@ -269,10 +292,10 @@ class Engine:
             return self._retire(r, "stop")
         if len(r.generated) == 0:
             self._cache_prompt(r, r.prompt_len)
-        logits = self.model.lm_head(hidden[-1:]).float()[0]
-        tok = sample(logits, r.params.temperature, r.params.top_p, r.generator)
+        assert logits is not None
+        tok = sample(logits[-1], r.params.temperature, r.params.top_p, r.generator)
         if r.params.logprobs:
-            r.logprobs.append(float(torch.log_softmax(logits, -1)[tok]))
+            r.logprobs.append(float(torch.log_softmax(logits[-1], -1)[tok]))
         if tok in self.eos_ids:
             return self._retire(r, "stop")
         r.tokens.append(tok)
@@ -283,15 +306,13 @@ class Engine:
             self._retire(r, "abort" if r.aborted else "length")
 
     def _cache_prompt(self, r: Request, upto: int) -> None:
-        """Move the prompt's KV into the tree so later requests (and this one's decode) share it."""
-        if not self.cache.enabled or upto <= r.cached_len:
-            return
-        node, n = self.cache.insert(r.tokens[:upto], r.own_kv[:, :, :, : upto - r.cached_len], r.cached_len)  # type: ignore[index]
-        if n == upto and r.kind == "generate":
-            # The prompt now lives in the tree; the own buffer is reused for generated tokens.
-            self.cache.lock(node)
-            self.cache.unlock(r.last_node)  # type: ignore[arg-type]
-            r.last_node, r.cached_len, r.own_len = node, upto, 0
+        """Copy the prompt's KV into the tree so later requests share it.
+
+        The request keeps its own copy: its private tokens stay in one buffer,
+        which decode attends to in a single batched product.
+        """
+        if self.cache.enabled and upto > r.cached_len:
+            self.cache.insert(r.tokens[:upto], r.own_kv[:, :, :, : upto - r.cached_len], r.cached_len)  # type: ignore[index]
 
     def _retire(self, r: Request, reason: str) -> None:
         if r.finished:
