@@ -101,8 +101,12 @@ class HyDE(Retriever):
         return self.search_many([check_query(query)], k, filter)[0]
 
     def search_many(self, queries: Sequence[str], k: int = 10, filter: Filter | None = None) -> list[list[Document]]:
+        return self.search_passages(queries, self.passages(queries), k, filter)
+
+    def search_passages(self, queries: Sequence[str], hyps: Sequence[Sequence[str]], k: int = 10,
+                        filter: Filter | None = None) -> list[list[Document]]:
+        """Search with given hypothetical passages (one list per query) alongside the queries."""
         k = check_k(k)
-        hyps = self.passages(queries)
         if isinstance(self.retriever, Dense):
             vecs = [self.retriever.encode([q, *h]).mean(axis=0) for q, h in zip(queries, hyps)]
             vecs = np.stack(vecs)
