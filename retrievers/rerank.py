@@ -24,15 +24,16 @@ class LMReranker:
     """
 
     def __init__(self, lm: LM | None = None, instruction: str = INSTRUCTION, max_doc_chars: int = 1500,
-                 choices: tuple[str, str] = (" yes", " no")) -> None:
+                 max_query_chars: int = 1000, choices: tuple[str, str] = (" yes", " no")) -> None:
         self.lm = lm or get_lm()
-        self.instruction, self.max_doc_chars, self.choices = instruction, max_doc_chars, choices
+        self.instruction, self.choices = instruction, choices
+        self.max_doc_chars, self.max_query_chars = max_doc_chars, max_query_chars
 
     def prompt(self, query: str, doc: Document) -> Prompt:
         """The judgment prompt for one (query, document) pair."""
         return Prompt.from_parts(instruction=self.instruction,
                                  context="Document: " + doc.text[: self.max_doc_chars],
-                                 question="Query: " + query + "\nIs the document relevant to the query?",
+                                 question="Query: " + query[: self.max_query_chars] + "\nIs the document relevant to the query?",
                                  answer_prefix="Answer:")
 
     def scores(self, pairs: Sequence[tuple[str, Document]]) -> list[float]:
