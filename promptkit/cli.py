@@ -210,6 +210,43 @@ def stages() -> None:
         out.print(f"[bold]{name}[/]  {doc[0] if doc else ''}")
 
 
+@app.command()
+def serve(
+    model: Annotated[str, typer.Option(help="Model name, local HF directory or hub id.")] = "smollm2-135m-instruct",
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(envvar="PROMPTKIT_API_KEY",
+                                                   help="Require 'Authorization: Bearer KEY'.")] = None,
+    max_queue: Annotated[int, typer.Option(min=1, help="Requests running or waiting at once; more get 429.")] = 64,
+    recipe: Annotated[Optional[list[Path]], typer.Option(help="Also serve a recipe's pipeline as a model "
+                                                              "named after the file (repeatable).")] = None,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /stats)."""
+    from .server import serve as run_server
+
+    pipelines = {r.stem: _load_pipeline(r) for r in recipe or []}
+    lm = _load_lm(model)
+    err.print(f"[green]serving[/] {model} on http://{host}:{port}/v1" + (" (API key required)" if api_key else ""))
+    run_server(lm, host=host, port=port, api_key=api_key, max_queue=max_queue, pipelines=pipelines)
+
+
+@app.command()
+def doctor(
+    json_out: Annotated[bool, typer.Option("--json", help="Print the checks as JSON.")] = False,
+    quick: Annotated[bool, typer.Option(help="Skip loading the models and compiling.")] = False,
+) -> None:
+    """Check the environment (models, cache dir, torch device, compile) and say what to fix."""
+    from .doctor import print_report, run_checks
+
+    checks = run_checks(quick=quick)
+    if json_out:
+        print(json.dumps([c.model_dump() for c in checks], indent=2))
+    else:
+        print_report(checks, out)
+    if any(c.essential and not c.ok for c in checks):
+        raise typer.Exit(1)
+
+
 def _mount_plugins() -> None:
     # Stage packages add sub-commands (e.g. `promptkit index`) through entry points.
     for ep in importlib.metadata.entry_points(group="promptkit.cli"):
