@@ -29,7 +29,7 @@ class LocalBackend(TransformersBase):
     def __init__(self, model: str, max_cache_bytes: int = DEFAULT_CACHE_BYTES, prefix_cache: bool = True,
                  max_batch_tokens: int = 2048, max_running: int = 64, sparse: Any = None, **kw: Any) -> None:
         super().__init__(model, **kw)
-        attn_sparse, min_len = _sparse_hook(sparse)
+        attn_sparse, min_len, self.sparse_stats = _sparse_hook(sparse)
         self.engine = Engine(self.model, self.eos_ids, max_cache_bytes=max_cache_bytes if prefix_cache else 0,
                              max_batch_tokens=max_batch_tokens, max_running=max_running,
                              sparse=attn_sparse, sparse_min_length=min_len)
@@ -96,7 +96,11 @@ class LocalBackend(TransformersBase):
 
     # -- cache ------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        return {**super().stats(), **self.engine.stats()}
+        out = {**super().stats(), **self.engine.stats()}
+        if self.sparse_stats is not None:
+            out["sparse_mean_sparsity"] = self.sparse_stats.mean_sparsity()
+            out["sparse_layer_sparsity"] = self.sparse_stats.layer_sparsity()
+        return out
 
     def clear_cache(self) -> None:
         """Drop every cached prefix not in use."""
@@ -104,18 +108,20 @@ class LocalBackend(TransformersBase):
             self.engine.cache.clear()
 
 
-def _sparse_hook(sparse: Any) -> tuple[Any, int]:
-    """The engine's sparse-attention callable and its minimum length, from a config (or None)."""
+def _sparse_hook(sparse: Any) -> tuple[Any, int, Any]:
+    """The engine's sparse-attention callable, its minimum length and its statistics (or Nones)."""
     if not sparse:
-        return None, 1 << 62
+        return None, 1 << 62, None
     from ..engine import sparse as sparse_mod
 
     cfg = sparse_mod.SparseConfig() if sparse is True else sparse
     if isinstance(cfg, dict):
         cfg = sparse_mod.SparseConfig(**cfg)
+    stats = sparse_mod.SparseStats()
 
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, layer: int) -> torch.Tensor:
         out, info = sparse_mod.sparse_attention(q, k, v, cfg, scale=scale)
+        stats.record(layer, info)
         return out
 
-    return run, cfg.min_length
+    return (run if cfg.enabled else None), cfg.min_length, stats
