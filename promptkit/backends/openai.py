@@ -18,6 +18,7 @@ says so).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,7 @@ from ..types import Generation, TokenLogprobs, Usage
 from .base import ContextLengthError, SamplingParams, StreamEvent
 
 RETRIES_429 = 5
+DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 
 
 class ServerError(RuntimeError):
@@ -43,16 +45,20 @@ class OpenAIBackend:
     """The Backend protocol over HTTP.
 
     ``model``: the id the server serves (``/v1/models``). ``base_url``: ending in
-    ``/v1``. ``api_key``: sent as a Bearer token. ``tokenizer``: see the module
+    ``/v1`` (default: ``$PROMPTKIT_BASE_URL``, ``$OPENAI_BASE_URL``, else
+    ``http://127.0.0.1:8000/v1``, so a recipe's ``backend: openai`` needs no URL).
+    ``api_key``: sent as a Bearer token (default ``$PROMPTKIT_API_KEY`` or ``$OPENAI_API_KEY``). ``tokenizer``: see the module
     docstring. ``max_concurrency``: requests in flight at once for a batch (the
     server batches them). ``max_context``: overrides what the server reports.
     """
 
-    def __init__(self, model: str, base_url: str = "http://127.0.0.1:8000/v1", api_key: str | None = None,
+    def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None,
                  timeout: float = 120.0, tokenizer: Any = None, max_concurrency: int = 8,
                  max_context: int | None = None) -> None:
         self.model_name = model
-        self.base_url = base_url.rstrip("/")
+        base_url = base_url or os.environ.get("PROMPTKIT_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
+        self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
+        api_key = api_key or os.environ.get("PROMPTKIT_API_KEY") or os.environ.get("OPENAI_API_KEY")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
         self.max_concurrency = max_concurrency
