@@ -24,7 +24,6 @@ Adding documents changes N, document frequencies and the mean length, so
 from __future__ import annotations
 
 import json
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -92,17 +91,18 @@ class BM25(Retriever):
         toks = self.tokenizer.many(d.text for d in docs) if tokens is None else [list(t) for t in tokens]
         if len(toks) != len(docs):
             raise ValueError(f"{len(docs)} documents but {len(toks)} token lists")
-        rows, cols, vals = [], [], []
-        for r, doc_toks in enumerate(toks):
-            for term, count in Counter(doc_toks).items():
-                rows.append(r)
-                cols.append(self.vocab.setdefault(term, len(self.vocab)))
-                vals.append(count)
-        new = sp.csr_matrix((np.asarray(vals, dtype=np.int32), (rows, cols)), shape=(len(docs), len(self.vocab)))
+        lens = np.fromiter(map(len, toks), np.int64, len(toks))
+        vocab = self.vocab
+        cols = np.fromiter((vocab.setdefault(t, len(vocab)) for doc_toks in toks for t in doc_toks), np.int64,
+                           int(lens.sum()))
+        rows = np.repeat(np.arange(len(toks)), lens)
+        # COO -> CSR sums the duplicate (doc, term) entries into term counts
+        new = sp.csr_matrix((np.ones(len(cols), np.int32), (rows, cols)), shape=(len(docs), len(vocab)))
+        new.sum_duplicates()
         old = self.tf
         old.resize((old.shape[0], len(self.vocab)))
         self.tf = sp.vstack([old, new], format="csr") if old.shape[0] else new
-        self.doc_len = np.concatenate([self.doc_len, np.fromiter(map(len, toks), np.int64, len(toks))])
+        self.doc_len = np.concatenate([self.doc_len, lens])
         self.docs += docs
         self._compute_scores()
 

@@ -131,3 +131,22 @@ def test_hybrid_fuses_bm25_and_dense_and_roundtrips(dense, corpus, tmp_path):
     loaded = load_index(hybrid.save(tmp_path / "hyb"))
     assert isinstance(loaded, Hybrid) and [r.kind for r in loaded.retrievers] == ["bm25", "dense"]
     assert [d.id for d in loaded.search("The while statement", 5)] == [d.id for d in hybrid.search("The while statement", 5)]
+
+
+def test_cross_encoder_reranker_from_a_local_path(tmp_path, corpus):
+    from sentence_transformers import CrossEncoder
+
+    from promptkit.engine.models import resolve_embedder
+    from retrievers import CrossEncoderReranker
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        CrossEncoderReranker(tmp_path / "missing")
+    # a cross-encoder built from the embedded MiniLM weights (its scoring head is untrained: plumbing only)
+    CrossEncoder(resolve_embedder(), num_labels=1, device="cpu").save(str(tmp_path / "ce"))
+    rr = CrossEncoderReranker(tmp_path / "ce")
+    docs = corpus[0][:6]
+    ranked = rr.rerank("The assert statement", docs, k=4)
+    expect = rr.model.predict([("The assert statement", d.text) for d in docs])
+    order = np.argsort(-expect, kind="stable")[:4]
+    assert [d.id for d in ranked] == [docs[i].id for i in order]
+    assert [d.score for d in ranked] == pytest.approx(expect[order].tolist(), abs=1e-5)
