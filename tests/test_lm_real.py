@@ -97,3 +97,29 @@ def test_cli_ask_prints_the_answer_alone(real_lm):
     assert "Paris" in data["text"] and data["usage"]["prompt_tokens"] > 0
     res = runner.invoke(app, ["ask", " "])
     assert res.exit_code == 1
+
+
+def test_cli_quickstart_run_and_eval(tmp_path, real_lm):
+    from promptkit.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["quickstart", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["documents"][0]["id"] == "everest.md" and "8,849" in out["output"]
+    recipe = tmp_path / "qa.yaml"
+    recipe.write_text("stages:\n  - stage: prompt\n    instruction: Answer with one word.\n"
+                      "  - stage: generate\n    max_tokens: 8\n    stop: ['\\n']\n")
+    res = runner.invoke(app, ["run", str(recipe), "--input", "What is the capital of France?"])
+    assert res.exit_code == 0 and "Paris" in res.stdout
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"question": "What is the capital of France?", "answer": "Paris"}\n'
+                    '{"question": "What is the capital of Italy?", "answer": "Rome"}\n')
+    res = runner.invoke(app, ["eval", str(recipe), str(data), "--metric", "contains", "--json",
+                              "--results", str(tmp_path / "r.jsonl")])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["n"] == 2 and summary["score"] >= 0.5
+    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 2
+    res = runner.invoke(app, ["run", str(tmp_path / "missing.yaml"), "--input", "x"])
+    assert res.exit_code == 1 and "not found" in res.output
