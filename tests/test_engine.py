@@ -152,3 +152,21 @@ def test_bad_requests():
         eng.submit(Request(tokens=[]))
     with pytest.raises(CacheBudgetError, match="cache budget"):
         eng.submit(Request(tokens=list(range(1, 100))))
+
+
+def test_long_generation_grows_private_kv(ref_model):
+    ps = prompts(2, seed=9)
+    assert greedy(make_engine(), ps, 150) == [hf_greedy(ref_model, p, 150) for p in ps]
+
+
+def test_failed_forward_fails_its_requests_and_releases_locks():
+    eng = make_engine()
+    req = Request(tokens=prompts(1, seed=10)[0], params=SamplingParams(max_tokens=4))
+    original = eng.model.model.forward
+    eng.model.model.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("device lost"))
+    with pytest.raises(RuntimeError, match="device lost"):
+        eng.run([req])
+    eng.model.model.forward = original
+    assert req.finished and req.finish_reason == "error" and not eng.running
+    assert eng.cache.size_info()["locked_bytes"] == 0
+    assert greedy(eng, prompts(1, seed=10), 4)  # the engine still works

@@ -165,9 +165,16 @@ class Engine:
         with self._step_lock:
             self._admit()
             batch = self._plan()
-            if batch:
+            if not batch:
+                return
+            try:
                 self._forward(batch)
-                self.steps += 1
+            except Exception as e:  # fail the batch's requests, not every waiter forever
+                for r, _ in batch:
+                    r.error = e
+                    self._retire(r, "error")
+                raise
+            self.steps += 1
 
     def _admit(self) -> None:
         with self._queue_lock:
@@ -189,10 +196,21 @@ class Engine:
             if r.kind != "prefix":
                 self.cache.stats.tokens_requested += r.prompt_len
                 self.cache.stats.tokens_cached += n
-            extra = r.params.max_tokens if r.kind == "generate" else 0
-            r.own_kv = torch.empty(self.num_layers, 2, self.kv_heads, r.prompt_len - n + extra, self.head_dim,
-                                   dtype=self.dtype, device=self.device)
+            extra = min(r.params.max_tokens, 64) if r.kind == "generate" else 0
+            r.own_kv = self._kv_buffer(r.prompt_len - n + extra)
             self.running.append(r)
+
+    def _kv_buffer(self, tokens: int) -> torch.Tensor:
+        return torch.empty(self.num_layers, 2, self.kv_heads, tokens, self.head_dim, dtype=self.dtype,
+                           device=self.device)
+
+    def _reserve(self, r: Request, n: int) -> None:
+        """Grow the private KV buffer (doubling) so ``n`` more tokens fit."""
+        cap = r.own_kv.shape[3]  # type: ignore[union-attr]
+        if r.own_len + n > cap:
+            bigger = self._kv_buffer(max(r.own_len + n, 2 * cap))
+            bigger[:, :, :, : r.own_len] = r.own_kv[:, :, :, : r.own_len]  # type: ignore[index]
+            r.own_kv = bigger
 
     def _prefill_shared_prefixes(self, new: list[Request]) -> None:
         prompts = [r.tokens[: r.score_from] if r.kind == "score" else r.tokens for r in new]
@@ -204,8 +222,7 @@ class Engine:
                 node, n = self.cache.match_prefix(r.tokens)
                 self.cache.lock(node)
                 r.last_node, r.cached_len = node, n
-                r.own_kv = torch.empty(self.num_layers, 2, self.kv_heads, r.prompt_len - n, self.head_dim,
-                                       dtype=self.dtype, device=self.device)
+                r.own_kv = self._kv_buffer(r.prompt_len - n)
             while any(not r.finished for r in reqs):
                 self._forward(self._plan(reqs))
 
@@ -227,6 +244,7 @@ class Engine:
         ids, starts, segs, groups = [], [], [], {}
         offset = 0
         for r, n in batch:
+            self._reserve(r, n)
             ids.extend(r.tokens[r.computed : r.computed + n])
             starts.append(r.computed)
             path = r.last_node.path() if r.cached_len else []  # type: ignore[union-attr]
