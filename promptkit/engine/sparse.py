@@ -43,10 +43,10 @@ class SparseConfig(BaseModel):
     min_length: int = Field(2048, ge=0, description="key length below which attention stays dense")
     sink_blocks: int = Field(1, ge=0)
     local_blocks: int = Field(2, ge=0, description="blocks kept before the diagonal (sliding window)")
-    min_budget: int = Field(512, ge=0, description="tokens: least keys (or lines) a query block keeps")
+    min_budget: int = Field(256, ge=0, description="tokens: least keys (or lines) a query block keeps")
     max_budget: int | None = Field(None, ge=1, description="tokens: most keys (or lines) a query block keeps")
     backend: Literal["auto", "flex", "gather"] = "auto"
-    bucket: int = Field(1024, ge=16, description="pad lengths to a multiple of this (fewer recompiles)")
+    bucket: int = Field(512, ge=16, description="pad lengths to a multiple of this (fewer recompiles)")
 
     @model_validator(mode="after")
     def _check(self) -> SparseConfig:
@@ -134,8 +134,7 @@ def _always_kept(cfg: SparseConfig, nq: int, nk: int, off_b: int, device: torch.
 
 def _budget(n: torch.Tensor, cfg: SparseConfig, unit: int) -> torch.Tensor:
     """Clamp counts ``n`` (of items of ``unit`` tokens) to the configured token budget."""
-    lo = math.ceil(cfg.min_budget / unit)
-    n = n.clamp(min=lo)
+    n = n.clamp(min=math.ceil(cfg.min_budget / unit))
     if cfg.max_budget is not None:
         n = n.clamp(max=max(1, cfg.max_budget // unit))
     return n
@@ -210,7 +209,10 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, cfg: SparseConfig, scale: fl
         s = torch.einsum("hqd,hkd->hqk", q_pool, k_pool) * scale
         probs = torch.softmax(s.masked_fill(~causal, float("-inf")), -1)
         qa_sel = _top_mass(probs, cfg.gamma, cfg, bs)
-    vs_sel = _vertical_slash(attn, qpos, cfg, nq, nk, off_b) if bool((~query_aware).any()) else None
+    vs_sel = None
+    if bool((~query_aware).any()):
+        last_row = int(qpos[-1]) // bs - off_b
+        vs_sel = _vertical_slash(attn, qpos, keep[0, last_row], cfg, nq, nk, off_b)
     for i in range(h):
         if bool(query_aware[i]):
             keep[i] |= qa_sel[i]
@@ -218,40 +220,70 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, cfg: SparseConfig, scale: fl
         else:
             keep[i] |= vs_sel[i]
             patterns.append("vertical_slash")
-    return keep & causal, patterns
+    return _widen_to_min_budget(keep & causal, causal, off_b, cfg), patterns
 
 
-def _vertical_slash(attn: torch.Tensor, qpos: torch.Tensor, cfg: SparseConfig,
+def _vertical_slash(attn: torch.Tensor, qpos: torch.Tensor, kept_last: torch.Tensor, cfg: SparseConfig,
                     nq: int, nk: int, off_b: int) -> torch.Tensor:
-    """Block mask [H, nq, nk] of the columns and diagonals carrying ``gamma`` of ``attn`` [H, b, Lk]."""
+    """Block mask [H, nq, nk] of the columns and diagonals carrying ``gamma`` of ``attn`` [H, b, Lk].
+
+    The same attention mass shows up in both views (a column also spreads over b diagonals),
+    so lines are picked greedily in a few rounds, each on the mass not yet covered: the
+    blocks always kept (``kept_last`` [nk], for the last query block) cover their share first.
+    """
     h, b, lk = attn.shape
     bs, dev = cfg.block_size, attn.device
-    vertical = attn.sum(1)  # [H, Lk]
-    # Slash: mass per distance qpos - kpos (>= 0), summed over the query block.
-    dist = qpos[:, None] - torch.arange(lk, device=dev)[None, :]  # [b, Lk]
-    valid = dist >= 0
-    slash = torch.zeros(h, lk, device=dev, dtype=attn.dtype)
-    slash.index_add_(1, dist[valid], attn[:, valid])
-    v_sel = _top_mass(vertical, cfg.gamma, cfg, 1)  # [H, Lk] key columns
-    s_sel = _top_mass(slash, cfg.gamma, cfg, 1)  # [H, Lk] distances
-
-    mask = torch.zeros(h, nq, nk, dtype=torch.bool, device=dev)
-    # A column at key position p: its block, for every query block.
-    col_blocks = v_sel.reshape(h, nk, bs).any(-1)
-    mask |= col_blocks[:, None, :]
-    # A diagonal at distance t: query block i (key positions s_i..s_i+bs-1) meets key blocks
-    # (s_i - t) // bs and (s_i + bs - 1 - t) // bs.
-    starts = (torch.arange(nq, device=dev) + off_b) * bs  # [nq]
-    for head in range(h):
-        t = s_sel[head].nonzero()[:, 0]  # [n]
-        if t.numel() == 0:
+    dist = (qpos[:, None] - torch.arange(lk, device=dev)[None, :]).clamp(min=0)  # [b, Lk]
+    flat_dist = dist.flatten()  # non-causal entries have zero attention: distance 0 is harmless
+    base = kept_last.repeat_interleave(bs).to(attn.dtype)  # [Lk] columns always computed
+    residual = attn * (1.0 - base)
+    need0 = cfg.gamma * b - (attn.sum(1) * base).sum(-1)  # [H]
+    lines = torch.zeros(h, 2 * lk, dtype=torch.bool, device=dev)  # [columns | diagonals]
+    max_lines = cfg.max_budget if cfg.max_budget is not None else 2 * lk
+    need = need0
+    for frac in (0.5, 0.8, 1.0):  # rounds of greedy picking on the exact residual, all heads at once
+        room = max_lines - lines.sum(-1)
+        goal = need - (1.0 - frac) * need0
+        if not bool(((goal > 1e-6) & (room > 0)).any()):
             continue
-        for edge in (0, bs - 1):
-            blk = (starts[None, :] + edge - t[:, None]).div(bs, rounding_mode="floor")  # [n, nq]
-            ok = blk >= 0
-            qi = torch.arange(nq, device=dev)[None, :].expand_as(blk)
-            mask[head, qi[ok], blk[ok]] = True
-    return mask
+        s_mass = torch.zeros(h, lk, device=dev, dtype=attn.dtype).index_add_(1, flat_dist, residual.reshape(h, -1))
+        v_mass = residual.sum(1)
+        mass, order = torch.cat([v_mass, s_mass], -1).sort(-1, descending=True)
+        n = (mass.cumsum(-1) < goal[:, None]).sum(-1) + 1
+        n = torch.where(goal > 1e-6, torch.minimum(n, room), torch.zeros_like(n))
+        take = (torch.arange(2 * lk, device=dev)[None, :] < n[:, None]) & (mass > 0)
+        lines |= torch.zeros_like(lines).scatter(-1, order, take)
+        hit = lines[:, :lk, None].transpose(1, 2) | lines[:, lk:][:, flat_dist].view(h, b, lk)
+        residual = residual.masked_fill(hit, 0.0)
+        need = residual.sum(1).sum(-1) - (1.0 - cfg.gamma) * b  # mass still to cover
+
+    cols, slashes = lines[:, :lk], lines[:, lk:]
+    mask = cols.reshape(h, nk, bs).any(-1)[:, None, :].expand(h, nq, nk)  # a column: its block, every row
+    # A diagonal at distance t = a*bs + r meets, in query block i, the key blocks at block
+    # distance a and (when r > 0) a + 1 from the diagonal block.
+    t = slashes.reshape(h, -1, bs)  # [H, nk, bs]: t // bs, t % bs
+    near = t.any(-1)
+    far = torch.zeros_like(near)
+    far[:, 1:] = t[:, :-1, 1:].any(-1)
+    by_offset = near | far  # [H, nk] over block distances
+    delta = (torch.arange(nq, device=dev)[:, None] + off_b) - torch.arange(nk, device=dev)[None, :]
+    return mask | (by_offset[:, delta.clamp(min=0)] & (delta >= 0))
+
+
+def _widen_to_min_budget(keep: torch.Tensor, causal: torch.Tensor, off_b: int, cfg: SparseConfig) -> torch.Tensor:
+    """Rows keeping fewer than ``min_budget`` tokens widen their local window until they do."""
+    need = math.ceil(cfg.min_budget / cfg.block_size)
+    if need == 0:
+        return keep
+    nq, nk = keep.shape[1:]
+    diag = (torch.arange(nq, device=keep.device) + off_b)[:, None]
+    j = torch.arange(nk, device=keep.device)[None, :]
+    for w in range(need):
+        short = keep.sum(-1, keepdim=True) < need  # [H, nq, 1]
+        if not bool(short.any()):
+            break
+        keep = keep | (short & (j == diag - w) & causal)
+    return keep
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def flex_block_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: t
     full_num, full_idx = _to_indices(full)
     lk = nk * bs
     block_mask = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=bs,
-                                          mask_mod=_causal, seq_lengths=(lk, lk))
+                                          mask_mod=_causal, seq_lengths=(lk, lk), compute_q_blocks=False)
     qp = F.pad(q, (0, 0, off_b * bs, 0))
     gqa = q.shape[1] != k.shape[1]
     fn = _compiled_flex((tuple(qp.shape), tuple(k.shape), q.dtype, str(q.device), bs, gqa))
