@@ -66,12 +66,13 @@ class Dense(Retriever):
         return {"embedder": self.embedder_name, "dim": self.dim, "index_type": self.resolved_type(),
                 "hnsw_m": self.hnsw_m, "ef_search": self.ef_search, "nlist": self.nlist, "nprobe": self.nprobe}
 
-    def resolved_type(self) -> str:
+    def resolved_type(self, n: int | None = None) -> str:
+        """The FAISS index type in use, or the one ``auto`` picks for ``n`` documents."""
         if self.index_type != "auto":
             return self.index_type
         if self.faiss_index is not None:
             return _type_of(self.faiss_index)
-        return "flat" if len(self.docs) <= self.flat_max else "hnsw"
+        return "flat" if (len(self.docs) if n is None else n) <= self.flat_max else "hnsw"
 
     def encode(self, texts: Sequence[str], progress: bool | None = None) -> np.ndarray:
         """Unit-length float32 vectors of ``texts``, encoded in batches (progress bar for large inputs)."""
@@ -96,16 +97,14 @@ class Dense(Retriever):
             raise ValueError(f"vectors have dimension {vecs.shape[1]}, the index {self.dim}")
         self.dim = int(vecs.shape[1])
         if self.faiss_index is None:
-            self.docs = docs  # sizes the 'auto' choice
             self.faiss_index = self._new_index(vecs)
-            self.docs = []
         self.faiss_index.add(vecs)
         self.docs += docs
 
     def _new_index(self, train: np.ndarray) -> Any:
         import faiss
 
-        kind, d = self.resolved_type(), self.dim
+        kind, d = self.resolved_type(len(train)), self.dim
         if kind == "flat":
             return faiss.IndexFlatIP(d)
         if kind == "hnsw":
