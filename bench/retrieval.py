@@ -33,7 +33,7 @@ def run_of(results, qids, exclude_self: bool):
     return {q: [d.id for d in docs if not (exclude_self and d.id == q)] for q, docs in zip(qids, results)}
 
 
-def quality(name: str, rerank_queries: int, doc_chars: int, log) -> dict:
+def quality(name: str, rerank_queries: int, doc_chars: int, method: str, log) -> dict:
     corpus, queries, qrels, info = load_ir_collection(name)
     excl = bool(info.get("exclude_self"))
     docs = [Document(id=i, text=(d.get("title", "") + "\n" + d["text"]).strip()) for i, d in corpus.items()]
@@ -51,13 +51,13 @@ def quality(name: str, rerank_queries: int, doc_chars: int, log) -> dict:
     sub = [i for i, q in enumerate(qids) if q in qrels][:rerank_queries]
     cands = [[d for d in runs["hybrid"][i][:depth] if not (excl and d.id == qids[i])][:20] for i in sub]
     t0 = time.perf_counter()
-    reranker = LMReranker(max_doc_chars=doc_chars, max_query_chars=doc_chars // 2)
+    reranker = LMReranker(max_doc_chars=doc_chars, max_query_chars=doc_chars // 2, method=method)
     reranked = reranker.rerank_many([qtexts[i] for i in sub], cands)
     secs = time.perf_counter() - t0
     base = [ndcg_at_k([d.id for d in c], qrels[qids[i]]) for i, c in zip(sub, cands)]
     rr = [ndcg_at_k([d.id for d in c], qrels[qids[i]]) for i, c in zip(sub, reranked)]
     out.update(ndcg10_rerank=round(float(np.mean(rr)), 4), ndcg10_hybrid_rerank_subset=round(float(np.mean(base)), 4),
-               rerank_queries=len(sub), rerank_seconds=round(secs, 1),
+               rerank_queries=len(sub), rerank_method=method, rerank_seconds=round(secs, 1),
                published_bm25_ndcg10=info.get("published_bm25_ndcg10"))
     log(f"rerank on {len(sub)} queries: hybrid {out['ndcg10_hybrid_rerank_subset']} -> {out['ndcg10_rerank']} "
         f"({secs:.1f} s)")
@@ -117,12 +117,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes (2 rerank queries, 5k docs for speed)")
     ap.add_argument("--dataset", default="lee", choices=["lee", "wiki-titles"])
+    ap.add_argument("--rerank-method", default="yes_no", choices=["yes_no", "query_likelihood"])
     ap.add_argument("--rerank-queries", type=int, default=None, help="queries to rerank (default 2 quick, all)")
     args = ap.parse_args()
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     result = {"dataset": args.dataset}
     n_rerank = args.rerank_queries or (2 if args.quick else 1000)
-    result.update(quality(args.dataset, n_rerank, 300 if args.quick else 600, log))
+    result.update(quality(args.dataset, n_rerank, 300 if args.quick else 600, args.rerank_method, log))
     result.update(speed(5000 if args.quick else 20000, 500 if args.quick else 2000, 20 if args.quick else 100, log))
     result["baseline"] = "bm25s 0.3 (lucene, numpy backend) and rank_bm25 0.2.2 BM25Okapi, same tokens"
     fields = ["dataset", "ndcg10_bm25", "ndcg10_dense", "ndcg10_hybrid", "ndcg10_rerank", "published_bm25_ndcg10",

@@ -140,13 +140,14 @@ class RerankStage(Stage):
     k: int | None = Field(default=None, ge=1)
     query_key: str = "question"
     model: str = DEFAULT_LLM
+    method: Literal["yes_no", "query_likelihood"] = "yes_no"
     cross_encoder: str | None = None
     _reranker: Any = PrivateAttr(default=None)
 
     def reranker(self) -> LMReranker | CrossEncoderReranker:
         if self._reranker is None:
             self._reranker = (CrossEncoderReranker(self.cross_encoder) if self.cross_encoder
-                              else LMReranker(get_lm(self.model)))
+                              else LMReranker(get_lm(self.model), method=self.method))
         return self._reranker
 
     def process(self, records: list[Record]) -> list[Record]:

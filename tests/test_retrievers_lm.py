@@ -46,3 +46,14 @@ def test_hyde_generates_passages_and_fuses_result_lists(real_lm):
     expect = reciprocal_rank_fusion([bm25.search(query, 100), bm25.search(passage, 100)], top=3)
     assert [d.id for d in hits] == [d.id for d in expect]
     assert hits[0].id == "0"
+
+
+def test_query_likelihood_reranker_scores_the_query_after_the_document(real_lm):
+    rr = LMReranker(real_lm, method="query_likelihood")
+    query = "capital of France"
+    ranked = rr.rerank(query, DOCS)
+    (expected,) = real_lm.score(rr.prompt(query, DOCS[1]), [" " + query])
+    assert {d.id: d.score for d in ranked}["paris"] == pytest.approx(expected, abs=1e-4)
+    assert [d.id for d in ranked] == ["paris", "bio"]
+    with pytest.raises(ValueError, match="unknown rerank method"):
+        LMReranker(real_lm, method="pointwise")  # type: ignore[arg-type]
