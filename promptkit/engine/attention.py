@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 ATTN_NAME = "promptkit"
 _MAX_SCORE_ELEMENTS = 1 << 25  # bound the score matrix of one block (~128 MB in float32)
+SHORT_SEGMENT = 64  # segments up to this long (with a cached past) share one padded product
 
 
 @dataclass
@@ -43,8 +44,8 @@ class BatchLayout:
     """Everything the attention function needs to know about the current forward."""
 
     segments: list[SegmentLayout]
-    # node KV tensor -> packed rows of all queries that attend to it (whole node, no mask)
-    prefix_groups: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    # cached nodes' KV (consecutive on a path) -> packed rows of every query that sees them whole
+    prefix_groups: list[tuple[list[torch.Tensor], torch.Tensor]] = field(default_factory=list)
     sparse: Callable | None = None  # (q, k, v, scale, layer) -> out, for long prefills
 
 
@@ -97,23 +98,30 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, rows: torch.Tensor, o: torch.Te
     lse[:, rows] = new_l
 
 
-def _decode_attention(q: torch.Tensor, segs: list[SegmentLayout], layer: int,
-                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One query per segment over its own KV, batched by padding: out [H, B, D], lse [H, B]."""
-    keys = [s.own_kv[layer, 0, :, : s.own_past + 1].transpose(0, 1) for s in segs]  # [n, Hkv, D]
-    vals = [s.own_kv[layer, 1, :, : s.own_past + 1].transpose(0, 1) for s in segs]
-    k = torch.nn.utils.rnn.pad_sequence(keys, batch_first=True).permute(0, 2, 3, 1).float()  # [B, Hkv, D, n]
-    v = torch.nn.utils.rnn.pad_sequence(vals, batch_first=True).transpose(1, 2).float()  # [B, Hkv, n, D]
-    b, hkv, d, n = k.shape
-    h = q.shape[0]
-    qb = q.transpose(0, 1).reshape(b, hkv, h // hkv, d).float()  # [B, Hkv, g, D]
-    s = torch.matmul(qb, k) * scale  # [B, Hkv, g, n]
-    lengths = torch.tensor([seg.own_past + 1 for seg in segs], device=q.device)
-    s = s.masked_fill((torch.arange(n, device=q.device)[None, :] >= lengths[:, None])[:, None, None, :],
-                      float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    out = torch.matmul(torch.exp(s - lse[..., None]), v)  # [B, Hkv, g, D]
-    return out.reshape(b, h, d).transpose(0, 1), lse.reshape(b, h).transpose(0, 1)
+def _short_attention(q: torch.Tensor, segs: list[SegmentLayout], layer: int,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Short segments (decode steps, questions after a cached prefix) over their own KV,
+    batched by padding into one product. Returns out [H, rows, D] and lse [H, rows], rows in
+    segment order."""
+    pad = torch.nn.utils.rnn.pad_sequence
+    dev = q.device
+    qs = pad([q[:, s.start : s.start + s.length].transpose(0, 1) for s in segs], batch_first=True)  # [B, M, H, D]
+    ks = pad([s.own_kv[layer, 0, :, : s.own_past + s.length].transpose(0, 1) for s in segs], batch_first=True)
+    vs = pad([s.own_kv[layer, 1, :, : s.own_past + s.length].transpose(0, 1) for s in segs], batch_first=True)
+    b, m, h, d = qs.shape
+    n, hkv = ks.shape[1], ks.shape[2]
+    g = h // hkv
+    qb = qs.permute(0, 2, 1, 3).reshape(b, hkv, g * m, d).float()
+    sc = torch.matmul(qb, ks.permute(0, 2, 3, 1).float()) * scale  # [B, Hkv, g*M, N]
+    past = torch.tensor([s.own_past for s in segs], device=dev)
+    allowed = torch.arange(n, device=dev)[None, None, :] <= (past[:, None] + torch.arange(m, device=dev)[None, :])[..., None]
+    sc = sc.view(b, hkv, g, m, n).masked_fill(~allowed[:, None, None], float("-inf"))
+    lse = torch.logsumexp(sc, dim=-1)  # [B, Hkv, g, M]
+    out = torch.matmul(torch.exp(sc - lse[..., None]), vs.transpose(1, 2).float().unsqueeze(2))  # [B, Hkv, g, M, D]
+    valid = torch.arange(m, device=dev)[None, :] < torch.tensor([s.length for s in segs], device=dev)[:, None]
+    out = out.reshape(b, h, m, d).permute(0, 2, 1, 3)[valid]  # [rows, H, D]
+    lse = lse.reshape(b, h, m).permute(0, 2, 1)[valid]  # [rows, H]
+    return out.transpose(0, 1), lse.transpose(0, 1)
 
 
 def engine_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -128,14 +136,14 @@ def engine_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     out = torch.zeros(h, t, d, dtype=torch.float32, device=q.device)
     lse = torch.full((h, t), float("-inf"), dtype=torch.float32, device=q.device)
 
-    decode: list[SegmentLayout] = []
+    short: list[SegmentLayout] = []
     for seg in layout.segments:
         s, e, p = seg.start, seg.start + seg.length, seg.own_past
         kv = seg.own_kv[layer]
         kv[0, :, p : p + seg.length] = k_new[:, s:e]
         kv[1, :, p : p + seg.length] = v_new[:, s:e]
-        if seg.length == 1 and p > 0:
-            decode.append(seg)
+        if seg.length <= SHORT_SEGMENT and (p > 0 or seg.has_prefix) and seg.sparse_prefix is None:
+            short.append(seg)
             continue
         k_own, v_own = kv[0, :, : p + seg.length], kv[1, :, : p + seg.length]
         if seg.sparse_prefix is not None and layout.sparse is not None:
@@ -155,13 +163,14 @@ def engine_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         o, l = attend_lse(q[:, s:e], k_own, v_own, scale, causal_offset=p)
         out[:, s:e], lse[:, s:e] = o, l
 
-    if decode:
-        rows = torch.tensor([seg.start for seg in decode], device=q.device)
-        o, l = _decode_attention(q[:, rows], decode, layer, scale)
-        out[:, rows], lse[:, rows] = o, l
+    if short:
+        rows = torch.cat([torch.arange(seg.start, seg.start + seg.length) for seg in short]).to(q.device)
+        out[:, rows], lse[:, rows] = _short_attention(q, short, layer, scale)
 
-    for node_kv, rows in layout.prefix_groups:
-        o, l = attend_lse(q[:, rows], node_kv[layer, 0], node_kv[layer, 1], scale, causal_offset=None)
+    for kvs, rows in layout.prefix_groups:
+        k = kvs[0][layer, 0] if len(kvs) == 1 else torch.cat([kv[layer, 0] for kv in kvs], dim=1)
+        v = kvs[0][layer, 1] if len(kvs) == 1 else torch.cat([kv[layer, 1] for kv in kvs], dim=1)
+        o, l = attend_lse(q[:, rows], k, v, scale, causal_offset=None)
         _merge(out, lse, rows, o, l)
 
     return out.to(query.dtype).transpose(0, 1).unsqueeze(0), None

@@ -256,7 +256,12 @@ class Engine:
                     groups.setdefault(id(node), (node.kv, []))[1].append(torch.arange(offset, offset + n))
             segs.append(seg)
             offset += n
-        layout = BatchLayout(segs, [(kv, torch.cat(rows).to(self.device)) for kv, rows in groups.values()],
+        # Nodes seen by exactly the same rows are attended to as one (fewer, larger products).
+        merged: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for kv, rows in groups.values():
+            key = tuple((int(r[0]), len(r)) for r in rows)
+            merged.setdefault(key, ([], rows))[0].append(kv)
+        layout = BatchLayout(segs, [(kvs, torch.cat(rows).to(self.device)) for kvs, rows in merged.values()],
                              self.sparse)
         input_ids = torch.tensor([ids], device=self.device)
         positions = packed_positions(starts, [n for _, n in batch], self.device)[None]

@@ -181,6 +181,8 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, cfg: SparseConfig, scale: fl
     keep = _always_kept(cfg, nq, nk, off_b, dev).expand(h, nq, nk).clone()
     if cfg.pattern == "a_shape":
         return keep, ["a_shape"] * h
+    if cfg.gamma >= 1.0:  # all the mass: every causal block (no estimate can drop an underflowed one)
+        return causal.expand(h, nq, nk).clone(), ["dense"] * h
 
     # True attention of the last real block of queries, over every key position.
     last_q = q_end
