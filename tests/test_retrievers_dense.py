@@ -16,7 +16,7 @@ from retrievers.samples import python_reference
 
 @pytest.fixture(scope="module")
 def corpus():
-    return python_reference()
+    return python_reference(max_chars=800)  # MiniLM reads 256 word pieces at most anyway
 
 
 @pytest.fixture(scope="module")
