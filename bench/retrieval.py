@@ -117,7 +117,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes (2 rerank queries, 5k docs for speed)")
     ap.add_argument("--dataset", default="lee", choices=["lee", "wiki-titles"])
-    ap.add_argument("--rerank-method", default="yes_no", choices=["yes_no", "query_likelihood"])
+    ap.add_argument("--rerank-method", default="query_likelihood", choices=["yes_no", "query_likelihood"])
     ap.add_argument("--rerank-queries", type=int, default=None, help="queries to rerank (default 2 quick, all)")
     args = ap.parse_args()
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731

@@ -135,12 +135,13 @@ class HybridStage(RetrieverStage):
 
 @register_stage("rerank")
 class RerankStage(Stage):
-    """Reorder each record's documents: LM yes/no relevance, or a cross-encoder when ``cross_encoder`` is a path."""
+    """Reorder each record's documents by LM relevance (query likelihood or yes/no), or by a cross-encoder
+    when ``cross_encoder`` is a path."""
 
     k: int | None = Field(default=None, ge=1)
     query_key: str = "question"
     model: str = DEFAULT_LLM
-    method: Literal["yes_no", "query_likelihood"] = "yes_no"
+    method: Literal["yes_no", "query_likelihood"] = "query_likelihood"
     cross_encoder: str | None = None
     _reranker: Any = PrivateAttr(default=None)
 

@@ -17,7 +17,7 @@ DOCS = [
 
 
 def test_lm_reranker_scores_are_yes_probabilities_in_one_batch(real_lm):
-    rr = LMReranker(real_lm)
+    rr = LMReranker(real_lm, method="yes_no")
     query = "What is the capital of France?"
     ranked = rr.rerank(query, DOCS)
     yes, no = real_lm.score(rr.prompt(query, DOCS[1]), [" yes", " no"])
@@ -49,7 +49,7 @@ def test_hyde_generates_passages_and_fuses_result_lists(real_lm):
 
 
 def test_query_likelihood_reranker_scores_the_query_after_the_document(real_lm):
-    rr = LMReranker(real_lm, method="query_likelihood")
+    rr = LMReranker(real_lm)  # query likelihood is the default
     query = "capital of France"
     ranked = rr.rerank(query, DOCS)
     (expected,) = real_lm.score(rr.prompt(query, DOCS[1]), [" " + query])
