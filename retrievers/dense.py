@@ -180,7 +180,8 @@ class Dense(Retriever):
         try:
             self.faiss_index = faiss.read_index(str(path / "dense.faiss"))
         except RuntimeError as e:
-            raise IndexFormatError(f"{path / 'dense.faiss'}: unreadable FAISS index ({str(e).splitlines()[0]})") from None
+            reason = str(e).splitlines()[0]
+            raise IndexFormatError(f"{path / 'dense.faiss'}: unreadable FAISS index ({reason})") from None
         self.dim = int(s["dim"])
         self.docs = read_docs(path / DOCS)
         if self.faiss_index.d != self.dim or self.faiss_index.ntotal != len(self.docs):

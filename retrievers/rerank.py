@@ -47,7 +47,8 @@ class LMReranker:
                                      context="Document: " + doc.text[: self.max_doc_chars], answer_prefix="Query:")
         return Prompt.from_parts(instruction=self.instruction,
                                  context="Document: " + doc.text[: self.max_doc_chars],
-                                 question="Query: " + query[: self.max_query_chars] + "\nIs the document relevant to the query?",
+                                 question=f"Query: {query[: self.max_query_chars]}\n"
+                                          "Is the document relevant to the query?",
                                  answer_prefix="Answer:")
 
     def scores(self, pairs: Sequence[tuple[str, Document]]) -> list[float]:

@@ -78,7 +78,8 @@ def test_incremental_add_and_metadata_filter(dense, corpus):
 def test_dense_index_dir_checks_embedder_and_files(dense, corpus, tmp_path):
     out = dense.save(tmp_path / "dense")
     loaded = Dense.load(out, embedder="minilm-l6-v2")
-    assert [d.id for d in loaded.search("The with statement", 3)] == [d.id for d in dense.search("The with statement", 3)]
+    q = "The with statement"
+    assert [d.id for d in loaded.search(q, 3)] == [d.id for d in dense.search(q, 3)]
     with pytest.raises(IndexFormatError, match="built with embedder 'minilm-l6-v2'"):
         Dense.load(out, embedder="some/other-model")
     data = (out / "dense.faiss").read_bytes()
@@ -105,7 +106,7 @@ def test_rrf_hand_computed():
 
 
 def test_weighted_score_fusion_hand_computed():
-    a = [Document(id="x", text="", score=10.0), Document(id="y", text="", score=6.0), Document(id="z", text="", score=2.0)]
+    a = [Document(id=i, text="", score=s) for i, s in [("x", 10.0), ("y", 6.0), ("z", 2.0)]]
     b = [Document(id="z", text="", score=0.9), Document(id="x", text="", score=0.1)]
     fused = {d.id: d.score for d in weighted_score_fusion([a, b], weights=[0.3, 0.7])}
     assert fused == pytest.approx({"x": 0.3 * 1.0 + 0.7 * 0.0, "y": 0.3 * 0.5, "z": 0.3 * 0.0 + 0.7 * 1.0})
@@ -130,7 +131,8 @@ def test_hybrid_fuses_bm25_and_dense_and_roundtrips(dense, corpus, tmp_path):
     assert scores["recall@10"] > 0.85
     loaded = load_index(hybrid.save(tmp_path / "hyb"))
     assert isinstance(loaded, Hybrid) and [r.kind for r in loaded.retrievers] == ["bm25", "dense"]
-    assert [d.id for d in loaded.search("The while statement", 5)] == [d.id for d in hybrid.search("The while statement", 5)]
+    q = "The while statement"
+    assert [d.id for d in loaded.search(q, 5)] == [d.id for d in hybrid.search(q, 5)]
 
 
 def test_cross_encoder_reranker_from_a_local_path(tmp_path, corpus):
