@@ -52,7 +52,9 @@ class KNNFewShot(Optimizer):
     def search(self, pipeline: Pipeline, train: list[Example]) -> Iterator[tuple[Pipeline, CandidateScore]]:
         i, _ = prompt_stage(pipeline)
         keys = list(train[0].inputs)
-        stage = KNNExemplars(pool=as_demos(train), k=self.k, input_key=keys[0], output_key=train[0].output_key,
+        # Embed the field the classifier reads, when it names one the examples have.
+        key = getattr(pipeline.stages[-1], "input_key", None)
+        stage = KNNExemplars(pool=as_demos(train), k=self.k, input_key=key if key in keys else keys[0], output_key=train[0].output_key,
                              strategy=self.strategy, diversity=self.diversity)
         cand = replace_stage(pipeline, i, stage, insert=True)
         yield from self.evaluate_pipes([(self.strategy, cand, {"strategy": self.strategy, "k": self.k})])
