@@ -5,7 +5,8 @@
 forwards of at most ``max_batch_tokens`` with block-diagonal attention; the
 baseline pads them to the longest and runs one transformers forward
 (``logits_to_keep=1``). Both on the same weights, in this process, the prefix
-cache off so only packing is measured. Then a stream of distinct prompts runs
+cache off so only packing is measured; peak memory of each is measured in a
+fresh process. Then a stream of distinct prompts runs
 with a small cache budget to show the cache stays within it.
 
     python bench/prepack.py [--quick]
@@ -14,14 +15,17 @@ with a small cache budget to show the cache stays within it.
 from __future__ import annotations
 
 import argparse
+import json
 import random
+import subprocess
+import sys
 import threading
 import time
 
 import _common  # noqa: F401
 import psutil
 import torch
-from _common import emit, machine
+from _common import emit, machine, peak_rss_mb
 
 from promptkit import LM
 
@@ -70,12 +74,38 @@ def hf_padded_prefill(model, seqs: list[list[int]], pad: int) -> torch.Tensor:
     return model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1]
 
 
+def measure_memory(method: str, n: int, hi: int) -> None:
+    """In a fresh process: peak resident memory added by one prefill of the workload."""
+    lm = LM(backend="local", max_cache_bytes=0) if method == "packed" else LM(backend="hf")
+    seqs = real_token_runs(lm, n, 16, hi)
+    from promptkit.backends.base import SamplingParams
+    from promptkit.engine.engine import Request
+
+    with RssPeak() as m:
+        if method == "packed":
+            lm.backend.engine.run([Request(tokens=list(s), params=SamplingParams(max_tokens=1)) for s in seqs])
+        else:
+            hf_padded_prefill(lm.backend.model, seqs, lm.backend.tokenizer.pad_token_id or 0)
+    print(json.dumps({"peak_mb": round(m.mb)}))
+
+
+def _memory_in_subprocess(method: str, n: int, hi: int) -> int:
+    out = subprocess.run([sys.executable, __file__, "--measure", method, "--n", str(n), "--hi", str(hi)],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mb"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="8 prompts of 16..512 tokens")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--measure", choices=["packed", "padded"], help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--hi", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     n, hi = (8, 512) if args.quick else (32, 1024)
+    if args.measure:
+        return measure_memory(args.measure, args.n or n, args.hi or hi)
     repeats = args.repeats or (1 if args.quick else 3)
 
     ours = LM(backend="local", max_cache_bytes=0)
@@ -98,17 +128,16 @@ def main() -> None:
     ours_run(), hf_run()  # warm-up
     t_ours, t_hf = [], []
     for _ in range(repeats):
-        with RssPeak() as m_ours:
-            t0 = time.perf_counter()
-            first_ours = ours_run()
-            t_ours.append(time.perf_counter() - t0)
-        with RssPeak() as m_hf:
-            t0 = time.perf_counter()
-            first_hf = hf_run()
-            t_hf.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        first_ours = ours_run()
+        t_ours.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        first_hf = hf_run()
+        t_hf.append(time.perf_counter() - t0)
     res["seconds_packed"], res["seconds_padded"] = min(t_ours), min(t_hf)
     res["first_tokens_match"] = sum(a == b for a, b in zip(first_ours, first_hf)) / n
-    res["peak_mem_mb_packed"], res["peak_mem_mb_padded"] = round(m_ours.mb), round(m_hf.mb)
+    res["peak_mem_mb_packed"] = _memory_in_subprocess("packed", n, hi)
+    res["peak_mem_mb_padded"] = _memory_in_subprocess("padded", n, hi)
     res["speedup_vs_padded"] = round(res["seconds_padded"] / res["seconds_packed"], 2)
 
     # The cache budget holds under a stream of distinct prompts.
@@ -125,7 +154,7 @@ def main() -> None:
     res["cache_peak_mb"] = round(peak_cache / 2**20, 2)
     res["cache_evictions"] = cached.stats()["evictions"]
     res["cache_run_rss_growth_mb"] = round(m_cache.mb)
-    res["peak_rss_mb"] = round(psutil.Process().memory_info().rss / 2**20)
+    res["peak_rss_mb"] = round(peak_rss_mb())
     emit(res)
 
 
