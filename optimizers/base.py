@@ -83,6 +83,7 @@ class Optimizer(BaseModel):
         """Search for a better pipeline; return it with a :class:`Report`."""
         pipe = pipeline if isinstance(pipeline, Pipeline) else Pipeline(pipeline)
         _, lm_stage = split_pipeline(pipe)
+        prompt_stage(pipe)  # every optimizer edits (or feeds) the prompt stage
         train, val = split_data(trainset, valset, self.seed)
         fn = get_metric(metric)
         name = metric if isinstance(metric, str) else getattr(metric, "__name__", "metric")

@@ -58,20 +58,23 @@ def keeps_best(report) -> bool:
 
 
 # -- prefix-aware scheduling -------------------------------------------------------------
-def test_scheduler_prefill_matches_engine_and_beats_naive(real_lm, topics):
+def test_scheduler_prefill_matches_engine_and_beats_naive(real_lm, topics, tmp_path):
     train, val, labels = topics
     real_lm.backend.clear_cache()
-    _, report = RandomFewShot(k=4, num_candidates=2, seed=3).compile(zero_shot(labels), train, "accuracy", val)
+    best, report = RandomFewShot(k=4, num_candidates=2, seed=3).compile(zero_shot(labels), train, "accuracy", val)
     assert report.lm_calls == 3 * len(val)
     assert report.tokens_requested == report.naive_tokens  # every request's prompt tokens, as predicted
     assert report.tokens_prefilled == report.expected_prefilled  # the trie model mirrors the radix cache
     assert report.tokens_cached > 0 and report.evictions == 0
     assert report.prefill_ratio < 0.35
+    top = max(report.candidates, key=lambda c: c.key)
+    assert report.best["name"] == top.name and report.best_score == top.score >= report.baseline_score
+    best.save(tmp_path / "best.yaml")
+    assert Pipeline.load(tmp_path / "best.yaml").config() == best.config()
 
 
 # -- each optimizer improves the validation score ----------------------------------------------
 @pytest.mark.parametrize("opt", [
-    RandomFewShot(k=4, num_candidates=3, seed=0),
     EASE(k=3, pool_size=6, n_init=1, rounds=1, per_round=1, seed=0),
     BootstrapFewShot(max_demos=3, num_candidates=1, max_bootstrapped=3, seed=0),
     FormatSpread(num_formats=3, seed=0),
