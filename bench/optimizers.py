@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes (a few minutes on 2 cores)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    n_train, n_val, n_test = (30, 8, 20) if args.quick else (200, 30, 200)
+    n_train, n_val, n_test = (30, 16, 40) if args.quick else (200, 40, 200)
     train, val, test, labels = load(n_train, n_val, n_test, args.seed)
     lm = get_lm()
     base = zero_shot(labels)
