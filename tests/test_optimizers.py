@@ -1,7 +1,9 @@
 """Optimizers on real topic classification (BBC News headlines) with the embedded SmolLM2.
 
-The zero-shot pipeline gets some validation headlines wrong; each optimizer must
-find a candidate that scores higher on them, and report what it cost.
+Each optimizer must return its top-scoring candidate (never below the zero-shot
+baseline on the validation set), account for its LM calls and tokens, save as
+a recipe, repeat exactly under a seed, and reject bad input clearly. The
+scheduler's predicted prefill must equal the engine's counters.
 """
 
 from __future__ import annotations
