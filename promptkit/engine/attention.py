@@ -47,6 +47,9 @@ class BatchLayout:
     # cached nodes' KV (consecutive on a path) -> packed rows of every query that sees them whole
     prefix_groups: list[tuple[list[torch.Tensor], torch.Tensor]] = field(default_factory=list)
     sparse: Callable | None = None  # (q, k, v, scale, layer) -> out, for long prefills
+    probe: torch.Tensor | None = None  # [T] accumulates attention paid to each key by rows >= probe_from
+    probe_from: int = 0
+    probe_layers: range = range(0)  # layers whose attention is accumulated
 
 
 _state = threading.local()
@@ -129,6 +132,8 @@ def engine_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
                      **kwargs) -> tuple[torch.Tensor, None]:
     """transformers attention function: query [1, H, T, D], key/value [1, Hkv, T, D] (RoPE applied)."""
     layout = current_layout()
+    if layout.probe is not None:
+        return _probe_attention(layout, module.layer_idx, query, key, value, scaling)
     layer = module.layer_idx
     q, k_new, v_new = query[0], key[0], value[0]
     h, t, d = q.shape
@@ -174,6 +179,22 @@ def engine_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         _merge(out, lse, rows, o, l)
 
     return out.to(query.dtype).transpose(0, 1).unsqueeze(0), None
+
+
+def _probe_attention(layout: BatchLayout, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     scaling: float | None) -> tuple[torch.Tensor, None]:
+    """Plain causal attention over one sequence that also records how much the rows from
+    ``probe_from`` on attend to every key (mean over heads and rows)."""
+    h, t, d = query.shape[1:]
+    scale = scaling if scaling is not None else d**-0.5
+    if layer in layout.probe_layers:
+        rows = query[0, :, layout.probe_from :].float()  # [H, m, D]
+        k = key[0].float().repeat_interleave(h // key.shape[1], 0)
+        s = torch.matmul(rows, k.transpose(-1, -2)) * scale
+        causal = torch.arange(t, device=query.device)[None, :] > torch.arange(layout.probe_from, t, device=query.device)[:, None]
+        layout.probe += torch.softmax(s.masked_fill(causal, float("-inf")), dim=-1).mean(dim=(0, 1))
+    out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=True)
+    return out.transpose(1, 2), None
 
 
 def register() -> None:

@@ -150,6 +150,30 @@ class Engine:
                 "evicted_tokens": s.evicted_tokens, "steps": self.steps, "running": len(self.running),
                 "waiting": len(self.waiting), **{f"cache_{k}": v for k, v in self.cache.size_info().items()}}
 
+    @torch.inference_mode()
+    def attention_to(self, tokens: list[int], query_from: int, num_layers: int, first_layer: int = 0) -> torch.Tensor:
+        """Attention each token receives from the tokens at ``query_from`` onward, averaged over
+        heads, those queries and layers ``first_layer .. num_layers - 1`` (only the first
+        ``num_layers`` layers are run)."""
+        if not 0 < query_from < len(tokens):
+            raise ValueError("query_from must split the tokens into a non-empty context and query")
+        base = self.model.model
+        ids = torch.tensor([tokens], device=self.device)
+        pos = torch.arange(len(tokens), device=self.device)[None]
+        layout = BatchLayout([], probe=torch.zeros(len(tokens), device=self.device), probe_from=query_from,
+                             probe_layers=range(first_layer, num_layers))
+        with self._step_lock:
+            set_layout(layout)
+            try:
+                hidden = base.embed_tokens(ids)
+                rope = base.rotary_emb(hidden, pos)
+                for layer in base.layers[:num_layers]:
+                    hidden = layer(hidden, attention_mask=None, position_ids=pos, position_embeddings=rope)
+                    hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+            finally:
+                set_layout(None)
+        return layout.probe / max(1, num_layers - first_layer)
+
     # -- the step --------------------------------------------------------------
     def _drive_until(self, req: Request) -> None:
         while not req.finished:
