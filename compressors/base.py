@@ -41,6 +41,7 @@ class Piece:
     end: int
     score: float
     tokens: int = 1
+    parts: list[Piece] | None = None  # the tokens of a merged word, to fill the last gap exactly
 
 
 def spans_from_offsets(offsets: Sequence[tuple[int, int]], skip_before: int, end: int) -> list[tuple[int, int, int]]:
@@ -68,8 +69,10 @@ def token_pieces(lm: LM, segment: SegmentKind, text: str, context: str = "") -> 
             for i, a, b in spans_from_offsets(tl.offsets, n, n + len(text))]
 
 
-def merge_words(pieces: list[Piece], text: str, reduce: Callable[[list[float]], float] = max) -> list[Piece]:
-    """Merge token pieces into whole words (a word ends at whitespace), scored by ``reduce``.
+def merge_words(pieces: list[Piece], text: str, reduce: Callable[[list[float]], float] = max,
+                max_tokens: int = 6) -> list[Piece]:
+    """Merge token pieces into whole words (a word ends at whitespace, or after ``max_tokens``
+    tokens, as in scripts written without spaces), scored by ``reduce``.
 
     Pruning whole words keeps a number like 1953 (four digit tokens) intact or drops it whole.
     """
@@ -77,11 +80,12 @@ def merge_words(pieces: list[Piece], text: str, reduce: Callable[[list[float]], 
     for p in pieces:
         prev = text[words[-1][0].start : words[-1][-1].end] if words else ""
         fresh = not prev.strip() == "" and (text[p.start : p.end][:1].isspace() or prev[-1:].isspace())
-        if not words or fresh:
+        if not words or fresh or len(words[-1]) >= max_tokens:
             words.append([p])
         else:
             words[-1].append(p)
-    return [Piece(w[0].segment, w[0].start, w[-1].end, reduce([p.score for p in w]), len(w)) for w in words]
+    return [Piece(w[0].segment, w[0].start, w[-1].end, reduce([p.score for p in w]), len(w), w if len(w) > 1 else None)
+            for w in words]
 
 
 def resolve_budget(before: int, target_tokens: int | None, rate: float | None) -> int:
@@ -105,6 +109,7 @@ def select_exact(pieces: Sequence[Piece], budget: int, texts: dict[SegmentKind, 
     subsequence of the old. Pieces are added best-first; re-tokenizing may merge
     or split tokens, so the selection is corrected until the count settles.
     """
+    pieces = list(pieces)
     order = sorted(range(len(pieces)), key=lambda i: -pieces[i].score)
     keep: set[int] = set()
     used = 0
@@ -136,6 +141,16 @@ def select_exact(pieces: Sequence[Piece], budget: int, texts: dict[SegmentKind, 
             m = total(trial)
             if m <= budget + 1:
                 keep, n = trial, m
+    if n < budget - 1:  # the gap is smaller than any whole word left: fill it with single tokens
+        for i in [i for i in order if i not in keep and pieces[i].parts]:
+            for part in pieces[i].parts:  # type: ignore[union-attr]
+                if n >= budget - 1:
+                    break
+                pieces.append(Piece(part.segment, part.start, part.end, pieces[i].score))
+                trial = keep | {len(pieces) - 1}
+                m = total(trial)
+                if m <= budget + 1:
+                    keep, n = trial, m
     return render(keep)
 
 

@@ -76,6 +76,7 @@ class QuestionAwareCompressor(Compressor):
                 for r, j in enumerate(ranked):
                     pct = 1.0 - r / max(1, len(plain))  # 1 for the doc's best token
                     p = plain[j]
-                    out.append(Piece(seg, p.start + offset, p.end + offset, pct - (1.0 - keep_frac), p.tokens))
+                    parts = [Piece(seg, x.start + offset, x.end + offset, 0.0) for x in p.parts] if p.parts else None
+                    out.append(Piece(seg, p.start + offset, p.end + offset, pct - (1.0 - keep_frac), p.tokens, parts))
                 offset += len(doc)
         return out

@@ -61,7 +61,8 @@ class SelfInformationCompressor(Compressor):
                 window = text[a:b]
                 ps = merge_words(token_pieces(lm, seg, window, compressed), window)
                 for p in ps:
-                    p.start, p.end = p.start + a, p.end + a
+                    for x in [p] + (p.parts or []):
+                        x.start, x.end = x.start + a, x.end + a
                 out.extend(ps)
                 keep, room = [], sum(p.tokens for p in ps) * rate
                 for p in sorted(ps, key=lambda p: -p.score):
