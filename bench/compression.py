@@ -1,0 +1,175 @@
+"""P5: prompt compression against the llmlingua package, on question answering over several documents.
+
+Each question comes with four Wikipedia paragraphs (its own and three from
+other articles, in random order). At rates 0.5 and 0.33 every method
+compresses the context; the embedded LM then answers from the compressed
+prompt. Reported per method: the rate actually reached (model tokens of the
+context after / before), answer exact match and F1, and compression seconds.
+
+llmlingua 0.2.2 (``pip install llmlingua==0.2.2``) runs with the same local
+SmolLM2 as its compressor model. Two adaptations, in this script only: its
+token counting (tiktoken's ``encoding_for_model``, which downloads a file)
+uses the model's own tokenizer, and its key/value cache handling, written for
+tuple caches, gets a thin adapter to transformers' ``DynamicCache``.
+
+    python bench/compression.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import _common  # noqa: F401
+from _common import emit, machine
+
+from promptkit import Prompt, get_lm
+from promptkit.engine.models import resolve_llm
+from promptkit.metrics import exact_match, mean, token_f1
+
+INSTRUCTION = "Read the context and answer the question with the year only."
+
+
+def build_items(n: int, seed: int = 0) -> list[dict]:
+    from datasets import load_qa
+
+    qa = load_qa()
+    rng = random.Random(seed)
+    picked = rng.sample(range(len(qa)), n)
+    items = []
+    for i in picked:
+        others = [j for j in rng.sample(range(len(qa)), 12) if qa[j]["title"] != qa[i]["title"]][:3]
+        docs = [qa[i]["context"]] + [qa[j]["context"] for j in others]
+        rng.shuffle(docs)
+        items.append({"question": qa[i]["question"], "answers": qa[i]["answers"], "docs": docs})
+    return items
+
+
+def make_prompt(context: str, question: str) -> Prompt:
+    return Prompt.from_parts(instruction=INSTRUCTION, context=context, question=f"Question: {question}",
+                             answer_prefix="Answer:")
+
+
+def context_of(docs: list[str]) -> str:
+    return "Context:\n" + "\n".join(f"[{k + 1}] {d}" for k, d in enumerate(docs))
+
+
+def answer_scores(lm, prompts: list[Prompt], items: list[dict]) -> tuple[float, float]:
+    gens = lm.generate(prompts, max_tokens=8, stop=["\n"])
+    preds = [g.text.strip() for g in gens]
+    return (mean([exact_match(p, it["answers"]) for p, it in zip(preds, items)]),
+            mean([token_f1(p, it["answers"]) for p, it in zip(preds, items)]))
+
+
+class _TokenizerAsTiktoken:
+    def __init__(self, tok):
+        self.tok = tok
+
+    def encode(self, text, **_):
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids, **_):
+        return self.tok.decode(ids)
+
+
+class _TupleCacheModel:
+    """Lets llmlingua's tuple-cache code drive a transformers 5 model."""
+
+    def __init__(self, model):
+        self.m, self.config, self.device = model, model.config, model.device
+
+    def __call__(self, *args, past_key_values=None, **kw):
+        from transformers.cache_utils import Cache, DynamicCache
+
+        if past_key_values is not None and not isinstance(past_key_values, Cache):
+            past_key_values = DynamicCache(ddp_cache_data=[(k, v) for k, v in past_key_values])
+        out = self.m(*args, past_key_values=past_key_values, **kw)
+        if getattr(out, "past_key_values", None) is not None:
+            out.past_key_values = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.m, name)
+
+
+def llmlingua_compressor():
+    import tiktoken
+    from transformers import AutoTokenizer
+
+    path = resolve_llm()
+    tiktoken.encoding_for_model = lambda name: _TokenizerAsTiktoken(AutoTokenizer.from_pretrained(path))
+    from llmlingua import PromptCompressor
+
+    pc = PromptCompressor(model_name=path, device_map="cpu")
+    pc.model = _TupleCacheModel(pc.model)
+    return pc
+
+
+def run_llmlingua(pc, item: dict, rate: float, long: bool) -> str:
+    kw = dict(rank_method="longllmlingua", condition_in_question="after_condition", condition_compare=True,
+              dynamic_context_compression_ratio=0.3, context_budget="+100") if long else {}
+    docs = [f"[{k + 1}] {d}" for k, d in enumerate(item["docs"])]
+    out = pc.compress_prompt(docs, instruction="", question=item["question"] if long else "", rate=rate, **kw)
+    text = out["compressed_prompt"]
+    if long and text.rstrip().endswith(item["question"].strip()):
+        text = text.rstrip()[: -len(item["question"].strip())]
+    return "Context:\n" + text.strip()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="12 questions instead of 60")
+    ap.add_argument("--n", type=int, default=None)
+    args = ap.parse_args()
+    n = args.n or (12 if args.quick else 60)
+
+    from compressors import COMPRESSORS
+
+    lm = get_lm()
+    count = lambda text: len(lm.backend.encode_continuation(text))
+    items = build_items(n)
+    full = [make_prompt(context_of(it["docs"]), it["question"]) for it in items]
+    em_full, f1_full = answer_scores(lm, full, items)
+    pc = llmlingua_compressor()
+    ours = {name: cls() for name, cls in COMPRESSORS.items()}
+    results, per_method = [], {}
+    for rate in (0.5, 0.33):
+        row: dict = {"rate": rate}
+        for name, comp in ours.items():
+            t0 = time.perf_counter()
+            outs = [comp.compress(p, rate=rate, question=it["question"]) for p, it in zip(full, items)]
+            secs = time.perf_counter() - t0
+            em, f1 = answer_scores(lm, [o.prompt for o in outs], items)
+            reached = sum(o.tokens_after for o in outs) / sum(o.tokens_before for o in outs)
+            per_method[f"{name}@{rate}"] = {"em": em, "f1": f1, "rate_reached": round(reached, 4),
+                                            "seconds": round(secs, 2)}
+        for long in (False, True):
+            name = "longllmlingua" if long else "llmlingua"
+            t0 = time.perf_counter()
+            ctxs = [run_llmlingua(pc, it, rate, long) for it in items]
+            secs = time.perf_counter() - t0
+            em, f1 = answer_scores(lm, [make_prompt(c, it["question"]) for c, it in zip(ctxs, items)], items)
+            before = sum(count(context_of(it["docs"])) for it in items)
+            per_method[f"{name}@{rate}"] = {"em": em, "f1": f1, "rate_reached": round(sum(map(count, ctxs)) / before, 4),
+                                            "seconds": round(secs, 2)}
+        mine = {k: v for k, v in per_method.items() if k.endswith(f"@{rate}") and "lingua" not in k}
+        theirs = {k: v for k, v in per_method.items() if k.endswith(f"@{rate}") and "lingua" in k}
+        best_ours = max(mine, key=lambda k: (mine[k]["em"], mine[k]["f1"]))
+        best_theirs = max(theirs, key=lambda k: (theirs[k]["em"], theirs[k]["f1"]))
+        row.update({
+            "method_ours": best_ours.split("@")[0], "method_llmlingua": best_theirs.split("@")[0],
+            "rate_reached": mine[best_ours]["rate_reached"], "rate_reached_llmlingua": theirs[best_theirs]["rate_reached"],
+            "accuracy_ours": mine[best_ours]["em"], "accuracy_llmlingua": theirs[best_theirs]["em"],
+            "f1_ours": round(mine[best_ours]["f1"], 4), "f1_llmlingua": round(theirs[best_theirs]["f1"], 4),
+            "accuracy_uncompressed": em_full, "f1_uncompressed": round(f1_full, 4),
+            "seconds_ours": mine[best_ours]["seconds"], "seconds_llmlingua": theirs[best_theirs]["seconds"],
+            "speedup_vs_llmlingua": round(theirs[best_theirs]["seconds"] / max(mine[best_ours]["seconds"], 1e-9), 2),
+        })
+        results.append(row)
+    emit({"bench": "compression", "dataset": "wikipedia-year-cloze (gensim enwiki)", "questions": n,
+          **machine(), "per_method": per_method, "results": results})
+
+
+if __name__ == "__main__":
+    main()
