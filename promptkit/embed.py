@@ -18,7 +18,8 @@ class Embedder:
 
         self.name = model
         self.model = SentenceTransformer(resolve_embedder(model), device=device or "cpu")
-        self.dim = int(self.model.get_sentence_embedding_dimension())
+        dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = int(dim())
 
     def encode(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
         if not texts:
