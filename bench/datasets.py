@@ -454,11 +454,15 @@ def load_classification(test_fraction: float = 0.2, seed: int = 0):
     return train, test, labels, info
 
 
-if __name__ == "__main__":  # quick smoke run: python bench/datasets.py
+if __name__ == "__main__":  # python bench/datasets.py [--quick]: fetch every set, print their sizes
+    import argparse
+    import json
+
+    argparse.ArgumentParser(description="Fetch (once) and count every evaluation set.").add_argument(
+        "--quick", action="store_true", help="the same: every loader is quick once cached").parse_args()
     c, q, r, i = load_ir_collection()
-    print("IR", i["name"], len(c), "docs", len(q), "queries", sum(len(v) for v in r.values()), "judgments")
-    print("QA", len(load_qa()), "items")
     tr, te, lab, ci = load_classification()
-    print("CLS", ci["name"], len(tr), len(te), lab)
-    print("WIKI", len(load_wikipedia_articles()), "articles")
-    print("LEE", len(load_lee_corpus()), "docs")
+    sizes = {"ir": i["name"], "ir_docs": len(c), "ir_queries": len(q), "ir_judgments": sum(len(v) for v in r.values()),
+             "qa_items": len(load_qa()), "classification": ci["name"], "train": len(tr), "test": len(te),
+             "labels": lab, "wikipedia_articles": len(load_wikipedia_articles()), "lee_docs": len(load_lee_corpus())}
+    print(json.dumps(sizes))
