@@ -458,8 +458,9 @@ if __name__ == "__main__":  # python bench/datasets.py [--quick]: fetch every se
     import argparse
     import json
 
-    argparse.ArgumentParser(description="Fetch (once) and count every evaluation set.").add_argument(
-        "--quick", action="store_true", help="the same: every loader is quick once cached").parse_args()
+    parser = argparse.ArgumentParser(description="Fetch (once) and count every evaluation set.")
+    parser.add_argument("--quick", action="store_true", help="the same: every loader is quick once cached")
+    parser.parse_args()
     c, q, r, i = load_ir_collection()
     tr, te, lab, ci = load_classification()
     sizes = {"ir": i["name"], "ir_docs": len(c), "ir_queries": len(q), "ir_judgments": sum(len(v) for v in r.values()),
