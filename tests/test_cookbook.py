@@ -59,3 +59,11 @@ def test_serve_openai(real_lm):
     assert out["model_answer"] == real_lm.generate(real_lm.backend.apply_chat_template(msgs), max_tokens=8,
                                                    chat=False)[0].text
     assert "Fresnel" in out["pipeline_answer"] and out["requests_ok"] == 2
+
+
+def test_long_doc_compression(real_lm):
+    needs("compressors")
+    rows = example("long_doc_compression/long_doc_compression.py")["main"](["Who invented the Fresnel lens?"])
+    row = rows[0]
+    assert row["context_tokens_after"] < 0.45 * row["context_tokens_before"]
+    assert "Fresnel" in row["answer"]
