@@ -63,10 +63,19 @@ def spans_from_offsets(offsets: Sequence[tuple[int, int]], skip_before: int, end
 
 def token_pieces(lm: LM, segment: SegmentKind, text: str, context: str = "") -> list[Piece]:
     """One piece per token of ``text``, scored by its self-information given ``context + text``."""
-    tl = lm.token_logprobs(context + text)[0]
-    n = len(context)
-    return [Piece(segment, a - n, b - n, -(tl.logprobs[i] or 0.0))
-            for i, a, b in spans_from_offsets(tl.offsets, n, n + len(text))]
+    return token_pieces_many(lm, segment, [text], [context])[0]
+
+
+def token_pieces_many(lm: LM, segment: SegmentKind, texts: Sequence[str],
+                      contexts: Sequence[str]) -> list[list[Piece]]:
+    """:func:`token_pieces` for many (text, context) pairs in one engine batch (shared prefixes prefilled once)."""
+    tls = lm.token_logprobs([c + t for c, t in zip(contexts, texts)])
+    out = []
+    for tl, text, context in zip(tls, texts, contexts):
+        n = len(context)
+        out.append([Piece(segment, a - n, b - n, -(tl.logprobs[i] or 0.0))
+                    for i, a, b in spans_from_offsets(tl.offsets, n, n + len(text))])
+    return out
 
 
 def merge_words(pieces: list[Piece], text: str, reduce: Callable[[list[float]], float] = max,

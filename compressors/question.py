@@ -15,7 +15,7 @@ import re
 
 from promptkit import Prompt, SegmentKind
 
-from .base import Compressor, Piece, merge_words, token_pieces
+from .base import Compressor, Piece, merge_words, token_pieces_many
 
 _NUMBERED = re.compile(r"(?m)^\[\d+\] ")
 
@@ -45,38 +45,54 @@ class QuestionAwareCompressor(Compressor):
                                                 [[" " + question.strip()]] * len(docs), chat=False)]
 
     def pieces(self, prompt: Prompt, texts: dict[SegmentKind, str], question: str, budget: int) -> list[Piece]:
-        lm = self.lm()
-        out: list[Piece] = []
+        q = question.strip()
         before = sum(self.count(t) for t in texts.values())
+        plans = []  # per segment: header, documents, rank order, token budget
         for seg, text in list(texts.items()):
             header, docs = split_documents(text)
-            scores = self.rank(docs, question) if question.strip() and len(docs) > 1 else [0.0] * len(docs)
+            scores = self.rank(docs, q) if q and len(docs) > 1 else [0.0] * len(docs)
             order = sorted(range(len(docs)), key=lambda i: -scores[i])
             if self.reorder:
                 docs = [docs[i] for i in order]
                 order = list(range(len(docs)))
                 text = texts[seg] = header + "".join(docs)
-            seg_budget = budget * self.count(text) / before
+            plans.append((seg, header, docs, order, budget * self.count(text) / before))
+        # One engine batch: headers, every document alone, every document after the question.
+        heads = [h for _, h, _, _, _ in plans if h]
+        docs_all = [d for _, _, docs, _, _ in plans for d in docs]
+        cond = [f"Question: {q}\n\n"] * len(docs_all) if q else []
+        scored = token_pieces_many(self.lm(), SegmentKind.context, heads + docs_all + docs_all[: len(cond)],
+                                   [""] * (len(heads) + len(docs_all)) + cond)
+        head_pieces, plain_all = scored[: len(heads)], scored[len(heads) : len(heads) + len(docs_all)]
+        given_all = scored[len(heads) + len(docs_all) :] or plain_all
+        out: list[Piece] = []
+        k, heads_left = 0, iter(head_pieces)
+        for seg, header, docs, order, seg_budget in plans:
+            if header:  # the header is kept
+                out.extend(Piece(seg, p.start, p.end, 1e6) for p in next(heads_left))
+            offset = len(header)
             sizes = [max(1, self.count(d)) for d in docs]
             weights = {i: len(docs) - r for r, i in enumerate(order)}  # linear in rank
             total_w = sum(weights[i] * sizes[i] for i in range(len(docs)))
-            offset = len(header)
-            if header:
-                out.extend(Piece(seg, p.start, p.end, 1e6) for p in token_pieces(lm, seg, header))
             for i, doc in enumerate(docs):
                 keep_frac = min(1.0, seg_budget * weights[i] / total_w) if total_w else 0.0
-                plain = token_pieces(lm, seg, doc)
-                given_q = token_pieces(lm, seg, doc, f"Question: {question.strip()}\n\n") if question.strip() else plain
-                if len(given_q) == len(plain):
-                    for p, g in zip(plain, given_q):
-                        p.score += self.contrast_weight * max(0.0, p.score - g.score)
-                plain = merge_words(plain, doc)
-                raw = [p.score for p in plain]
-                ranked = sorted(range(len(plain)), key=lambda j: -raw[j])
-                for r, j in enumerate(ranked):
-                    pct = 1.0 - r / max(1, len(plain))  # 1 for the doc's best token
-                    p = plain[j]
-                    parts = [Piece(seg, x.start + offset, x.end + offset, 0.0) for x in p.parts] if p.parts else None
-                    out.append(Piece(seg, p.start + offset, p.end + offset, pct - (1.0 - keep_frac), p.tokens, parts))
+                out.extend(self._doc_pieces(seg, doc, plain_all[k], given_all[k], keep_frac, offset))
                 offset += len(doc)
+                k += 1
+        return out
+
+    def _doc_pieces(self, seg: SegmentKind, doc: str, plain: list[Piece], given_q: list[Piece],
+                    keep_frac: float, offset: int) -> list[Piece]:
+        """Whole-word pieces of one document, scored by rank within it shifted by the doc's keep share."""
+        if len(given_q) == len(plain):  # contrastive: how much the question makes the token likelier
+            for p, g in zip(plain, given_q):
+                p.score += self.contrast_weight * max(0.0, p.score - g.score)
+        words = merge_words(plain, doc)
+        ranked = sorted(range(len(words)), key=lambda j: -words[j].score)
+        out = []
+        for r, j in enumerate(ranked):
+            pct = 1.0 - r / max(1, len(words))  # 1 for the doc's best word
+            w = words[j]
+            parts = [Piece(seg, x.start + offset, x.end + offset, 0.0) for x in w.parts] if w.parts else None
+            out.append(Piece(seg, w.start + offset, w.end + offset, pct - (1.0 - keep_frac), w.tokens, parts))
         return out

@@ -102,12 +102,19 @@ def test_splitting_helpers():
 
 
 def test_compress_stage_in_a_pipeline(qa, real_lm):
-    from promptkit import BuildPrompt, Pipeline
+    from promptkit import BuildPrompt, Document, Pipeline
+    from promptkit.pipeline import Record
     from promptkit.registry import get_stage_class
 
     Compress = get_stage_class("compress")
-    pipe = Pipeline(BuildPrompt(instruction="Answer."), Compress(method="extractive", rate=0.5))
-    rec = pipe.run([{"question": qa[0]["question"]}])[0]
-    assert rec.prompt.get("question")
+    docs = [Document(id=str(i), text=x["context"]) for i, x in enumerate(qa[:3])]
+    rec = Record(inputs={"question": qa[0]["question"]}, documents=docs)
+    full = BuildPrompt(instruction="Answer.").process([rec.model_copy(deep=True)])[0].prompt
+    pipe = Pipeline(BuildPrompt(instruction="Answer."), Compress(method="extractive", target_tokens=60))
+    out = pipe.run([rec])[0].prompt
+    comp = COMPRESSORS["extractive"]()
+    assert abs(comp.count(out.get("context")) - 60) <= 1
+    assert is_subsequence(out.get("context"), full.get("context"))
+    assert out.get("question") == full.get("question") and out.get("instruction") == "Answer."
     with pytest.raises(ValueError, match="exactly one"):
         Compress(method="selfinfo")
