@@ -35,9 +35,10 @@ def test_every_recipe_loads():
 
 def test_rag_qa(real_lm):
     needs("retrievers")
-    rows = example("rag_qa/rag_qa.py")["main"](["Who invented the Fresnel lens?", "What do bees use the waggle dance for?"])
+    rows = example("rag_qa/rag_qa.py")["main"](["Who invented the Fresnel lens?", "What do bees use the waggle dance for?"],
+                                               max_tokens=8)
     assert rows[0]["sources"][0] == "lighthouses.md" and rows[1]["sources"][0] == "honeybees.md"
-    assert "Fresnel" in rows[0]["answer"]
+    assert "Augustin-Jean" in rows[0]["answer"]  # from the retrieved document, not the model's memory
 
 
 def test_fewshot_classification(real_lm):

@@ -18,9 +18,11 @@ from promptkit import load_recipe
 RECIPE = Path(__file__).with_name("recipe.yaml")
 
 
-def main(questions: list[str]) -> list[dict]:
+def main(questions: list[str], max_tokens: int | None = None) -> list[dict]:
     """Answer each question; return the answers with the ids of the documents they came from."""
     pipe = load_recipe(RECIPE)
+    if max_tokens:
+        pipe.stages[-1].max_tokens = max_tokens  # the generate stage
     return [{"question": r.inputs["question"], "answer": r.output.strip(), "sources": [d.id for d in r.documents]}
             for r in pipe.run(questions)]
 

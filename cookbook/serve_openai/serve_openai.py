@@ -27,17 +27,19 @@ RECIPE = Path(__file__).with_name("recipe.yaml")
 def main(question: str = "Who invented the Fresnel lens?", max_tokens: int = 24) -> dict:
     """Ask the raw model (streamed) and the served pipeline the same question."""
     lm = get_lm()
-    app = create_app(lm, api_key="local-secret", pipelines={"docs-bot": load_recipe(RECIPE)})
+    bot = load_recipe(RECIPE)
+    bot.stages[-1].max_tokens = max_tokens  # the generate stage
+    app = create_app(lm, api_key="local-secret", pipelines={"docs-bot": bot})
     with BackgroundServer(app) as server:
         client = OpenAI(base_url=server.url + "/v1", api_key="local-secret")
         models = [m.id for m in client.models.list()]
         stream = client.chat.completions.create(
             model=lm.model, messages=[{"role": "user", "content": question}], max_tokens=max_tokens, stream=True)
         raw = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
-        bot = client.chat.completions.create(model="docs-bot", messages=[{"role": "user", "content": question}])
+        reply = client.chat.completions.create(model="docs-bot", messages=[{"role": "user", "content": question}])
         # /stats (beside /v1): the engine's cache counters and the server's request counters.
         stats = httpx.get(server.url + "/stats", headers={"Authorization": "Bearer local-secret"}).json()
-    return {"models": models, "model_answer": raw, "pipeline_answer": bot.choices[0].message.content,
+    return {"models": models, "model_answer": raw, "pipeline_answer": reply.choices[0].message.content,
             "requests_ok": stats["server"]["ok"]}
 
 
