@@ -14,8 +14,9 @@ from __future__ import annotations
 import re
 
 from promptkit import Prompt, SegmentKind
+from promptkit.types import TokenLogprobs
 
-from .base import Compressor, Piece, merge_words, token_pieces_many
+from .base import Compressor, Piece, merge_words, spans_from_offsets
 
 _NUMBERED = re.compile(r"(?m)^\[\d+\] ")
 
@@ -38,55 +39,54 @@ class QuestionAwareCompressor(Compressor):
     reorder: bool = False
     contrast_weight: float = 1.0
 
-    def rank(self, docs: list[str], question: str) -> list[float]:
-        """log p(question | document) for each document."""
-        lm = self.lm()
-        return [row[0] for row in lm.score_many([d.strip() + "\n\nQuestion:" for d in docs],
-                                                [[" " + question.strip()]] * len(docs), chat=False)]
-
     def pieces(self, prompt: Prompt, texts: dict[SegmentKind, str], question: str, budget: int) -> list[Piece]:
         q = question.strip()
         before = sum(self.count(t) for t in texts.values())
-        plans = []  # per segment: header, documents, rank order, token budget
-        for seg, text in list(texts.items()):
-            header, docs = split_documents(text)
-            scores = self.rank(docs, q) if q and len(docs) > 1 else [0.0] * len(docs)
-            order = sorted(range(len(docs)), key=lambda i: -scores[i])
-            if self.reorder:
-                docs = [docs[i] for i in order]
-                order = list(range(len(docs)))
-                text = texts[seg] = header + "".join(docs)
-            plans.append((seg, header, docs, order, budget * self.count(text) / before))
-        # One engine batch: headers, every document alone, every document after the question.
-        heads = [h for _, h, _, _, _ in plans if h]
-        docs_all = [d for _, _, docs, _, _ in plans for d in docs]
-        cond = [f"Question: {q}\n\n"] * len(docs_all) if q else []
-        scored = token_pieces_many(self.lm(), SegmentKind.context, heads + docs_all + docs_all[: len(cond)],
-                                   [""] * (len(heads) + len(docs_all)) + cond)
-        head_pieces, plain_all = scored[: len(heads)], scored[len(heads) : len(heads) + len(docs_all)]
-        given_all = scored[len(heads) + len(docs_all) :] or plain_all
+        split = {seg: split_documents(text) for seg, text in texts.items()}
+        docs_all = [d for _, docs in split.values() for d in docs]
+        heads = [h for h, _ in split.values() if h]
+        # One engine batch. "document, then question" gives each document's tokens unconditioned
+        # and log p(question | document) (the rank); "question, then document" the conditioned tokens.
+        plain_texts = [d.rstrip() + "\n\nQuestion: " + q if q else d for d in docs_all]
+        prefix = f"Question: {q}\n\n"
+        cond = [prefix + d for d in docs_all] if q else []
+        tls = self.lm().token_logprobs(plain_texts + cond + heads)
+        ranks, plain_all = zip(*(_doc_then_question(tl, d, len(t) - len(q) - 1 if q else len(t))
+                                 for tl, d, t in zip(tls, docs_all, plain_texts))) if docs_all else ((), ())
+        given_all = [_pieces(tl, len(prefix), len(prefix) + len(d))
+                     for tl, d in zip(tls[len(docs_all) :], docs_all)] if q else list(plain_all)
+        head_pieces = iter(tls[len(docs_all) + len(cond) :])
         out: list[Piece] = []
-        k, heads_left = 0, iter(head_pieces)
-        for seg, header, docs, order, seg_budget in plans:
+        k = 0
+        for seg, (header, docs) in split.items():
+            n = len(docs)
+            scores, plain, given = ranks[k : k + n], list(plain_all[k : k + n]), given_all[k : k + n]
+            k += n
+            order = sorted(range(n), key=lambda i: -scores[i])
+            if self.reorder:  # best first, against lost-in-the-middle
+                docs, plain, given = ([x[i] for i in order] for x in (docs, plain, given))
+                order = list(range(n))
+                texts[seg] = header + "".join(docs)
             if header:  # the header is kept
-                out.extend(Piece(seg, p.start, p.end, 1e6) for p in next(heads_left))
-            offset = len(header)
+                out.extend(Piece(seg, p.start, p.end, 1e6) for p in _pieces(next(head_pieces), 0, len(header)))
+            seg_budget = budget * self.count(texts[seg]) / before
             sizes = [max(1, self.count(d)) for d in docs]
-            weights = {i: len(docs) - r for r, i in enumerate(order)}  # linear in rank
-            total_w = sum(weights[i] * sizes[i] for i in range(len(docs)))
+            weights = {i: n - r for r, i in enumerate(order)}  # linear in rank
+            total_w = sum(weights[i] * sizes[i] for i in range(n))
+            offset = len(header)
             for i, doc in enumerate(docs):
                 keep_frac = min(1.0, seg_budget * weights[i] / total_w) if total_w else 0.0
-                out.extend(self._doc_pieces(seg, doc, plain_all[k], given_all[k], keep_frac, offset))
+                out.extend(self._doc_pieces(seg, doc, plain[i], given[i], keep_frac, offset))
                 offset += len(doc)
-                k += 1
         return out
 
     def _doc_pieces(self, seg: SegmentKind, doc: str, plain: list[Piece], given_q: list[Piece],
                     keep_frac: float, offset: int) -> list[Piece]:
         """Whole-word pieces of one document, scored by rank within it shifted by the doc's keep share."""
-        if len(given_q) == len(plain):  # contrastive: how much the question makes the token likelier
-            for p, g in zip(plain, given_q):
-                p.score += self.contrast_weight * max(0.0, p.score - g.score)
+        given = {g.start: g.score for g in given_q}
+        for p in plain:  # contrastive: how much likelier the question makes the token
+            if p.start in given:
+                p.score += self.contrast_weight * max(0.0, p.score - given[p.start])
         words = merge_words(plain, doc)
         ranked = sorted(range(len(words)), key=lambda j: -words[j].score)
         out = []
@@ -96,3 +96,16 @@ class QuestionAwareCompressor(Compressor):
             parts = [Piece(seg, x.start + offset, x.end + offset, 0.0) for x in w.parts] if w.parts else None
             out.append(Piece(seg, w.start + offset, w.end + offset, pct - (1.0 - keep_frac), w.tokens, parts))
         return out
+
+
+def _pieces(tl: TokenLogprobs, start: int, end: int) -> list[Piece]:
+    """Pieces (document-relative) for the characters ``start:end`` of a scored text."""
+    offs = [(a, b) if a < end else (a, a) for a, b in tl.offsets]  # tokens past ``end`` are skipped
+    return [Piece(SegmentKind.context, a - start, b - start, -(tl.logprobs[i] or 0.0))
+            for i, a, b in spans_from_offsets(offs, start, end)]
+
+
+def _doc_then_question(tl: TokenLogprobs, doc: str, q_start: int) -> tuple[float, list[Piece]]:
+    """From ``document + question``: log p(question | document) and the document's token pieces."""
+    rank = sum(lp for lp, (a, _) in zip(tl.logprobs, tl.offsets) if a >= q_start and lp is not None)
+    return rank, _pieces(tl, 0, len(doc))

@@ -76,6 +76,19 @@ def test_exemplars_are_compressed_too(qa, real_lm):
     assert abs(res.tokens_after - res.target_tokens) <= 1 and is_subsequence(res.prompt.get("exemplars"), shots)
 
 
+def test_question_aware_ranks_the_source_document_first(qa, real_lm):
+    from compressors import QuestionAwareCompressor
+
+    comp = QuestionAwareCompressor(reorder=True)
+    for source, others in ((5, (40, 80, 120)), (60, (3, 90, 150))):
+        picked = [others[0], others[1], source, others[2]]  # the source paragraph third, mid-context
+        ctx = "Context:\n" + "\n".join(f"[{k + 1}] {qa[i]['context']}" for k, i in enumerate(picked))
+        p = Prompt.from_parts(context=ctx, question="Question: " + qa[source]["question"])
+        res = comp.compress(p, rate=0.5)
+        head = res.prompt.get("context")[len("Context:\n") :].split()[:6]  # reordered: the source comes first
+        assert is_subsequence(head, f"[3] {qa[source]['context']}".split()), head
+
+
 def test_bad_budgets():
     with pytest.raises(ValueError, match="exactly one"):
         resolve_budget(100, None, None)
