@@ -7,7 +7,10 @@ prompt. Reported per method: the rate actually reached (model tokens of the
 context after / before), answer exact match and F1, and compression seconds.
 
 llmlingua 0.2.2 (``pip install llmlingua==0.2.2``) runs with the same local
-SmolLM2 as its compressor model. Two adaptations, in this script only: its
+SmolLM2 as its compressor model, in both its modes: LLMLingua (plain) and
+LongLLMLingua (question-aware); ``--quick`` runs LongLLMLingua only (plain
+LLMLingua answered none of the questions at either rate in a full run) on 8
+questions, to stay within a few minutes. Two adaptations, in this script only: its
 token counting (tiktoken's ``encoding_for_model``, which downloads a file)
 uses the model's own tokenizer, and its key/value cache handling, written for
 tuple caches, gets a thin adapter to transformers' ``DynamicCache``.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import time
 
 import _common  # noqa: F401
@@ -44,6 +48,10 @@ def build_items(n: int, seed: int = 0) -> list[dict]:
         rng.shuffle(docs)
         items.append({"question": qa[i]["question"], "answers": qa[i]["answers"], "docs": docs})
     return items
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def make_prompt(context: str, question: str) -> Prompt:
@@ -119,10 +127,11 @@ def run_llmlingua(pc, item: dict, rate: float, long: bool) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="12 questions instead of 60")
+    ap.add_argument("--quick", action="store_true", help="8 questions instead of 60, LongLLMLingua only")
     ap.add_argument("--n", type=int, default=None)
     args = ap.parse_args()
-    n = args.n or (12 if args.quick else 60)
+    n = args.n or (8 if args.quick else 60)
+    theirs_modes = (True,) if args.quick else (False, True)
 
     from compressors import COMPRESSORS
 
@@ -131,6 +140,7 @@ def main() -> None:
     items = build_items(n)
     full = [make_prompt(context_of(it["docs"]), it["question"]) for it in items]
     em_full, f1_full = answer_scores(lm, full, items)
+    log(f"uncompressed: em {em_full:.3f} f1 {f1_full:.3f}")
     pc = llmlingua_compressor()
     ours = {name: cls() for name, cls in COMPRESSORS.items()}
     results, per_method = [], {}
@@ -144,7 +154,8 @@ def main() -> None:
             reached = sum(o.tokens_after for o in outs) / sum(o.tokens_before for o in outs)
             per_method[f"{name}@{rate}"] = {"em": em, "f1": f1, "rate_reached": round(reached, 4),
                                             "seconds": round(secs, 2)}
-        for long in (False, True):
+            log(f"{name}@{rate}: {per_method[f'{name}@{rate}']}")
+        for long in theirs_modes:
             name = "longllmlingua" if long else "llmlingua"
             t0 = time.perf_counter()
             ctxs = [run_llmlingua(pc, it, rate, long) for it in items]
@@ -153,6 +164,7 @@ def main() -> None:
             before = sum(count(context_of(it["docs"])) for it in items)
             per_method[f"{name}@{rate}"] = {"em": em, "f1": f1, "rate_reached": round(sum(map(count, ctxs)) / before, 4),
                                             "seconds": round(secs, 2)}
+            log(f"{name}@{rate}: {per_method[f'{name}@{rate}']}")
         mine = {k: v for k, v in per_method.items() if k.endswith(f"@{rate}") and "lingua" not in k}
         theirs = {k: v for k, v in per_method.items() if k.endswith(f"@{rate}") and "lingua" in k}
         best_ours = max(mine, key=lambda k: (mine[k]["em"], mine[k]["f1"]))
