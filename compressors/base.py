@@ -112,7 +112,8 @@ def resolve_budget(before: int, target_tokens: int | None, rate: float | None) -
 
 def select_exact(pieces: Sequence[Piece], budget: int, texts: dict[SegmentKind, str],
                  count: Callable[[str], int]) -> dict[SegmentKind, str]:
-    """Keep the best-scoring pieces so the re-tokenized kept text holds ``budget`` tokens (within one).
+    """Keep the best-scoring pieces so the re-tokenized kept text holds ``budget`` tokens: never
+    more, and fewer only when no piece left fits the gap (within one token on real text).
 
     Kept pieces stay in their original order, so each segment's new text is a
     subsequence of the old. Pieces are added best-first; re-tokenizing may merge
@@ -137,28 +138,29 @@ def select_exact(pieces: Sequence[Piece], budget: int, texts: dict[SegmentKind, 
     def total(chosen: set[int]) -> int:
         return sum(count(t) for t in render(chosen).values() if t)
 
-    # Re-tokenizing the kept text can merge or split tokens: correct with exact counts.
+    # Re-tokenizing the kept text can merge or split tokens: correct with exact counts,
+    # never above the budget, and filled up to it where the pieces allow.
     n = total(keep)
-    while keep and n > budget + 1:  # drop the worst pieces until it fits
+    while keep and n > budget:  # drop the worst pieces until it fits
         keep.discard(min(keep, key=lambda i: pieces[i].score))
         n = total(keep)
     for i in order:  # top up with the best pieces that still fit
-        if n >= budget - 1:
+        if n >= budget:
             break
         if i not in keep and pieces[i].tokens <= budget - n + 1:
             trial = keep | {i}
             m = total(trial)
-            if m <= budget + 1:
+            if m <= budget:
                 keep, n = trial, m
-    if n < budget - 1:  # the gap is smaller than any whole word left: fill it with single tokens
+    if n < budget:  # the gap is smaller than any whole word left: fill it with single tokens
         for i in [i for i in order if i not in keep and pieces[i].parts]:
             for part in pieces[i].parts:  # type: ignore[union-attr]
-                if n >= budget - 1:
+                if n >= budget:
                     break
                 pieces.append(Piece(part.segment, part.start, part.end, pieces[i].score))
                 trial = keep | {len(pieces) - 1}
                 m = total(trial)
-                if m <= budget + 1:
+                if m <= budget:
                     keep, n = trial, m
     return render(keep)
 
