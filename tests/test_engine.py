@@ -170,3 +170,36 @@ def test_failed_forward_fails_its_requests_and_releases_locks():
     assert req.finished and req.finish_reason == "error" and not eng.running
     assert eng.cache.size_info()["locked_bytes"] == 0
     assert greedy(eng, prompts(1, seed=10), 4)  # the engine still works
+
+
+@pytest.mark.parametrize("offset", [None, 0, 37])
+def test_fused_attention_matches_the_matmul_reference(offset):
+    from promptkit.engine import attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(6, 50, 16, generator=g)
+    n = 80 if offset is None else 50 + offset
+    k, v = torch.randn(2, n, 16, generator=g), torch.randn(2, n, 16, generator=g)
+    out, lse = attention.attend_lse(q, k, v, 0.25, offset)
+    ref_out, ref_lse = attention.attend_lse_blocks(q, k, v, 0.25, offset)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_matmul_attention_path_matches_hf(ref_model, monkeypatch):
+    from promptkit.engine import attention
+
+    monkeypatch.setattr(attention, "_FLASH_CPU", None)  # the path other devices take
+    ps = prompts(4, shared=24, seed=5)
+    assert greedy(make_engine(), ps, 8) == [hf_greedy(ref_model, p, 8) for p in ps]
+
+
+def test_prefix_jobs_run_one_nesting_level_per_forward():
+    from promptkit.engine.scheduler import prefix_job_steps, shared_prefixes
+
+    base = list(range(1, 21))
+    ps = [base + [50] * 20 + [1], base + [50] * 20 + [2], base + [60] * 20 + [3], base + [60] * 20 + [4],
+          base + [50] * 20 + [70] * 20 + [5], base + [50] * 20 + [70] * 20 + [6]]
+    jobs = shared_prefixes(ps, min_length=16)
+    steps = prefix_job_steps(jobs)
+    assert [sorted(map(len, s)) for s in steps] == [[20], [40, 40], [60]]

@@ -66,13 +66,41 @@ def current_layout() -> BatchLayout:
     return layout
 
 
+# CPU flash attention that also returns the log-sum-exp (what merging partial results needs).
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
 def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                causal_offset: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` [H, m, D] over ``k``, ``v`` [Hkv, n, D] with its log-sum-exp.
 
     With ``causal_offset`` c, query i sees keys j <= c + i. Returns out [H, m, D]
-    (float32) and lse [H, m].
+    (float32) and lse [H, m]. On CPU a fused kernel never materializes the scores.
     """
+    if _FLASH_CPU is not None and q.device.type == "cpu" and q.dtype == k.dtype:
+        return _attend_lse_fused(q, k, v, scale, causal_offset)
+    return attend_lse_blocks(q, k, v, scale, causal_offset)
+
+
+def _attend_lse_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      causal_offset: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    h, m, d = q.shape
+    hkv, n = k.shape[0], k.shape[1]
+    g = h // hkv
+    if causal_offset is None:  # the query heads of one KV head become rows of one product
+        o, lse = _FLASH_CPU(q.reshape(1, hkv, g * m, d), k[None], v[None], scale=scale)[:2]
+    else:
+        rows = torch.arange(m, device=q.device)[:, None] + causal_offset
+        bias = torch.zeros(m, n, dtype=q.dtype, device=q.device)
+        bias.masked_fill_(torch.arange(n, device=q.device)[None, :] > rows, float("-inf"))
+        o, lse = _FLASH_CPU(q[None], k.repeat_interleave(g, 0)[None], v.repeat_interleave(g, 0)[None],
+                            attn_mask=bias[None, None], scale=scale)[:2]
+    return o.reshape(h, m, d).float(), lse.reshape(h, m).float()
+
+
+def attend_lse_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      causal_offset: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attend_lse` with plain matmuls over bounded blocks of queries (any device)."""
     h, m, d = q.shape
     hkv, n = k.shape[0], k.shape[1]
     g = h // hkv
@@ -114,13 +142,19 @@ def _short_attention(q: torch.Tensor, segs: list[SegmentLayout], layer: int,
     b, m, h, d = qs.shape
     n, hkv = ks.shape[1], ks.shape[2]
     g = h // hkv
-    qb = qs.permute(0, 2, 1, 3).reshape(b, hkv, g * m, d).float()
-    sc = torch.matmul(qb, ks.permute(0, 2, 3, 1).float()) * scale  # [B, Hkv, g*M, N]
+    qb = qs.permute(0, 2, 1, 3).reshape(b, hkv, g * m, d)  # the g query heads of a KV head as rows
     past = torch.tensor([s.own_past for s in segs], device=dev)
     allowed = torch.arange(n, device=dev)[None, None, :] <= (past[:, None] + torch.arange(m, device=dev)[None, :])[..., None]
-    sc = sc.view(b, hkv, g, m, n).masked_fill(~allowed[:, None, None], float("-inf"))
-    lse = torch.logsumexp(sc, dim=-1)  # [B, Hkv, g, M]
-    out = torch.matmul(torch.exp(sc - lse[..., None]), vs.transpose(1, 2).float().unsqueeze(2))  # [B, Hkv, g, M, D]
+    if _FLASH_CPU is not None and dev.type == "cpu" and qs.dtype == ks.dtype:
+        bias = torch.zeros(b, 1, g * m, n, dtype=qs.dtype, device=dev)
+        bias.masked_fill_(~allowed.repeat(1, g, 1)[:, None], float("-inf"))
+        o, l = _FLASH_CPU(qb, ks.transpose(1, 2), vs.transpose(1, 2), attn_mask=bias, scale=scale)[:2]
+        out, lse = o.float().view(b, hkv, g, m, d), l.float().view(b, hkv, g, m)
+    else:
+        sc = torch.matmul(qb.float(), ks.permute(0, 2, 3, 1).float()) * scale  # [B, Hkv, g*M, N]
+        sc = sc.view(b, hkv, g, m, n).masked_fill(~allowed[:, None, None], float("-inf"))
+        lse = torch.logsumexp(sc, dim=-1)  # [B, Hkv, g, M]
+        out = torch.matmul(torch.exp(sc - lse[..., None]), vs.transpose(1, 2).float().unsqueeze(2))  # [B, Hkv, g, M, D]
     valid = torch.arange(m, device=dev)[None, :] < torch.tensor([s.length for s in segs], device=dev)[:, None]
     out = out.reshape(b, h, m, d).permute(0, 2, 1, 3)[valid]  # [rows, H, D]
     lse = lse.reshape(b, h, m).permute(0, 2, 1)[valid]  # [rows, H]

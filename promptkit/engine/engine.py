@@ -24,7 +24,7 @@ from .attention import ATTN_NAME, BatchLayout, SegmentLayout, register, set_layo
 from .prepack import first_fit_decreasing, packed_positions
 from .radix_cache import CacheBudgetError, Node, RadixCache
 from .sampler import sample
-from .scheduler import batch_independent, longest_prefix_first, shared_prefixes
+from .scheduler import longest_prefix_first, prefix_job_steps, shared_prefixes
 
 _ids = itertools.count()
 
@@ -240,7 +240,7 @@ class Engine:
         prompts = [r.tokens[: r.score_from] if r.kind == "score" else r.tokens for r in new]
         jobs = [p for p in shared_prefixes(prompts, self.share_min_tokens)
                 if self.cache.match_prefix(list(p))[1] < len(p)]
-        for group in batch_independent(jobs, self.share_min_tokens):
+        for group in prefix_job_steps(jobs):
             reqs = [Request(tokens=list(p), kind="prefix") for p in group]
             for r in reqs:
                 node, n = self.cache.match_prefix(r.tokens)

@@ -3,7 +3,7 @@
 Requests are sorted by their token ids, so requests sharing a prefix become
 neighbours; the longest prefix each shares with a neighbour is prefilled once
 as a prefix job before the requests themselves are admitted (BatchLLM's
-global prefix sharing), shortest first so nested prefixes build on each other.
+global prefix sharing); nested prefixes build on each other, one level per forward.
 """
 
 from __future__ import annotations
@@ -35,16 +35,16 @@ def shared_prefixes(prompts: list[list[int]], min_length: int = 16) -> list[tupl
     return sorted(found, key=len)
 
 
-def batch_independent(prefixes: list[tuple[int, ...]], min_length: int) -> list[list[tuple[int, ...]]]:
-    """Group prefix jobs into steps; jobs that share ``min_length`` tokens go in different steps."""
-    steps: list[list[tuple[int, ...]]] = []
+def prefix_job_steps(prefixes: list[tuple[int, ...]]) -> list[list[tuple[int, ...]]]:
+    """Group prefix jobs (shortest first) into forward steps: a job runs one step after the
+    longest job that is its own prefix, so jobs in one step extend already cached prefixes
+    and share nothing else worth computing once (their common prefix, if long, is a job too)."""
+    depth: dict[tuple[int, ...], int] = {}
     for p in prefixes:
-        for step in steps:
-            if all(common_prefix_length(list(p), list(q)) < min_length for q in step):
-                step.append(p)
-                break
-        else:
-            steps.append([p])
+        depth[p] = max((depth[q] + 1 for q in depth if p[: len(q)] == q), default=0)
+    steps: list[list[tuple[int, ...]]] = [[] for _ in range(max(depth.values(), default=-1) + 1)]
+    for p, d in depth.items():
+        steps[d].append(p)
     return steps
 
 
