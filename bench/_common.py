@@ -1,4 +1,9 @@
-"""Shared helpers for the benchmark scripts (timing, memory, output)."""
+"""Shared helpers for the benchmark scripts: timing, memory, progress on stderr, the JSON result line.
+
+Every script reports progress on stderr (a line per stage with the seconds elapsed,
+and a progress bar over long loops) and prints its result as one JSON object, the
+last line of stdout, so ``python bench/x.py --quick | tail -1`` is machine-readable.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +12,56 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+T = TypeVar("T")
+_START = time.perf_counter()
+_console = Console(stderr=True, highlight=False)
+
+
+def log(msg: str) -> None:
+    """One progress line on stderr, stamped with the seconds since the script started."""
+    _console.print(f"[dim]{time.perf_counter() - _START:7.1f}s[/dim] {msg}", soft_wrap=True)
+
+
+def track(items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
+    """Iterate with progress on stderr: a live bar on a terminal, a line every few seconds elsewhere."""
+    items = list(items) if total is None and not hasattr(items, "__len__") else items
+    total = total if total is not None else len(items)  # type: ignore[arg-type]
+    if _console.is_terminal:
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=_console, transient=True) as bar:
+            task = bar.add_task(desc, total=total)
+            for item in items:
+                yield item
+                bar.advance(task)
+        log(f"{desc}: {total}/{total}")
+        return
+    last = time.perf_counter()
+    for i, item in enumerate(items, 1):
+        yield item
+        if time.perf_counter() - last > 5 or i == total:
+            log(f"{desc}: {i}/{total}")
+            last = time.perf_counter()
+
 
 @contextmanager
-def timer(out: dict, key: str):
+def stage(name: str, out: dict | None = None, key: str | None = None):
+    """Log the start and end of a stage with its seconds; store them in ``out[key]`` if given."""
+    log(f"{name} ...")
     t0 = time.perf_counter()
     yield
-    out[key] = time.perf_counter() - t0
+    secs = time.perf_counter() - t0
+    if out is not None and key:
+        out[key] = secs
+    log(f"{name}: {secs:.1f}s")
 
 
 def peak_rss_mb() -> float:
@@ -24,7 +69,8 @@ def peak_rss_mb() -> float:
 
 
 def emit(result: dict) -> None:
-    """Print the result as the last line: one JSON object."""
+    """Print the result as the last line of stdout: one JSON object."""
+    log(f"done in {time.perf_counter() - _START:.1f}s")
     print(json.dumps(result, sort_keys=False), flush=True)
 
 

@@ -26,7 +26,7 @@ import sys
 import time
 
 import _common  # noqa: F401
-from _common import emit, machine
+from _common import emit, log, machine, stage, track
 
 from promptkit import Prompt, get_lm
 from promptkit.engine.models import resolve_llm
@@ -48,10 +48,6 @@ def build_items(n: int, seed: int = 0) -> list[dict]:
         rng.shuffle(docs)
         items.append({"question": qa[i]["question"], "answers": qa[i]["answers"], "docs": docs})
     return items
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def make_prompt(context: str, question: str) -> Prompt:
@@ -139,16 +135,19 @@ def main() -> None:
     count = lambda text: len(lm.backend.encode_continuation(text))
     items = build_items(n)
     full = [make_prompt(context_of(it["docs"]), it["question"]) for it in items]
-    em_full, f1_full = answer_scores(lm, full, items)
+    with stage(f"answering {n} questions from the uncompressed context"):
+        em_full, f1_full = answer_scores(lm, full, items)
     log(f"uncompressed: em {em_full:.3f} f1 {f1_full:.3f}")
-    pc = llmlingua_compressor()
+    with stage("loading llmlingua's PromptCompressor on the same SmolLM2"):
+        pc = llmlingua_compressor()
     ours = {name: cls() for name, cls in COMPRESSORS.items()}
     results, per_method = [], {}
     for rate in (0.5, 0.33):
         row: dict = {"rate": rate}
         for name, comp in ours.items():
             t0 = time.perf_counter()
-            outs = [comp.compress(p, rate=rate, question=it["question"]) for p, it in zip(full, items)]
+            outs = [comp.compress(p, rate=rate, question=it["question"])
+                    for p, it in track(list(zip(full, items)), f"{name} at rate {rate}")]
             secs = time.perf_counter() - t0
             em, f1 = answer_scores(lm, [o.prompt for o in outs], items)
             reached = sum(o.tokens_after for o in outs) / sum(o.tokens_before for o in outs)
@@ -158,7 +157,7 @@ def main() -> None:
         for long in theirs_modes:
             name = "longllmlingua" if long else "llmlingua"
             t0 = time.perf_counter()
-            ctxs = [run_llmlingua(pc, it, rate, long) for it in items]
+            ctxs = [run_llmlingua(pc, it, rate, long) for it in track(items, f"{name} at rate {rate}")]
             secs = time.perf_counter() - t0
             em, f1 = answer_scores(lm, [make_prompt(c, it["question"]) for c, it in zip(ctxs, items)], items)
             before = sum(count(context_of(it["docs"])) for it in items)

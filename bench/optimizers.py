@@ -28,7 +28,7 @@ from optimizers import (EASE, BootstrapFewShot, ClaPS, FormatSpread, Instruction
                         KNNFewShot, LabeledFewShot, RandomFewShot)
 
 sys.path.insert(0, _HERE)
-from _common import emit, machine  # noqa: E402
+from _common import emit, log, machine, stage  # noqa: E402
 from promptkit import LM, get_lm
 from promptkit.evaluate import evaluate
 from promptkit.pipeline import Pipeline
@@ -67,45 +67,51 @@ def cache_off(lm: LM):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes (a few minutes on 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="small sizes and searches (about a minute on 2 cores)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    n_train, n_val, n_test = (30, 16, 40) if args.quick else (200, 40, 200)
+    n_train, n_val, n_test = (24, 8, 16) if args.quick else (200, 40, 200)
     train, val, test, labels = load(n_train, n_val, n_test, args.seed)
     lm = get_lm()
     base = zero_shot(labels)
-    zs = evaluate(base, test, "accuracy").score
+    with stage(f"zero-shot pipeline on {len(test)} held-out headlines"):
+        zs = evaluate(base, test, "accuracy").score
     s = args.seed
     quick = args.quick
     optimizers = {
         "labeled_fewshot": LabeledFewShot(k=5, seed=s),
-        "random_fewshot": RandomFewShot(k=5, num_candidates=3 if quick else 8, seed=s),
+        "random_fewshot": RandomFewShot(k=5, num_candidates=2 if quick else 8, seed=s),
         "knn_fewshot": KNNFewShot(k=5, seed=s),
         "ease": EASE(k=5, pool_size=16 if quick else 48, n_init=2 if quick else 4, rounds=1 if quick else 4,
                      per_round=1 if quick else 2, seed=s),
-        "bootstrap_fewshot": BootstrapFewShot(max_demos=5, num_candidates=2 if quick else 6,
-                                              max_bootstrapped=5 if quick else 16, seed=s),
+        "bootstrap_fewshot": BootstrapFewShot(max_demos=5, num_candidates=1 if quick else 6,
+                                              max_bootstrapped=4 if quick else 16, seed=s),
         "instruction_search": InstructionSearch(rounds=1 if quick else 3, proposals_per_round=2 if quick else 4, seed=s),
-        "claps": ClaPS(n_clusters=8 if quick else 32, keep_clusters=2, num_tokens=1 if quick else 2,
+        "claps": ClaPS(n_clusters=4 if quick else 32, keep_clusters=2, num_tokens=1 if quick else 2,
                        per_step=2 if quick else 4, seed=s),
-        "format_spread": FormatSpread(num_formats=3 if quick else 10, seed=s),
+        "format_spread": FormatSpread(num_formats=2 if quick else 10, seed=s),
     }
+    if quick:  # the slowest searches (an embedder to load, bandit rounds, bootstrapping) wait for a full run
+        skipped = ["knn_fewshot", "ease", "bootstrap_fewshot"]
+        optimizers = {k: v for k, v in optimizers.items() if k not in skipped}
     per: dict[str, dict] = {}
     reports = {}
     for name, opt in optimizers.items():
-        best, report = opt.compile(base, train, "accuracy", valset=val)
-        acc = evaluate(best, test, "accuracy").score
+        with stage(f"{name}: search on {len(train)} train / {len(val)} validation, then held-out test"):
+            best, report = opt.compile(base, train, "accuracy", valset=val)
+            acc = evaluate(best, test, "accuracy").score
         reports[name] = report
         per[name] = {"accuracy": round(acc, 4), "val_accuracy": round(report.best_score, 4), "calls": report.lm_calls,
                      "seconds": round(report.seconds, 2), "candidates": len(report.candidates),
                      "prefill_ratio": round(report.prefill_ratio, 4)}
-        print(name, per[name], flush=True)
+        log(f"{name}: {per[name]}")
     spread = reports["format_spread"].extra
 
     # P6: one search, cache on (prefix-aware order) vs cache off.
-    p6 = RandomFewShot(k=5, num_candidates=3 if quick else 8, seed=s + 1)
-    _, on = p6.compile(base, train, "accuracy", valset=val)
-    with cache_off(lm):
+    p6 = RandomFewShot(k=3 if quick else 5, num_candidates=1 if quick else 8, seed=s + 1)
+    with stage("P6: the same search with the prefix cache on"):
+        _, on = p6.compile(base, train, "accuracy", valset=val)
+    with stage("P6: the same search with the prefix cache off"), cache_off(lm):
         _, off = p6.compile(base, train, "accuracy", valset=val)
     assert on.best == off.best, "cache on/off must pick the same candidate"
     best_name = max(per, key=lambda k: per[k]["accuracy"])
@@ -114,7 +120,7 @@ def main() -> None:
         "n_train": len(train), "n_val": len(val), "n_test": len(test), "machine": machine(),
         "zero_shot_accuracy": round(zs, 4),
         "optimized_accuracy": per[best_name]["accuracy"], "best_optimizer": best_name,
-        "per_optimizer": per,
+        "per_optimizer": per, "skipped_in_quick": skipped if quick else [],
         "format_spread": {k: spread.get(k) for k in ("min", "max", "mean", "spread")},
         "prefilled_tokens": on.tokens_prefilled, "prefilled_tokens_naive": off.tokens_prefilled,
         "expected_prefilled_tokens": on.expected_prefilled,

@@ -25,7 +25,7 @@ import time
 import _common  # noqa: F401
 import psutil
 import torch
-from _common import emit, machine, peak_rss_mb
+from _common import emit, log, machine, peak_rss_mb, stage
 
 from promptkit import LM
 
@@ -56,7 +56,7 @@ def real_token_runs(lm: LM, n: int, lo: int, hi: int, seed: int = 0) -> list[lis
     from datasets import load_wikipedia_articles
 
     text = "\n\n".join(a["text"] for a in load_wikipedia_articles())
-    ids = lm.backend.encode_continuation(text[: 4_000_000])
+    ids = lm.backend.encode_continuation(text[: max(200_000, 8 * n * hi)])  # ~4 characters a token: room to spare
     rng = random.Random(seed)
     out = []
     for _ in range(n):
@@ -89,30 +89,39 @@ def measure_memory(method: str, n: int, hi: int) -> None:
     print(json.dumps({"peak_mb": round(m.mb)}))
 
 
-def _memory_in_subprocess(method: str, n: int, hi: int) -> int:
-    out = subprocess.run([sys.executable, __file__, "--measure", method, "--n", str(n), "--hi", str(hi)],
-                         capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_mb"]
+def _memory_in_subprocesses(n: int, hi: int) -> dict[str, int]:
+    """Peak memory of packed and padded prefill, each in its own fresh process (run side by side)."""
+    procs = {m: subprocess.Popen([sys.executable, __file__, "--measure", m, "--n", str(n), "--hi", str(hi)],
+                                 stdout=subprocess.PIPE, text=True) for m in ("packed", "padded")}
+    out = {}
+    for m, p in procs.items():
+        stdout, _ = p.communicate()
+        if p.returncode:
+            raise RuntimeError(f"the {m} memory measurement failed (exit {p.returncode})")
+        out[m] = json.loads(stdout.strip().splitlines()[-1])["peak_mb"]
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="8 prompts of 16..512 tokens")
+    ap.add_argument("--quick", action="store_true", help="8 prompts of 16..384 tokens (under a minute)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--measure", choices=["packed", "padded"], help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--hi", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    n, hi = (8, 512) if args.quick else (32, 1024)
+    n, hi = (8, 384) if args.quick else (32, 1024)
     if args.measure:
         return measure_memory(args.measure, args.n or n, args.hi or hi)
     repeats = args.repeats or (1 if args.quick else 3)
 
-    ours = LM(backend="local", max_cache_bytes=0)
-    hf = LM(backend="hf")
-    seqs = real_token_runs(ours, n, 16, hi)
+    with stage("loading the engine and the transformers reference"):
+        ours = LM(backend="local", max_cache_bytes=0)
+        hf = LM(backend="hf")
+        seqs = real_token_runs(ours, n, 16, hi)
     res: dict = {"bench": "prepack", "prompts": n, "tokens": sum(map(len, seqs)),
                  "padded_tokens": n * max(map(len, seqs)), **machine()}
+    log(f"{n} prompts, {res['tokens']} tokens ({res['padded_tokens']} padded)")
     from promptkit.backends.base import SamplingParams
     from promptkit.engine.engine import Request
 
@@ -125,27 +134,33 @@ def main() -> None:
     def hf_run():
         return hf_padded_prefill(hf.backend.model, seqs, pad).argmax(-1).tolist()
 
-    ours_run(), hf_run()  # warm-up
+    with stage("warm-up of both"):
+        ours.backend.engine.run([Request(tokens=list(seqs[0]), params=SamplingParams(max_tokens=1))])
+        hf_padded_prefill(hf.backend.model, seqs[:2], pad)
     t_ours, t_hf = [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        first_ours = ours_run()
-        t_ours.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        first_hf = hf_run()
-        t_hf.append(time.perf_counter() - t0)
+    with stage(f"packed vs padded prefill, best of {repeats}"):
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            first_ours = ours_run()
+            t_ours.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            first_hf = hf_run()
+            t_hf.append(time.perf_counter() - t0)
     res["seconds_packed"], res["seconds_padded"] = min(t_ours), min(t_hf)
+    log(f"packed {res['seconds_packed']:.2f}s, padded {res['seconds_padded']:.2f}s")
     res["first_tokens_match"] = sum(a == b for a, b in zip(first_ours, first_hf)) / n
-    res["peak_mem_mb_packed"] = _memory_in_subprocess("packed", n, hi)
-    res["peak_mem_mb_padded"] = _memory_in_subprocess("padded", n, hi)
+    with stage("peak memory of each, in fresh processes"):
+        mem = _memory_in_subprocesses(n, hi)
+    res["peak_mem_mb_packed"], res["peak_mem_mb_padded"] = mem["packed"], mem["padded"]
     res["speedup_vs_padded"] = round(res["seconds_padded"] / res["seconds_packed"], 2)
 
     # The cache budget holds under a stream of distinct prompts.
     budget = 32 * 2**20
     cached = LM(backend="local", max_cache_bytes=budget)
     peak_cache = 0
-    with RssPeak() as m_cache:
-        for s in real_token_runs(cached, 4 if args.quick else 12, 200, 700, seed=1):
+    stream = real_token_runs(cached, 4 if args.quick else 12, 200, 700, seed=1)
+    with stage(f"{len(stream)} distinct prompts under a {budget >> 20} MB cache budget"), RssPeak() as m_cache:
+        for s in stream:
             cached.backend.engine.run([Request(tokens=s, params=SamplingParams(max_tokens=4))])
             st = cached.stats()
             peak_cache = max(peak_cache, st["cache_bytes"])

@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from _common import emit  # noqa: E402
+from _common import emit, log, stage  # noqa: E402
 from datasets import load_classification, load_ir_collection, load_wikipedia_articles  # noqa: E402
 
 from promptkit.types import Document  # noqa: E402
@@ -33,27 +33,29 @@ def run_of(results, qids, exclude_self: bool):
     return {q: [d.id for d in docs if not (exclude_self and d.id == q)] for q, docs in zip(qids, results)}
 
 
-def quality(name: str, rerank_queries: int, doc_chars: int, method: str, log) -> dict:
+def quality(name: str, rerank_queries: int, doc_chars: int, method: str) -> dict:
     corpus, queries, qrels, info = load_ir_collection(name)
     excl = bool(info.get("exclude_self"))
     docs = [Document(id=i, text=(d.get("title", "") + "\n" + d["text"]).strip()) for i, d in corpus.items()]
     qids = list(queries)
     qtexts = [queries[q] for q in qids]
     depth = 21 if excl else 20  # the query's own document drops out of query-by-document rankings
-    bm25 = BM25(tokenizer=english()).index(docs)
-    dense = Dense().index(docs)
-    hybrid = Hybrid([bm25, dense], method="rrf")
-    runs = {"bm25": bm25.search_many(qtexts, 100), "dense": dense.search_many(qtexts, 100),
-            "hybrid": hybrid.search_many(qtexts, 100)}
+    with stage(f"{name}: indexing {len(docs)} documents (BM25, MiniLM + FAISS) and searching {len(qids)} queries"):
+        bm25 = BM25(tokenizer=english()).index(docs)
+        dense = Dense().index(docs)
+        hybrid = Hybrid([bm25, dense], method="rrf")
+        runs = {"bm25": bm25.search_many(qtexts, 100), "dense": dense.search_many(qtexts, 100),
+                "hybrid": hybrid.search_many(qtexts, 100)}
     out = {f"ndcg10_{k}": round(evaluate_run(run_of(v, qids, excl), qrels)["ndcg@10"], 4) for k, v in runs.items()}
     log(f"{name}: {len(docs)} docs, {len(qids)} queries: {out}")
     # rerank the hybrid top 20 of a query subset (all queries without --quick)
     sub = [i for i, q in enumerate(qids) if q in qrels][:rerank_queries]
     cands = [[d for d in runs["hybrid"][i][:depth] if not (excl and d.id == qids[i])][:20] for i in sub]
-    t0 = time.perf_counter()
-    reranker = LMReranker(max_doc_chars=doc_chars, max_query_chars=doc_chars // 2, method=method)
-    reranked = reranker.rerank_many([qtexts[i] for i in sub], cands)
-    secs = time.perf_counter() - t0
+    timing: dict = {}
+    with stage(f"LM reranking ({method}) of the hybrid top 20 for {len(sub)} queries", timing, "s"):
+        reranker = LMReranker(max_doc_chars=doc_chars, max_query_chars=doc_chars // 2, method=method)
+        reranked = reranker.rerank_many([qtexts[i] for i in sub], cands)
+    secs = timing["s"]
     base = [ndcg_at_k([d.id for d in c], qrels[qids[i]]) for i, c in zip(sub, cands)]
     rr = [ndcg_at_k([d.id for d in c], qrels[qids[i]]) for i, c in zip(sub, reranked)]
     out.update(ndcg10_rerank=round(float(np.mean(rr)), 4), ndcg10_hybrid_rerank_subset=round(float(np.mean(base)), 4),
@@ -83,14 +85,16 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
-def speed(n_docs: int, n_queries: int, n_rank_queries: int, log) -> dict:
+def speed(n_docs: int, n_queries: int, n_rank_queries: int) -> dict:
     import bm25s
     from rank_bm25 import BM25Okapi
 
-    texts, queries = speed_corpus(n_docs, n_queries)
-    tok = english()
-    doc_toks, q_toks = tok.many(texts), tok.many(queries)
+    with stage(f"speed corpus: {n_docs} paragraphs, {n_queries} queries, tokenized once for all three"):
+        texts, queries = speed_corpus(n_docs, n_queries)
+        tok = english()
+        doc_toks, q_toks = tok.many(texts), tok.many(queries)
     docs = [Document(id=str(i), text=t) for i, t in enumerate(texts)]
+    log("indexing and querying: ours, bm25s, rank_bm25")
     t_ours, ours = timed(lambda: BM25(tokenizer=tok).index(docs, tokens=doc_toks))
     t_bm25s, ref_s = timed(lambda: _bm25s_index(bm25s, doc_toks))
     t_rank, ref_r = timed(lambda: BM25Okapi(doc_toks))
@@ -120,11 +124,10 @@ def main() -> None:
     ap.add_argument("--rerank-method", default="query_likelihood", choices=["yes_no", "query_likelihood"])
     ap.add_argument("--rerank-queries", type=int, default=None, help="queries to rerank (default 2 quick, all)")
     args = ap.parse_args()
-    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     result = {"dataset": args.dataset}
     n_rerank = args.rerank_queries or (2 if args.quick else 1000)
-    result.update(quality(args.dataset, n_rerank, 300 if args.quick else 600, args.rerank_method, log))
-    result.update(speed(5000 if args.quick else 20000, 500 if args.quick else 2000, 20 if args.quick else 100, log))
+    result.update(quality(args.dataset, n_rerank, 300 if args.quick else 600, args.rerank_method))
+    result.update(speed(5000 if args.quick else 20000, 500 if args.quick else 2000, 20 if args.quick else 100))
     result["baseline"] = "bm25s 0.3 (lucene, numpy backend) and rank_bm25 0.2.2 BM25Okapi, same tokens"
     fields = ["dataset", "ndcg10_bm25", "ndcg10_dense", "ndcg10_hybrid", "ndcg10_rerank", "published_bm25_ndcg10",
               "qps_ours", "qps_bm25s", "qps_rank_bm25", "max_score_diff_vs_rank_bm25"]

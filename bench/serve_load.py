@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import emit, machine  # noqa: E402
+from _common import emit, log, machine, stage  # noqa: E402
 from datasets import load_qa  # noqa: E402
 
 from promptkit import LM  # noqa: E402
@@ -51,6 +51,8 @@ def run_load(lm: LM, items: list[dict], clients: int, max_queue: int, max_tokens
         if status == 200:
             lat_ms.append((time.perf_counter() - t0) * 1000)
         statuses.append(status)
+        if len(statuses) % max(1, len(items) // 4) == 0:
+            log(f"  {len(statuses)}/{len(items)} answered ({statuses.count(200)} ok, {statuses.count(429)} x 429)")
 
     def client(share: list[dict]) -> None:
         with httpx.Client(base_url=srv.url, timeout=600) as c:
@@ -92,8 +94,10 @@ def main() -> None:
     while len(items) < n:
         items += items[: n - len(items)]
 
-    on = run_load(LM(), items, clients, max_queue, a.max_tokens)
-    off = run_load(LM(max_cache_bytes=0), items, clients, max_queue, a.max_tokens)
+    with stage(f"cache on: {n} requests from {clients} clients, queue bound {max_queue}"):
+        on = run_load(LM(), items, clients, max_queue, a.max_tokens)
+    with stage(f"cache off: {n} requests from {clients} clients, queue bound {max_queue}"):
+        off = run_load(LM(max_cache_bytes=0), items, clients, max_queue, a.max_tokens)
     emit({"requests": on["requests"] + off["requests"], "ok": on["ok"] + off["ok"],
           "rejected_429": on["rejected_429"] + off["rejected_429"], "lost": on["lost"] + off["lost"],
           "rps": on["rps"], "p50_ms": on["p50_ms"], "p99_ms": on["p99_ms"],

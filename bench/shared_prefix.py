@@ -6,17 +6,16 @@ padding. Reports speed-ups, whether greedy outputs are identical, and tokens
 prefilled over the number of distinct prompt tokens.
 
     python bench/shared_prefix.py            # 64 prompts
-    python bench/shared_prefix.py --quick    # 8 prompts
+    python bench/shared_prefix.py --quick    # 8 prompts, a 512-token prefix
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import _common  # noqa: F401  (puts bench/ on sys.path)
-from _common import emit, machine, peak_rss_mb
+from _common import emit, log, machine, peak_rss_mb, stage, track
 
 from promptkit import LM, Example, Prompt, PromptTemplate
 
@@ -48,33 +47,33 @@ def unique_tokens(seqs: list[list[int]]) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="8 prompts instead of 64")
+    ap.add_argument("--quick", action="store_true", help="8 prompts and a 512-token prefix (under a minute)")
     ap.add_argument("--prompts", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=8)
-    ap.add_argument("--prefix-tokens", type=int, default=1000)
+    ap.add_argument("--prefix-tokens", type=int, default=None, help="at least this many shared tokens (1000)")
     args = ap.parse_args()
     n = args.prompts or (8 if args.quick else 64)
+    prefix_tokens = args.prefix_tokens or (512 if args.quick else 1000)
 
-    ours = LM(backend="local")
-    hf = LM(backend="hf", batch_size=n)
-    prompts = build_prompts(n, args.prefix_tokens, ours)
+    with stage("loading the engine and the transformers reference"):
+        ours = LM(backend="local")
+        hf = LM(backend="hf", batch_size=n)
+    with stage(f"building {n} few-shot prompts"):
+        prompts = build_prompts(n, prefix_tokens, ours)
     texts = [ours.render(p) for p in prompts]
     ids = [ours.backend.encode(t) for t in texts]
     res: dict = {"bench": "shared_prefix", "prompts": n, "new_tokens": args.new_tokens,
                  "prompt_tokens_mean": round(sum(map(len, ids)) / n, 1),
                  "shared_prefix_tokens": len(os.path.commonprefix(ids)), **machine()}
+    log(f"{n} prompts, {res['prompt_tokens_mean']} tokens each on average, {res['shared_prefix_tokens']} shared")
 
-    t0 = time.perf_counter()
-    got = ours.generate(prompts, max_tokens=args.new_tokens)
-    res["seconds_ours"] = time.perf_counter() - t0
+    with stage("ours: one batch through the engine", res, "seconds_ours"):
+        got = ours.generate(prompts, max_tokens=args.new_tokens)
     st = ours.stats()
-
-    t0 = time.perf_counter()
-    seq = [hf.generate(p, max_tokens=args.new_tokens)[0] for p in prompts]
-    res["seconds_hf_sequential"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    padded = hf.generate(prompts, max_tokens=args.new_tokens)
-    res["seconds_hf_padded"] = time.perf_counter() - t0
+    with stage("baseline: transformers generate, one prompt at a time", res, "seconds_hf_sequential"):
+        seq = [hf.generate(p, max_tokens=args.new_tokens)[0] for p in track(prompts, "hf sequential")]
+    with stage("baseline: transformers generate, one padded batch", res, "seconds_hf_padded"):
+        padded = hf.generate(prompts, max_tokens=args.new_tokens)
 
     res["outputs_match_hf_sequential"] = sum(a.token_ids == b.token_ids for a, b in zip(got, seq)) / n
     res["outputs_match_hf_padded"] = sum(a.token_ids == b.token_ids for a, b in zip(got, padded)) / n

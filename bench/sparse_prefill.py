@@ -10,7 +10,7 @@ for it. Dense (SDPA) and sparse prefill run on the same prompts in the same proc
   estimation included, vs dense causal SDPA) and end-to-end time to first token;
 * the sparsity reached.
 
-    python bench/sparse_prefill.py --quick      # 2k and 4k tokens, two depths
+    python bench/sparse_prefill.py --quick      # 2k tokens, two depths
     python bench/sparse_prefill.py              # 4k and 8k tokens, three depths
 """
 
@@ -25,7 +25,7 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
-from _common import emit, machine  # noqa: E402
+from _common import emit, log, machine, stage  # noqa: E402
 
 from promptkit.engine.sparse import SparseConfig, dense_attention, register_hf_attention, sparse_attention  # noqa: E402
 
@@ -111,7 +111,7 @@ def timed(fn, repeat: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="2k and 4k tokens, two depths")
+    ap.add_argument("--quick", action="store_true", help="2k tokens, two depths")
     ap.add_argument("--text-file", help="haystack text instead of the Wikipedia articles")
     ap.add_argument("--gamma", type=float, default=0.9)
     ap.add_argument("--tau", type=float, default=0.1)
@@ -122,11 +122,12 @@ def main() -> None:
 
     from promptkit.engine.models import resolve_llm
 
-    lengths = [2048, 4096] if args.quick else [4096, 8192]
+    lengths = [2048] if args.quick else [4096, 8192]
     depths = [0.3, 0.7] if args.quick else [0.1, 0.5, 0.9]
     cfg = SparseConfig(gamma=args.gamma, tau=args.tau, block_size=args.block_size, min_length=1024)
     path = resolve_llm()
     tok = AutoTokenizer.from_pretrained(path)
+    log("loading SmolLM2 and the haystack")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     stats = register_hf_attention(cfg, SPARSE_NAME)
     words = tok.encode(haystack_text(args.text_file), add_special_tokens=False)
@@ -139,9 +140,9 @@ def main() -> None:
         row = {"ttft_dense_s": [], "ttft_sparse_s": [], "kl": [], "sparsity": []}
         # Warm up the compiled kernel for this shape (compile time is reported, not timed).
         model.set_attn_implementation(SPARSE_NAME)
-        t0 = time.perf_counter()
-        prefill_and_answer(model, build_prompt(tok, words, n, 0.5, "warmup"), new_tokens=0)
-        row["first_call_s"] = round(time.perf_counter() - t0, 1)
+        with stage(f"{n} tokens: first sparse call (kernel compile)", row, "first_call_s"):
+            prefill_and_answer(model, build_prompt(tok, words, n, 0.5, "warmup"), new_tokens=0)
+        row["first_call_s"] = round(row["first_call_s"], 1)
         for depth in depths:
             secret = rng.choice(WORDS)
             offset = rng.randrange(0, max(1, len(words) - 2 * n))
@@ -161,9 +162,8 @@ def main() -> None:
             row["ttft_sparse_s"].append(round(t_s, 2))
             row["kl"].append(round(kl, 4))
             row["sparsity"].append(round(stats.mean_sparsity(), 3))
-            print(f"{n} tokens depth {depth}: dense {tok.decode(ans_d)!r} ({hit_d}), sparse {tok.decode(ans_s)!r} "
-                  f"({hit_s}), kl {kl:.4f}, sparsity {stats.mean_sparsity():.3f}, ttft {t_d:.1f}s / {t_s:.1f}s",
-                  file=sys.stderr, flush=True)
+            log(f"{n} tokens depth {depth}: dense {tok.decode(ans_d)!r} ({hit_d}), sparse {tok.decode(ans_s)!r} "
+                f"({hit_s}), kl {kl:.4f}, sparsity {stats.mean_sparsity():.3f}, ttft {t_d:.1f}s / {t_s:.1f}s")
         row["layer_sparsity"] = {k: round(v, 3) for k, v in stats.layer_sparsity().items()}
         row["ttft_speedup"] = round(sum(row["ttft_dense_s"]) / sum(row["ttft_sparse_s"]), 2)
         per_length[n] = row
@@ -171,6 +171,7 @@ def main() -> None:
     # Attention only, on the real q/k/v of a few layers at the longest length.
     n = lengths[-1]
     layers = [2, model.config.num_hidden_layers // 2, model.config.num_hidden_layers - 2]
+    log(f"attention only, layers {layers} at {n} tokens: dense SDPA vs sparse (selection included)")
     qkv = capture_qkv(model, build_prompt(tok, words, n, 0.5, rng.choice(WORDS)), layers)
     t_dense = t_sparse = 0.0
     sp = []
