@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import emit, log, machine, stage  # noqa: E402
+from _common import emit, log, machine, peak_rss_mb, stage  # noqa: E402
 from datasets import load_qa  # noqa: E402
 
 from promptkit import LM  # noqa: E402
@@ -103,7 +103,8 @@ def main() -> None:
           "rps": on["rps"], "p50_ms": on["p50_ms"], "p99_ms": on["p99_ms"],
           "cache_on": on, "cache_off": off,
           "rps_speedup_cache_on_vs_off": round(on["rps"] / off["rps"], 3) if off["rps"] else None,
-          "clients": clients, "max_queue": max_queue, "max_tokens": a.max_tokens, **machine()})
+          "clients": clients, "max_queue": max_queue, "max_tokens": a.max_tokens, "peak_rss_mb": round(peak_rss_mb()),
+          **machine()})
 
 
 if __name__ == "__main__":
