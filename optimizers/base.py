@@ -47,7 +47,8 @@ class Report(BaseModel):
         return self.tokens_prefilled / naive if naive else 1.0
 
     def summary(self) -> str:
-        return (f"{self.optimizer}: {self.metric} {self.baseline_score} -> {self.best_score:.3f} "
+        base = "?" if self.baseline_score is None else f"{self.baseline_score:.3f}"
+        return (f"{self.optimizer}: {self.metric} {base} -> {self.best_score:.3f} "
                 f"({len(self.candidates)} candidates, {self.lm_calls} LM calls, "
                 f"prefilled {self.tokens_prefilled}/{self.tokens_requested} tokens, {self.seconds:.1f} s)")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -116,13 +118,13 @@ class LM:
         return self.backend.stats()
 
 
-_shared: dict[tuple[str, str], LM] = {}
+_shared: dict[tuple[str, str, str], LM] = {}
 _shared_lock = threading.Lock()
 
 
 def get_lm(model: str = DEFAULT_LLM, backend: str = "local", **options: Any) -> LM:
-    """A process-wide shared LM, so stages naming the same model load it once."""
-    key = (model, backend)
+    """A process-wide shared LM, so stages naming the same model (and options) load it once."""
+    key = (model, backend, json.dumps(options, sort_keys=True, default=repr))
     with _shared_lock:
         if key not in _shared:
             _shared[key] = LM(model, backend=backend, **options)

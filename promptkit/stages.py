@@ -21,9 +21,11 @@ class LMStage(Stage):
     model: str = DEFAULT_LLM
     backend: str = "local"
     chat: bool | None = None
+    sparse: bool | dict[str, Any] = Field(
+        default=False, description="sparse prefill for long prompts (local backend): true, or SparseConfig settings")
 
     def lm(self) -> LM:
-        return get_lm(self.model, self.backend)
+        return get_lm(self.model, self.backend, **({"sparse": self.sparse} if self.sparse else {}))
 
 
 @register_stage("prompt")

@@ -68,3 +68,24 @@ def test_long_doc_compression(real_lm):
     row = rows[0]
     assert row["context_tokens_after"] < 0.45 * row["context_tokens_before"]
     assert "Fresnel" in row["answer"]
+
+
+def test_prompt_optimization(real_lm, tmp_path):
+    needs("optimizers")
+    from promptkit.data import load_examples
+    from promptkit.evaluate import evaluate
+
+    out = example("prompt_optimization/optimize.py")["main"](tmp_path / "optimized.yaml", candidates=2)
+    assert out["optimized_accuracy"] >= out["zero_shot_accuracy"]
+    # The saved recipe is the optimized pipeline: it scores what the search reported on the validation half.
+    saved = load_recipe(out["saved"])
+    val = load_examples(COOKBOOK / "prompt_optimization" / "examples.jsonl", output_key="label")[1::2]
+    assert evaluate(saved, val, "accuracy").score == pytest.approx(out["optimized_accuracy"])
+    assert all(0 < f < 1 for f in out["prefilled_fraction"])  # shared prefixes were served from the cache
+
+
+def test_sparse_long_context(real_lm):
+    rows = example("sparse_long_context/sparse_long_context.py")["main"](["What year was engraved on the brass compass?"], dense=True)
+    row = rows[0]
+    assert row["prompt_tokens"] > 2048 and row["sparsity"] > 0.2  # long enough to go sparse, and it did
+    assert "1911" in row["dense_answer"] and "1911" in row["answer"]

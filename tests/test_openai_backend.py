@@ -51,7 +51,7 @@ def test_remote_stream_and_stats(remote, real_lm):
 
 
 def test_pipeline_runs_unchanged_on_the_remote_backend(server, real_lm):
-    _shared[(real_lm.model, "openai")] = LM(real_lm.model, backend="openai", base_url=server.url + "/v1",
+    _shared[(real_lm.model, "openai", "{}")] = LM(real_lm.model, backend="openai", base_url=server.url + "/v1",
                                             api_key=KEY)
     try:
         build = lambda backend: Pipeline(BuildPrompt(input_format="Question: {question}", answer_prefix="Answer:"),
@@ -59,7 +59,7 @@ def test_pipeline_runs_unchanged_on_the_remote_backend(server, real_lm):
         remote_out = build("openai")("What colour is the sky?").output
         assert remote_out == build("local")("What colour is the sky?").output
     finally:
-        _shared.pop((real_lm.model, "openai"), None)
+        _shared.pop((real_lm.model, "openai", "{}"), None)
 
 
 def test_clear_errors(server, real_lm):

@@ -6,6 +6,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -35,8 +36,10 @@ def test_concurrent_clients_get_a_correct_answer_or_429(small_server, real_lm):
                             r.json()["error"]["code"]))
         return out
 
+    rss_before = psutil.Process().memory_info().rss
     with ThreadPoolExecutor(clients) as pool:
         results = [x for batch in pool.map(client, range(clients)) for x in batch]
+    rss_growth_mb = (psutil.Process().memory_info().rss - rss_before) / 2**20
     assert len(results) == clients * per_client  # none lost
     ok = [(p, text) for p, status, text in results if status == 200]
     rejected = [text for _, status, text in results if status == 429]
@@ -47,6 +50,9 @@ def test_concurrent_clients_get_a_correct_answer_or_429(small_server, real_lm):
         st_ = c.get("/stats").json()
     assert st_["server"]["active"] == 0 and st_.get("running", 0) == 0
     assert st_["server"]["rejected_429"] == len(rejected)
+    # Memory stays bounded: the cache within its budget, the process without a leak per request.
+    assert st_["cache_bytes"] <= st_["cache_max_bytes"]
+    assert rss_growth_mb < 256, f"the server process grew by {rss_growth_mb:.0f} MB under load"
 
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=False) |
