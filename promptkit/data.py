@@ -25,24 +25,30 @@ def read_text(path: str | Path) -> str:
                         "convert it, e.g. with iconv -t utf-8") from None
 
 
+def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
+    """``(line number, object)`` for every non-blank line of a UTF-8 JSONL file."""
+    path = Path(path)
+    rows = []
+    for n, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{n}: each line must be a JSON object")
+        rows.append((n, row))
+    return rows
+
+
 def load_examples(path: str | Path, output_key: str = "answer") -> list[Example]:
     """Load examples from a ``.jsonl`` (one object a line) or ``.csv`` (header row) file."""
     path = Path(path)
-    text = read_text(path)
-    rows: list[dict] = []
     if path.suffix == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
+        rows = list(csv.DictReader(read_text(path).splitlines()))
     else:
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{n}: each line must be a JSON object")
-            rows.append(row)
+        rows = [row for _, row in read_jsonl(path)]
     if not rows:
         raise DataError(f"{path} holds no examples")
     missing = [i for i, r in enumerate(rows, 1) if output_key not in r]

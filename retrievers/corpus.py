@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from promptkit.data import DataError
+from promptkit.data import read_jsonl as read_jsonl_rows
 from promptkit.types import Document
 
 from .errors import CorpusError
@@ -23,15 +24,13 @@ def _read_text(path: Path) -> str:
 def read_jsonl(path: str | Path) -> list[Document]:
     """Documents from a JSONL file; each line needs ``id`` and ``text``, other keys become metadata."""
     path = Path(path)
+    try:
+        rows = read_jsonl_rows(path)
+    except DataError as e:
+        raise CorpusError(str(e)) from None
     docs = []
-    for n, line in enumerate(_read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CorpusError(f"{path}:{n}: not a JSON object ({e.msg})") from None
-        if not isinstance(row, dict) or "id" not in row or "text" not in row:
+    for n, row in rows:
+        if "id" not in row or "text" not in row:
             raise CorpusError(f"{path}:{n}: each line needs 'id' and 'text' keys")
         if not isinstance(row["text"], str):
             raise CorpusError(f"{path}:{n}: 'text' must be a string")
