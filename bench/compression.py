@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import time
 
 import _common  # noqa: F401

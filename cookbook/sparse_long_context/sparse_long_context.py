@@ -25,7 +25,10 @@ def main(questions: list[str], dense: bool = False) -> list[dict]:
     """Answer each question over the whole log; report prompt tokens and the sparsity reached."""
     pipe = load_recipe(HERE / "recipe.yaml")
     docs = [Document(id=p.name, text=p.read_text(encoding="utf-8")) for p in sorted((HERE / "docs").glob("*.md"))]
-    records = lambda: [Record(inputs={"question": q}, documents=docs) for q in questions]  # noqa: E731
+
+    def records() -> list[Record]:  # a pipeline fills in the records it runs, so each run gets fresh ones
+        return [Record(inputs={"question": q}, documents=docs) for q in questions]
+
     rows = [{"question": r.inputs["question"], "answer": r.output.strip(),
              "prompt_tokens": r.generation.usage.prompt_tokens} for r in pipe.run(records())]
     sparsity = pipe.stages[-1].lm().stats().get("sparse_mean_sparsity", 0.0)
@@ -37,6 +40,7 @@ def main(questions: list[str], dense: bool = False) -> list[dict]:
         for row, r in zip(rows, plain.run(records())):
             row["dense_answer"] = r.output.strip()
     return rows
+
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if a != "--dense"]
