@@ -12,7 +12,7 @@ BS = 64
 
 
 def cfg(**kw) -> SparseConfig:
-    base = dict(block_size=BS, bucket=256, min_length=256, min_budget=0, backend="gather")
+    base = dict(block_size=BS, bucket=256, min_length=256, min_budget=0, backend="gather", dense_last_blocks=0)
     return SparseConfig(**(base | kw))
 
 
@@ -131,6 +131,18 @@ def test_a_shape_is_sink_plus_window():
     expect = ((j == 0) | ((j <= i) & (j >= i - 3))) & (j <= i)
     assert torch.equal(keep, expect) and all(p == "a_shape" for p in info.patterns)
     assert torch.allclose(out, masked_reference(q, k, v, info.block_mask, 1024), atol=1e-5)
+
+
+def test_last_query_blocks_attend_densely():
+    q, k, v = qkv(lq=1024, lk=1024, seed=5)
+    out, info = sparse_attention(q, k, v, cfg(pattern="a_shape", sink_blocks=1, local_blocks=1, dense_last_blocks=2))
+    keep = info.block_mask[0]
+    i, j = torch.arange(16)[:, None], torch.arange(16)[None, :]
+    a_shape = ((j == 0) | ((j <= i) & (j >= i - 1))) & (j <= i)
+    assert torch.equal(keep[:14], a_shape[:14]) and torch.equal(keep[14:], (j <= i)[14:])  # rows 14, 15: all
+    dense = dense_attention(q, k, v)
+    assert torch.allclose(out[:, :, 14 * BS :], dense[:, :, 14 * BS :], atol=1e-5)
+    assert not torch.allclose(out[:, :, : 14 * BS], dense[:, :, : 14 * BS], atol=1e-3)
 
 
 def test_budget_bounds_the_selection():

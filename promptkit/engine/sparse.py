@@ -44,6 +44,8 @@ class SparseConfig(BaseModel):
     sink_blocks: int = Field(1, ge=0)
     local_blocks: int = Field(2, ge=0, description="blocks kept before the diagonal (sliding window)")
     min_budget: int = Field(256, ge=0, description="tokens: least keys (or lines) a query block keeps")
+    dense_last_blocks: int = Field(1, ge=0, description="the last query blocks (the question, the next token) "
+                                   "attend to every key")
     max_budget: int | None = Field(None, ge=1, description="tokens: most keys (or lines) a query block keeps")
     backend: Literal["auto", "flex", "gather"] = "auto"
     bucket: int = Field(512, ge=16, description="pad lengths to a multiple of this (fewer recompiles)")
@@ -349,9 +351,12 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: 
     nq_real = -(-q_end // bs)
     k_heads = kp[0].repeat_interleave(h // k.shape[1], 0) if h != k.shape[1] else kp[0]
     keep, patterns = select_blocks(qp[0], k_heads, config, scale, off_b, q_end)
+    causal = _causal_blocks(nq_real, keep.shape[-1], off_b, q.device)
+    if config.dense_last_blocks:  # the rows that ask the question and predict the next token see everything
+        first = max(0, nq_real - config.dense_last_blocks)
+        keep[:, first:nq_real] = causal[first:]
     keep[:, nq_real:] = False  # padding rows compute nothing
 
-    causal = _causal_blocks(nq_real, keep.shape[-1], off_b, q.device)
     density = keep[:, :nq_real].sum((1, 2)).float() / causal.sum().float()
     backend = config.backend
     if backend == "auto":
