@@ -86,10 +86,15 @@ class LM:
         chat: bool | None = None,
         logprobs: bool = False,
         truncate: bool = False,
+        top_logprobs: int = 0,
     ) -> list[Generation]:
-        """Generate a completion for each prompt (one batch). Greedy when ``temperature == 0``."""
+        """Generate a completion for each prompt (one batch). Greedy when ``temperature == 0``.
+
+        ``logprobs`` returns each generated token's log-probability; ``top_logprobs=k`` also the
+        ``k`` most likely tokens at every step (local backend).
+        """
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop,
-                                seed=seed, logprobs=logprobs, truncate=truncate)
+                                seed=seed, logprobs=logprobs, truncate=truncate, top_logprobs=top_logprobs)
         return self.backend.generate(self._texts(prompts, chat), params)
 
     def score(self, prompt: PromptLike, choices: Sequence[str], chat: bool | None = None) -> list[float]:

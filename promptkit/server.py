@@ -116,6 +116,13 @@ class Message(BaseModel):
 class ChatBody(_Body):
     messages: list[Message] = Field(min_length=1)
     logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatBody:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+        return self
 
     @field_validator("max_tokens")
     @classmethod
@@ -229,9 +236,9 @@ def create_app(lm: LM, api_key: str | None = None, max_queue: int = 64, max_work
             raise APIError(404, f"the model {body.model!r} does not exist; this server serves {known}",
                            param="model", code="model_not_found")
 
-    def params_of(body: _Body, logprobs: bool) -> SamplingParams:
+    def params_of(body: _Body, logprobs: bool, top: int = 0) -> SamplingParams:
         return SamplingParams(max_tokens=body.max_tokens or 16, temperature=body.temperature, top_p=body.top_p,
-                              stop=body.stop, seed=body.seed, logprobs=logprobs)
+                              stop=body.stop, seed=body.seed, logprobs=logprobs, top_logprobs=top)
 
     @app.post("/v1/completions", dependencies=[Depends(guard)])
     async def completions(body: CompletionBody, request: Request) -> Any:
@@ -246,7 +253,7 @@ def create_app(lm: LM, api_key: str | None = None, max_queue: int = 64, max_work
             lp = _prompt_logprobs(text, tl) if want_lp else None
             counters.bump("ok")
             return _completion(name, text, "length", lp, _usage(len(tl.token_ids), 0, 0))
-        return await _serve(request, body, params_of(body, want_lp), text, chat=False)
+        return await _serve(request, body, params_of(body, want_lp, body.logprobs or 0), text, chat=False)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(guard)])
     async def chat_completions(body: ChatBody, request: Request) -> Any:
@@ -257,7 +264,7 @@ def create_app(lm: LM, api_key: str | None = None, max_queue: int = 64, max_work
                 raise APIError(400, "a pipeline model needs a user message (its input)", param="messages")
             return await _pipeline(body, users[-1], chat=True)
         text = backend.apply_chat_template([m.model_dump(include={"role", "content"}) for m in body.messages])
-        return await _serve(request, body, params_of(body, body.logprobs), text, chat=True)
+        return await _serve(request, body, params_of(body, body.logprobs, body.top_logprobs or 0), text, chat=True)
 
     async def _pipeline(body: _Body, text: str, chat: bool) -> Any:
         """Run a served pipeline on one input; streamed as a single chunk when asked to stream."""
@@ -382,7 +389,9 @@ def _chat(model: str, rid: str, g: Generation, backend: Any) -> dict[str, Any]:
     lp = None
     if g.logprobs is not None:
         pieces = _gen_logprobs(backend, g, 0)["tokens"]
-        lp = {"content": [{"token": t, "logprob": p, "top_logprobs": []} for t, p in zip(pieces, g.logprobs)]}
+        tops = g.top_logprobs or [{} for _ in pieces]
+        lp = {"content": [{"token": t, "logprob": p, "top_logprobs": [{"token": a, "logprob": b} for a, b in top.items()]}
+                          for t, p, top in zip(pieces, g.logprobs, tops)]}
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": g.text}, "logprobs": lp,
                          "finish_reason": g.finish_reason}], "usage": _usage_of(g)}
@@ -422,7 +431,7 @@ def _gen_logprobs(backend: Any, g: Generation, start: int) -> dict[str, Any]:
     for p in pieces:
         offsets.append(pos)
         pos += len(p)
-    return {"tokens": pieces, "token_logprobs": g.logprobs, "top_logprobs": None, "text_offset": offsets,
+    return {"tokens": pieces, "token_logprobs": g.logprobs, "top_logprobs": g.top_logprobs, "text_offset": offsets,
             "token_ids": g.token_ids}
 
 

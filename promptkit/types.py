@@ -143,6 +143,7 @@ class Generation(BaseModel):
     text: str
     token_ids: list[int] = Field(default_factory=list)
     logprobs: list[float] | None = None
+    top_logprobs: list[dict[str, float]] | None = None  # per generated token: the most likely tokens
     finish_reason: str = "length"
     usage: Usage = Field(default_factory=Usage)
 

@@ -92,6 +92,26 @@ def test_echo_returns_prompt_logprobs(client, real_lm):
     assert "".join(lp["tokens"]) == text and lp["text_offset"][0] == 0
 
 
+def test_completion_and_chat_return_top_logprobs(client, real_lm):
+    want = real_lm.generate("The capital of France is", max_tokens=4, chat=False, top_logprobs=3)[0]
+    assert len(want.top_logprobs) == len(want.token_ids) == len(want.logprobs)
+    r = client.post("/v1/completions", json={"model": real_lm.model, "prompt": "The capital of France is",
+                                             "max_tokens": 4, "logprobs": 3})
+    lp = r.json()["choices"][0]["logprobs"]
+    assert lp["top_logprobs"] == [pytest.approx(t, abs=1e-4) for t in want.top_logprobs]
+    for token, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert len(top) == 3 and max(top.values()) == pytest.approx(logprob, abs=1e-5)  # greedy: the top one
+        assert top[token] == pytest.approx(logprob, abs=1e-5)
+    msgs = [{"role": "user", "content": "Say hello."}]
+    r = client.post("/v1/chat/completions", json={"model": real_lm.model, "messages": msgs, "max_tokens": 3,
+                                                  "logprobs": True, "top_logprobs": 2})
+    content = r.json()["choices"][0]["logprobs"]["content"]
+    assert content and all(len(c["top_logprobs"]) == 2 for c in content)
+    assert all(c["top_logprobs"][0]["logprob"] == pytest.approx(c["logprob"], abs=1e-5) for c in content)
+    bad = client.post("/v1/chat/completions", json={"model": real_lm.model, "messages": msgs, "top_logprobs": 2})
+    assert bad.status_code == 400 and "logprobs" in bad.text
+
+
 def test_stop_sequence_and_cache_stats(client, real_lm):
     body = {"model": real_lm.model, "prompt": "Count: 1, 2, 3, 4,", "max_tokens": 12, "stop": [","]}
     first = client.post("/v1/completions", json=body).json()

@@ -35,6 +35,7 @@ class SamplingParams(BaseModel):
     stop: list[str] = Field(default_factory=list)
     seed: int | None = None
     logprobs: bool = False
+    top_logprobs: int = Field(default=0, ge=0, le=20, description="also return this many most likely tokens per step")
     truncate: bool = False
 
     @field_validator("stop", mode="before")

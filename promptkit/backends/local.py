@@ -45,7 +45,11 @@ class LocalBackend(TransformersBase):
     def _generation(self, r: Request) -> Generation:
         text, stopped = truncate_at_stop(self.decode(r.generated), r.params.stop)
         return Generation(
-            text=text, token_ids=list(r.generated), logprobs=list(r.logprobs) if r.params.logprobs else None,
+            text=text, token_ids=list(r.generated),
+            # one entry per generated token (a stop on EOS scored one step more)
+            logprobs=r.logprobs[: len(r.generated)] if r.params.logprobs or r.params.top_logprobs else None,
+            top_logprobs=[{self.decode([t]): lp for t, lp in step} for step in r.top_logprobs[: len(r.generated)]]
+            if r.params.top_logprobs else None,
             finish_reason="stop" if stopped else r.finish_reason,
             usage=Usage(prompt_tokens=r.prompt_len, cached_tokens=r.matched_len,
                         completion_tokens=len(r.generated), seconds=r.seconds),

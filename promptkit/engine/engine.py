@@ -47,6 +47,7 @@ class Request:
     own_len: int = 0  # tokens whose KV sits in own_kv
     generated: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # (token id, logprob) per step
     finished: bool = False
     finish_reason: str = ""
     error: Exception | None = None
@@ -341,8 +342,12 @@ class Engine:
             self._cache_prompt(r, r.prompt_len)
         assert logits is not None
         tok = sample(logits[-1], r.params.temperature, r.params.top_p, r.generator)
-        if r.params.logprobs:
-            r.logprobs.append(float(torch.log_softmax(logits[-1], -1)[tok]))
+        if r.params.logprobs or r.params.top_logprobs:
+            logp = torch.log_softmax(logits[-1], -1)
+            r.logprobs.append(float(logp[tok]))
+            if r.params.top_logprobs:
+                vals, ids = logp.topk(r.params.top_logprobs)
+                r.top_logprobs.append(list(zip(ids.tolist(), vals.tolist())))
         if tok in self.eos_ids:
             return self._retire(r, "stop")
         r.tokens.append(tok)
