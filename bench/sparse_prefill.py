@@ -11,7 +11,7 @@ for it. Dense (SDPA) and sparse prefill run on the same prompts in the same proc
 * the sparsity reached.
 
     python bench/sparse_prefill.py --quick      # 2k tokens, two depths
-    python bench/sparse_prefill.py              # 4k and 8k tokens, three depths
+    python bench/sparse_prefill.py              # 2k, 4k and 8k tokens, five depths
 """
 
 from __future__ import annotations
@@ -122,8 +122,8 @@ def main() -> None:
 
     from promptkit.engine.models import resolve_llm
 
-    lengths = [2048] if args.quick else [4096, 8192]
-    depths = [0.3, 0.7] if args.quick else [0.1, 0.5, 0.9]
+    lengths = [2048] if args.quick else [2048, 4096, 8192]
+    depths = [0.3, 0.7] if args.quick else [0.1, 0.3, 0.5, 0.7, 0.9]
     cfg = SparseConfig(gamma=args.gamma, tau=args.tau, block_size=args.block_size, min_length=1024)
     path = resolve_llm()
     tok = AutoTokenizer.from_pretrained(path)

