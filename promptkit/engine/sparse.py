@@ -48,7 +48,7 @@ class SparseConfig(BaseModel):
                                    "attend to every key (whole blocks: at least this many)")
     max_budget: int | None = Field(None, ge=1, description="tokens: most keys (or lines) a query block keeps")
     max_density: float | None = Field(None, gt=0.0, le=1.0, description="a call whose selection keeps more than "
-                                      "this share of the causal blocks runs dense instead; None: 0.45 on CPU "
+                                      "this share of the causal blocks runs dense instead; None: 0.5 on CPU "
                                       "(the compiled kernel costs about twice dense attention per block), 0.8 "
                                       "elsewhere")
     backend: Literal["auto", "flex", "gather"] = "auto"
@@ -374,7 +374,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: 
     keep[:, nq_real:] = False  # padding rows compute nothing
 
     density = keep[:, :nq_real].sum((1, 2)).float() / causal.sum().float()
-    max_density = config.max_density or (0.45 if q.device.type == "cpu" else 0.8)
+    max_density = config.max_density or (0.5 if q.device.type == "cpu" else 0.8)
     if float(density.mean()) > max_density:  # too little to skip: the sparse kernel would not pay
         return dense_attention(q, k, v, scale), _dense_info(h, q.device)
     backend = config.backend
