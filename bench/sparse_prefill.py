@@ -1,10 +1,10 @@
 """P3: sparse prefill with the real SmolLM2 — needle in a haystack, KL, attention and TTFT speed.
 
 The haystack is real text (Wikipedia articles from ``datasets.load_wikipedia_articles``); a
-needle sentence with a random passphrase is inserted at several depths and the model is asked
-for it. Dense (SDPA) and sparse prefill run on the same prompts in the same process:
+needle sentence with a random seven-digit "special magic number" (the format of RULER's
+single-needle task) is inserted at several depths and the model is asked for it. Dense (SDPA) and sparse prefill run on the same prompts in the same process:
 
-* needle accuracy (the greedy answer contains the passphrase), sparse vs dense;
+* needle accuracy (the greedy answer contains the number), sparse vs dense;
 * KL(dense || sparse) of the next-token distribution after the prompt;
 * attention-only time on the model's real q/k/v of a few layers (sparse kernel, pattern
   estimation included, vs dense causal SDPA) and end-to-end time to first token;
@@ -29,8 +29,6 @@ from _common import emit, log, machine, stage  # noqa: E402
 
 from promptkit.engine.sparse import SparseConfig, dense_attention, register_hf_attention, sparse_attention  # noqa: E402
 
-WORDS = ["marmalade", "tangerine", "obsidian", "lighthouse", "porcupine", "saxophone", "avalanche",
-         "cinnamon", "labyrinth", "kaleidoscope", "harpsichord", "zeppelin"]
 SPARSE_NAME = "promptkit_sparse"
 
 
@@ -52,10 +50,15 @@ def haystack_text(path: str | None) -> str:
     return "\n\n".join(p for p in parts if len(p) > 200)
 
 
+def magic_number(rng: random.Random) -> str:
+    """A random seven-digit number: the needle's value."""
+    return str(rng.randrange(1_000_000, 10_000_000))
+
+
 def build_prompt(tok, words: list[int], n_tokens: int, depth: float, secret: str) -> torch.Tensor:
     """Chat prompt of about ``n_tokens``: haystack with the needle at ``depth``, then the question."""
-    needle = tok.encode(f" The secret passphrase is {secret}. ", add_special_tokens=False)
-    question = "What is the secret passphrase mentioned in the text above? Answer with the passphrase only."
+    needle = tok.encode(f" The special magic number is: {secret}. ", add_special_tokens=False)
+    question = "What is the special magic number mentioned in the text above?"
     frame = tok.apply_chat_template([{"role": "user", "content": "\n\n" + question}], tokenize=False,
                                     add_generation_prompt=True)
     budget = n_tokens - len(needle) - len(tok.encode(frame)) - 4
@@ -64,11 +67,12 @@ def build_prompt(tok, words: list[int], n_tokens: int, depth: float, secret: str
     text = tok.decode(hay[:cut] + needle + hay[cut:])
     msgs = [{"role": "user", "content": "Read the text.\n\n" + text + "\n\n" + question}]
     prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-    return tok(prompt + "The secret passphrase is", return_tensors="pt", add_special_tokens=False)["input_ids"]
+    return tok(prompt + "The special magic number mentioned in the text is", return_tensors="pt",
+               add_special_tokens=False)["input_ids"]
 
 
 @torch.inference_mode()
-def prefill_and_answer(model, ids: torch.Tensor, new_tokens: int = 8) -> tuple[float, torch.Tensor, list[int]]:
+def prefill_and_answer(model, ids: torch.Tensor, new_tokens: int = 12) -> tuple[float, torch.Tensor, list[int]]:
     """Time to first token, the next-token log-probabilities and a short greedy answer."""
     t0 = time.perf_counter()
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
@@ -113,7 +117,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2k tokens, two depths")
     ap.add_argument("--text-file", help="haystack text instead of the Wikipedia articles")
-    ap.add_argument("--gamma", type=float, default=0.9)
+    ap.add_argument("--gamma", type=float, default=SparseConfig().gamma)
     ap.add_argument("--tau", type=float, default=0.1)
     ap.add_argument("--block-size", type=int, default=64)
     args = ap.parse_args()
@@ -144,7 +148,7 @@ def main() -> None:
             prefill_and_answer(model, build_prompt(tok, words, n, 0.5, "warmup"), new_tokens=0)
         row["first_call_s"] = round(row["first_call_s"], 1)
         for depth in depths:
-            secret = rng.choice(WORDS)
+            secret = magic_number(rng)
             offset = rng.randrange(0, max(1, len(words) - 2 * n))
             ids = build_prompt(tok, words[offset:], n, depth, secret)
             model.set_attn_implementation("sdpa")
@@ -153,7 +157,7 @@ def main() -> None:
             stats.reset()
             t_s, lp_s, ans_s = prefill_and_answer(model, ids)
             kl = float((lp_d.exp() * (lp_d - lp_s)).sum())
-            hit_d, hit_s = secret in tok.decode(ans_d).lower(), secret in tok.decode(ans_s).lower()
+            hit_d, hit_s = secret in tok.decode(ans_d), secret in tok.decode(ans_s)
             hits["dense"] += hit_d
             hits["sparse"] += hit_s
             n_trials += 1
@@ -172,7 +176,7 @@ def main() -> None:
     n = lengths[-1]
     layers = [2, model.config.num_hidden_layers // 2, model.config.num_hidden_layers - 2]
     log(f"attention only, layers {layers} at {n} tokens: dense SDPA vs sparse (selection included)")
-    qkv = capture_qkv(model, build_prompt(tok, words, n, 0.5, rng.choice(WORDS)), layers)
+    qkv = capture_qkv(model, build_prompt(tok, words, n, 0.5, magic_number(rng)), layers)
     t_dense = t_sparse = 0.0
     sp = []
     with torch.inference_mode():
