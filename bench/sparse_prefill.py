@@ -2,7 +2,8 @@
 
 The haystack is real text (Wikipedia articles from ``datasets.load_wikipedia_articles``); a
 needle sentence with a random seven-digit "special magic number" (the format of RULER's
-single-needle task) is inserted at several depths and the model is asked for it. Dense (SDPA) and sparse prefill run on the same prompts in the same process:
+single-needle task) is inserted at several depths and the model is asked for it. Dense (SDPA)
+and sparse prefill run on the same prompts in the same process:
 
 * needle accuracy (the greedy answer contains the number), sparse vs dense;
 * KL(dense || sparse) of the next-token distribution after the prompt;

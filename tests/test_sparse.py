@@ -152,7 +152,7 @@ def test_dense_tail_covers_a_partial_last_block():
     out, info = sparse_attention(q, k, v, cfg(pattern="a_shape", sink_blocks=1, local_blocks=1, dense_last_tokens=BS))
     keep = info.block_mask[0]
     j = torch.arange(16)
-    assert keep[14, : 15].all() and keep[15, :16].all() and not keep[13, 5]
+    assert keep[14, :15].all() and keep[15, :16].all() and not keep[13, 5]  # rows 14, 15 dense; 13 not
     dense = dense_attention(q, k, v)
     assert torch.allclose(out[:, :, -BS:], dense[:, :, -BS:], atol=1e-5)
     assert (j[None, :] <= j[:, None])[14:].sum() == keep[14:].sum()
