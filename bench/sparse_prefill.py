@@ -183,8 +183,8 @@ def main() -> None:
     with torch.inference_mode():
         for q, k, v, scale in qkv.values():
             sparse_attention(q, k, v, cfg, scale)  # warm
-            t_dense += timed(lambda: dense_attention(q, k, v, scale), 2)
-            t_sparse += timed(lambda: sparse_attention(q, k, v, cfg, scale), 2)
+            t_dense += timed(lambda: dense_attention(q, k, v, scale), 5)
+            t_sparse += timed(lambda: sparse_attention(q, k, v, cfg, scale), 5)
             sp.append(sparse_attention(q, k, v, cfg, scale)[1].sparsity)
 
     last = per_length[n]
