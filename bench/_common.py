@@ -79,3 +79,16 @@ def machine() -> dict:
 
     return {"device": "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
             "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def hf_step(model, input_ids, cache=None, **kw):
+    """One forward of a transformers causal LM on top of ``cache`` (None: a fresh one).
+
+    Returns (output, the new cache). Recent transformers name the cache argument and output
+    field ``cache``, older ones ``past_key_values``.
+    """
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(input_ids=input_ids, use_cache=True, **({name: cache} if cache is not None else {}), **kw)
+    return out, getattr(out, name)

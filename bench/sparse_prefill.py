@@ -26,7 +26,7 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
-from _common import emit, log, machine, stage  # noqa: E402
+from _common import emit, hf_step, log, machine, stage  # noqa: E402
 
 from promptkit.engine.sparse import SparseConfig, dense_attention, register_hf_attention, sparse_attention  # noqa: E402
 
@@ -76,14 +76,14 @@ def build_prompt(tok, words: list[int], n_tokens: int, depth: float, secret: str
 def prefill_and_answer(model, ids: torch.Tensor, new_tokens: int = 12) -> tuple[float, torch.Tensor, list[int]]:
     """Time to first token, the next-token log-probabilities and a short greedy answer."""
     t0 = time.perf_counter()
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    out, cache = hf_step(model, ids, logits_to_keep=1)
     ttft = time.perf_counter() - t0
     logp = torch.log_softmax(out.logits[0, -1].float(), -1)
-    past, nxt, answer = out.past_key_values, int(logp.argmax()), []
+    nxt, answer = int(logp.argmax()), []
     for _ in range(new_tokens):
         answer.append(nxt)
-        out = model(input_ids=torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
-        past, nxt = out.past_key_values, int(out.logits[0, -1].argmax())
+        out, cache = hf_step(model, torch.tensor([[nxt]]), cache)
+        nxt = int(out.logits[0, -1].argmax())
     return ttft, logp, answer
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sysconfig
 from pathlib import Path
 
@@ -53,9 +54,10 @@ def test_hf_sparse_prefill_is_close_and_decodes_dense(hf, long_ids):
     assert set(stats.patterns) <= {"query_aware", "vertical_slash"}
     # A decode step (one query over the cached keys) takes the dense path: nothing is recorded.
     calls = sum(len(v) for v in stats.by_layer.values())
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.inference_mode():
         out = model(input_ids=long_ids, use_cache=True, logits_to_keep=1)
-        step = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
+        step = model(input_ids=out.logits[:, -1:].argmax(-1), use_cache=True, **{cache_arg: getattr(out, cache_arg)})
     assert torch.isfinite(step.logits).all()
     assert sum(len(v) for v in stats.by_layer.values()) == 2 * calls
 
