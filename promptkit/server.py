@@ -307,7 +307,7 @@ def create_app(lm: LM, api_key: str | None = None, max_queue: int = 64, max_work
             counters.bump("ok")
             echo = text if getattr(body, "echo", False) else ""
             return _chat(name, rid, gen, backend) if chat else _completion(
-                name, echo + gen.text, gen.finish_reason, _gen_logprobs(backend, gen, len(echo)) if
+                name, echo + gen.text, gen.finish_reason, _legacy_logprobs(backend, gen, len(echo)) if
                 params.logprobs else None, _usage_of(gen), rid)
         counters.bump("streams")
         return StreamingResponse(_sse(request, rid, first, events, slot, chat, params.logprobs),
@@ -315,18 +315,22 @@ def create_app(lm: LM, api_key: str | None = None, max_queue: int = 64, max_work
 
     async def _sse(request: Request, rid: str, first: StreamEvent, events: Iterator[StreamEvent], slot: Any,
                    chat: bool, logprobs: bool) -> AsyncIterator[str]:
-        done = False
+        done, offset = False, 0
         try:
             if chat:
                 yield _event(_chunk(name, rid, {"role": "assistant", "content": ""}, None, chat=True))
             ev: StreamEvent | None = first
             while ev is not None:
+                lp = None
+                if logprobs and ev.logprobs is not None:  # the logprobs of the tokens behind this chunk
+                    lp = _chat_logprobs(backend, ev) if chat else _legacy_logprobs(backend, ev, offset)
+                offset += len(ev.text)
                 if ev.generation is not None:
                     g = ev.generation
-                    yield _event(_chunk(name, rid, ev.text, g.finish_reason, chat, usage=_usage_of(g)))
+                    yield _event(_chunk(name, rid, ev.text, g.finish_reason, chat, usage=_usage_of(g), logprobs=lp))
                     break
-                if ev.text:
-                    yield _event(_chunk(name, rid, ev.text, None, chat))
+                if ev.text or lp:
+                    yield _event(_chunk(name, rid, ev.text, None, chat, logprobs=lp))
                 ev = await _in_thread(limiter, lambda: next(events, None))
             yield "data: [DONE]\n\n"
             done = True
@@ -386,24 +390,19 @@ def _completion(model: str, text: str, finish: str, logprobs: Any, usage: dict[s
 
 
 def _chat(model: str, rid: str, g: Generation, backend: Any) -> dict[str, Any]:
-    lp = None
-    if g.logprobs is not None:
-        pieces = _gen_logprobs(backend, g, 0)["tokens"]
-        tops = g.top_logprobs or [{} for _ in pieces]
-        lp = {"content": [{"token": t, "logprob": p, "top_logprobs": [{"token": a, "logprob": b} for a, b in top.items()]}
-                          for t, p, top in zip(pieces, g.logprobs, tops)]}
+    lp = _chat_logprobs(backend, g) if g.logprobs is not None else None
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": g.text}, "logprobs": lp,
                          "finish_reason": g.finish_reason}], "usage": _usage_of(g)}
 
 
 def _chunk(model: str, rid: str, delta: Any, finish: str | None, chat: bool,
-           usage: dict[str, Any] | None = None) -> dict[str, Any]:
+           usage: dict[str, Any] | None = None, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     if chat:
         d = delta if isinstance(delta, dict) else ({"content": delta} if delta else {})
-        choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
+        choice = {"index": 0, "delta": d, "logprobs": logprobs, "finish_reason": finish}
     else:
-        choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}
+        choice = {"index": 0, "text": delta, "logprobs": logprobs, "finish_reason": finish}
     out = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
            "created": int(time.time()), "model": model, "choices": [choice]}
     if usage is not None:
@@ -423,16 +422,29 @@ def _prompt_logprobs(text: str, tl: Any) -> dict[str, Any]:
             "token_ids": tl.token_ids}
 
 
-def _gen_logprobs(backend: Any, g: Generation, start: int) -> dict[str, Any]:
-    """Logprobs of generated tokens, with text offsets after ``start`` characters of echoed prompt."""
+def _pieces(backend: Any, token_ids: list[int]) -> list[str]:
     decode = getattr(backend, "decode", None)
-    pieces = [decode([t]) if decode else str(t) for t in g.token_ids]
+    return [decode([t]) if decode else str(t) for t in token_ids]
+
+
+def _legacy_logprobs(backend: Any, g: Generation | StreamEvent, start: int) -> dict[str, Any]:
+    """Completions' logprobs object for generated tokens, text offsets counted from ``start``
+    (the characters of echoed prompt, or of text already streamed)."""
+    pieces = _pieces(backend, g.token_ids)
     offsets, pos = [], start
     for p in pieces:
         offsets.append(pos)
         pos += len(p)
     return {"tokens": pieces, "token_logprobs": g.logprobs, "top_logprobs": g.top_logprobs, "text_offset": offsets,
             "token_ids": g.token_ids}
+
+
+def _chat_logprobs(backend: Any, g: Generation | StreamEvent) -> dict[str, Any]:
+    """Chat's logprobs object: one entry per generated token, with its most likely alternatives."""
+    pieces = _pieces(backend, g.token_ids)
+    tops = g.top_logprobs or [{} for _ in pieces]
+    return {"content": [{"token": t, "logprob": p, "top_logprobs": [{"token": a, "logprob": b} for a, b in top.items()]}
+                        for t, p, top in zip(pieces, g.logprobs or [], tops)]}
 
 
 def _describe(errors: Any) -> str:

@@ -112,6 +112,35 @@ def test_completion_and_chat_return_top_logprobs(client, real_lm):
     assert bad.status_code == 400 and "logprobs" in bad.text
 
 
+def test_streamed_chunks_carry_the_logprobs_of_their_tokens(client, real_lm):
+    prompt = "The capital of France is"
+    body = {"model": real_lm.model, "prompt": prompt, "max_tokens": 6, "logprobs": 2}
+    whole = client.post("/v1/completions", json=body).json()["choices"][0]
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+        chunks = [c["choices"][0] for c in sse(list(s.iter_lines()))]
+    lps = [c["logprobs"] for c in chunks if c["logprobs"]]
+    assert "".join(c["text"] for c in chunks) == whole["text"]
+    assert [t for lp in lps for t in lp["token_ids"]] == whole["logprobs"]["token_ids"]
+    assert [x for lp in lps for x in lp["token_logprobs"]] == pytest.approx(whole["logprobs"]["token_logprobs"],
+                                                                             abs=1e-5)
+    assert [x for lp in lps for x in lp["top_logprobs"]] == [pytest.approx(t, abs=1e-5)
+                                                             for t in whole["logprobs"]["top_logprobs"]]
+    assert [x for lp in lps for x in lp["text_offset"]] == whole["logprobs"]["text_offset"]
+
+    msgs = [{"role": "user", "content": "Say hello."}]
+    chat = {"model": real_lm.model, "messages": msgs, "max_tokens": 4, "logprobs": True, "top_logprobs": 2}
+    whole = client.post("/v1/chat/completions", json=chat).json()["choices"][0]["logprobs"]["content"]
+    with client.stream("POST", "/v1/chat/completions", json={**chat, "stream": True}) as s:
+        chunks = [c["choices"][0] for c in sse(list(s.iter_lines()))]
+    streamed = [e for c in chunks if c["logprobs"] for e in c["logprobs"]["content"]]
+    assert [e["token"] for e in streamed] == [e["token"] for e in whole]
+    assert [e["logprob"] for e in streamed] == pytest.approx([e["logprob"] for e in whole], abs=1e-5)
+    assert all(len(e["top_logprobs"]) == 2 for e in streamed)
+    with client.stream("POST", "/v1/chat/completions", json={**chat, "logprobs": False, "top_logprobs": None,
+                                                            "stream": True}) as s:
+        assert all(c["choices"][0]["logprobs"] is None for c in sse(list(s.iter_lines())))
+
+
 def test_stop_sequence_and_cache_stats(client, real_lm):
     body = {"model": real_lm.model, "prompt": "Count: 1, 2, 3, 4,", "max_tokens": 12, "stop": [","]}
     first = client.post("/v1/completions", json=body).json()

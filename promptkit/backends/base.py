@@ -19,10 +19,18 @@ class ContextLengthError(ValueError):
 
 
 class StreamEvent(BaseModel):
-    """One step of a streamed generation: new text, and on the last event the whole Generation."""
+    """One step of a streamed generation: new text, and on the last event the whole Generation.
+
+    ``token_ids`` are the generated tokens this event accounts for (text can wait for whole
+    characters, so one event may cover several); ``logprobs`` and ``top_logprobs`` are theirs
+    when the request asked for them.
+    """
 
     text: str = ""
     token_id: int | None = None
+    token_ids: list[int] = Field(default_factory=list)
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[str, float]] | None = None
     generation: Generation | None = None
 
 

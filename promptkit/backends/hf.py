@@ -163,7 +163,8 @@ class HFBackend(TransformersBase):
     def generate_stream(self, text: str, params: SamplingParams) -> Iterator[StreamEvent]:
         """No incremental decoding here: one event with the whole generation."""
         gen = self.generate([text], params)[0]
-        yield StreamEvent(text=gen.text, generation=gen)
+        yield StreamEvent(text=gen.text, generation=gen, token_ids=gen.token_ids, logprobs=gen.logprobs,
+                          top_logprobs=gen.top_logprobs)
 
     @torch.inference_mode()
     def score(self, texts: list[str], choices: list[list[str]]) -> list[list[float]]:

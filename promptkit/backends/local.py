@@ -45,11 +45,7 @@ class LocalBackend(TransformersBase):
     def _generation(self, r: Request) -> Generation:
         text, stopped = truncate_at_stop(self.decode(r.generated), r.params.stop)
         return Generation(
-            text=text, token_ids=list(r.generated),
-            # one entry per generated token (a stop on EOS scored one step more)
-            logprobs=r.logprobs[: len(r.generated)] if r.params.logprobs or r.params.top_logprobs else None,
-            top_logprobs=[{self.decode([t]): lp for t, lp in step} for step in r.top_logprobs[: len(r.generated)]]
-            if r.params.top_logprobs else None,
+            text=text, **self._step_logprobs(r, 0),
             finish_reason="stop" if stopped else r.finish_reason,
             usage=Usage(prompt_tokens=r.prompt_len, cached_tokens=r.matched_len,
                         completion_tokens=len(r.generated), seconds=r.seconds),
@@ -61,18 +57,28 @@ class LocalBackend(TransformersBase):
 
     def generate_stream(self, text: str, params: SamplingParams) -> Iterator[StreamEvent]:
         req = self._request(text, params)
-        shown = ""
+        shown, sent = "", 0  # text shown and tokens accounted for so far
         tokens = self.engine.stream(req)
         try:
             for tok in tokens:
                 full, _ = truncate_at_stop(self.decode(req.generated), params.stop)
                 if len(full) > len(shown) and not full.endswith("\ufffd"):  # wait for whole characters
-                    yield StreamEvent(text=full[len(shown):], token_id=tok)
-                    shown = full
+                    yield StreamEvent(text=full[len(shown):], token_id=tok, **self._step_logprobs(req, sent))
+                    shown, sent = full, len(req.generated)
             gen = self._generation(req)
-            yield StreamEvent(text=gen.text[len(shown):], generation=gen)
+            yield StreamEvent(text=gen.text[len(shown):], generation=gen, **self._step_logprobs(req, sent))
         finally:
             tokens.close()
+
+    def _step_logprobs(self, r: Request, start: int) -> dict:
+        """The generated tokens from ``start`` on, with their logprobs when the request wants them."""
+        end = len(r.generated)  # one logprob per generated token (a stop on EOS scored one step more)
+        out: dict = {"token_ids": list(r.generated[start:end])}
+        if r.params.logprobs or r.params.top_logprobs:
+            out["logprobs"] = r.logprobs[start:end]
+        if r.params.top_logprobs:
+            out["top_logprobs"] = [{self.decode([t]): lp for t, lp in step} for step in r.top_logprobs[start:end]]
+        return out
 
     # -- scoring -----------------------------------------------------------------
     def score(self, texts: list[str], choices: list[list[str]]) -> list[list[float]]:
