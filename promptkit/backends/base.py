@@ -27,7 +27,6 @@ class StreamEvent(BaseModel):
     """
 
     text: str = ""
-    token_id: int | None = None
     token_ids: list[int] = Field(default_factory=list)
     logprobs: list[float] | None = None
     top_logprobs: list[dict[str, float]] | None = None

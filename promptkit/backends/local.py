@@ -60,10 +60,10 @@ class LocalBackend(TransformersBase):
         shown, sent = "", 0  # text shown and tokens accounted for so far
         tokens = self.engine.stream(req)
         try:
-            for tok in tokens:
+            for _ in tokens:
                 full, _ = truncate_at_stop(self.decode(req.generated), params.stop)
                 if len(full) > len(shown) and not full.endswith("\ufffd"):  # wait for whole characters
-                    yield StreamEvent(text=full[len(shown):], token_id=tok, **self._step_logprobs(req, sent))
+                    yield StreamEvent(text=full[len(shown):], **self._step_logprobs(req, sent))
                     shown, sent = full, len(req.generated)
             gen = self._generation(req)
             yield StreamEvent(text=gen.text[len(shown):], generation=gen, **self._step_logprobs(req, sent))
