@@ -43,6 +43,12 @@ class LM:
     transformers, the reference), ``"openai"`` (any OpenAI-compatible server;
     pass ``base_url``) or a :class:`Backend` instance. Other keyword options go
     to the backend (``device``, ``dtype``, ``max_cache_bytes``, ...).
+
+    ``weights`` (local and hf backends) picks the weight format: ``"float32"``
+    (equal to transformers token for token), ``"bfloat16"``, ``"int8"`` or
+    ``"int4"`` (weight-only, activations in float; int4 keeps a GGUF model's
+    own 4-bit blocks). The default is the fastest format this CPU runs well;
+    ``LM().stats()["weights"]`` and ``promptkit doctor`` say which.
     """
 
     def __init__(self, model: str = DEFAULT_LLM, backend: str | Backend = "local", chat: bool | None = None,

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from ..engine.models import resolve_llm
+from ..engine.models import gguf_source, resolve_llm
+from ..engine.weights import activation_dtype, apply_format, gguf_cache_file, resolve_format
 from ..types import Generation, TokenLogprobs, Usage
 from .base import ContextLengthError, SamplingParams, StreamEvent, truncate_at_stop
 
@@ -35,7 +36,14 @@ def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> 
 
 
 class TransformersBase:
-    """Loads a causal LM and its tokenizer; shared by the local backends."""
+    """Loads a causal LM and its tokenizer; shared by the local backends.
+
+    ``weights`` is the weight format (``"float32"``, ``"bfloat16"``, ``"int8"``,
+    ``"int4"``; see :mod:`promptkit.engine.weights`); by default the fastest one
+    this CPU runs well. ``dtype`` without ``weights`` (or a GPU) loads the model
+    in that float dtype, as it comes. A model passed as ``model_obj`` runs as
+    given unless ``weights`` is set.
+    """
 
     def __init__(
         self,
@@ -45,12 +53,20 @@ class TransformersBase:
         progress: bool = False,
         model_obj: Any = None,
         tokenizer: Any = None,
+        weights: str | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.model_name = model
         self.device = pick_device(device)
-        self.dtype = pick_dtype(self.device, dtype)
+        fmt = None
+        if weights is None and (dtype is not None or model_obj is not None or self.device.type != "cpu"):
+            self.dtype = pick_dtype(self.device, dtype)
+            self.weights_note = f"{str(self.dtype).removeprefix('torch.')} as loaded"
+        else:
+            fmt, self.weights_note = resolve_format(weights, self.device)
+            self.dtype = activation_dtype(fmt, self.device)
+        gguf = gguf_source(model) if model_obj is None else None  # int4 takes its blocks from there
         if model_obj is None:
             if not progress:
                 from transformers.utils import logging as hf_logging
@@ -58,8 +74,10 @@ class TransformersBase:
                 hf_logging.disable_progress_bar()
             path = resolve_llm(model, progress=progress)
             tokenizer = AutoTokenizer.from_pretrained(path)
-            model_obj = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, attn_implementation="sdpa")
+            load_dtype = torch.float32 if fmt in ("int8", "int4") else self.dtype  # quantized from float32
+            model_obj = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype, attn_implementation="sdpa")
         self.model = model_obj.to(self.device).eval()
+        self.weights = fmt and apply_format(self.model, fmt, gguf=gguf, gguf_cache=gguf_cache_file(gguf))
         self.tokenizer = tokenizer
         self.config = self.model.config
         self.max_context = int(getattr(self.config, "max_position_embeddings", 2048))
@@ -109,7 +127,9 @@ class TransformersBase:
         )
 
     def stats(self) -> dict[str, Any]:
-        return {"backend": type(self).__name__, "model": self.model_name, "device": str(self.device)}
+        return {"backend": type(self).__name__, "model": self.model_name, "device": str(self.device),
+                "weights": self.weights.format if self.weights else str(self.dtype).removeprefix("torch."),
+                "weights_note": self.weights_note}
 
 
 class HFBackend(TransformersBase):

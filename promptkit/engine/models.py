@@ -130,6 +130,17 @@ def resolve_llm(name: str = DEFAULT_LLM, progress: bool = False) -> str:
     return name
 
 
+def gguf_source(name: str) -> Path | None:
+    """The GGUF file an embedded LLM is de-quantized from (None for other models or when not installed)."""
+    model = EMBEDDED.get(canonical_name(name))
+    if model is None or model.kind != "llm":
+        return None
+    try:
+        return _wheel_file(model)
+    except ModelNotFoundError:
+        return None
+
+
 def resolve_embedder(name: str = DEFAULT_EMBEDDER) -> str:
     """Return a path or hub id ``SentenceTransformer`` can load."""
     canon = canonical_name(name)

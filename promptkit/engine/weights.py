@@ -1,0 +1,385 @@
+"""Weight formats for a loaded transformers causal LM: float32, bfloat16, int8 and int4.
+
+:func:`apply_format` is a pure transform of the model's modules, so it
+composes with whatever runs the model (the engine, ``generate``):
+
+- ``float32``: as loaded; equal to transformers token for token.
+- ``bfloat16``: every parameter in bfloat16.
+- ``int8``: each decoder ``nn.Linear`` keeps int8 weights with one scale per
+  output row and multiplies with ``aten._weight_int8pack_mm``.
+- ``int4``: decoder linears keep 4-bit codes in groups of 32 with a scale and a
+  minimum per group (GGUF Q4_1's layout) and multiply with
+  ``aten._weight_int4pack_mm_for_cpu``. For a model converted from a GGUF file
+  the codes, scales and minimums are the GGUF's own, not re-derived from floats.
+
+In int8 and int4 the activations, norms and KV cache stay in a float dtype
+(:func:`activation_dtype`). The token embedding and the output projection share
+one int8 table with a scale per row (tied, as in SmolLM2): the lookup
+de-quantizes the rows it picks and the output projection uses the int8 kernel.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+FORMATS = ("float32", "bfloat16", "int8", "int4")
+GROUP = 32  # values per int4 group: a GGUF Q4_1 block
+DEFAULT_ORDER = ("int8", "bfloat16", "float32")  # the default: the first this CPU runs fast
+
+
+class WeightFormatError(ValueError):
+    """A weight format that does not exist or cannot run on the chosen device."""
+
+
+# -- what the CPU runs fast ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class CpuFeatures:
+    """The CPU's instruction sets that matter for weight formats."""
+
+    capability: str  # the vector ISA torch's kernels use here: AVX512, AVX2, DEFAULT
+    avx512_bf16: bool
+    amx_listed: bool  # the CPU reports AMX tiles
+    amx_usable: bool  # ... and the kernel lets this process use them
+
+    @property
+    def bf16(self) -> bool:
+        """bfloat16 arithmetic in hardware (AVX512-BF16 or AMX)."""
+        return self.avx512_bf16 or self.amx_usable
+
+    def runs_fast(self, fmt: str) -> bool:
+        """Whether PyTorch has a fast CPU path for ``fmt`` here.
+
+        bfloat16 matmuls need bfloat16 instructions; the int8/int4 weight-only
+        kernels are vectorized for AVX512 only (elsewhere they run scalar code).
+        """
+        if fmt == "bfloat16":
+            return self.bf16
+        if fmt in ("int8", "int4"):
+            return self.capability.startswith("AVX512")
+        return True
+
+    def describe(self) -> str:
+        amx = "usable" if self.amx_usable else "listed but not enabled by the kernel" if self.amx_listed else "no"
+        return f"{self.capability}, AVX512-BF16 {'yes' if self.avx512_bf16 else 'no'}, AMX {amx}"
+
+
+@cache
+def cpu_features() -> CpuFeatures:
+    """Probe this CPU once (torch's cpuinfo, and whether the kernel grants AMX tile data)."""
+    listed = bool(torch.cpu._is_amx_tile_supported())
+    return CpuFeatures(
+        capability=torch.backends.cpu.get_cpu_capability(),
+        avx512_bf16=bool(torch.cpu._is_avx512_bf16_supported()),
+        amx_listed=listed,
+        amx_usable=listed and bool(torch._C._cpu._init_amx()),
+    )
+
+
+def default_format(device: torch.device | str = "cpu", features: CpuFeatures | None = None) -> str:
+    """The fastest format on ``device`` whose greedy outputs stay close to float32's (see the README's table)."""
+    if torch.device(device).type != "cpu":
+        return "bfloat16"
+    feats = features or cpu_features()
+    return next(f for f in DEFAULT_ORDER if feats.runs_fast(f))
+
+
+def activation_dtype(fmt: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """The float dtype of activations, norms and KV cache for a format.
+
+    int8/int4 use bfloat16: PyTorch's weight-only CPU kernels have their fast
+    path for bfloat16 activations only (float32 ones run 10-30x slower).
+    """
+    return torch.float32 if fmt == "float32" else torch.bfloat16
+
+
+def resolve_format(weights: str | None, device: torch.device | str = "cpu",
+                   features: CpuFeatures | None = None) -> tuple[str, str]:
+    """Validate a requested format for ``device``: ``(format, note)``.
+
+    ``None`` picks :func:`default_format`. A format this CPU has no fast path
+    for falls back to float32 and says so (a warning, and the note); int8/int4
+    exist only on CPU and are refused elsewhere.
+    """
+    dev = torch.device(device)
+    feats = (features or cpu_features()) if dev.type == "cpu" else None
+    if weights is None:
+        fmt = default_format(dev, feats)
+        return fmt, f"{fmt}: the default for {f'this CPU ({feats.describe()})' if feats else dev.type}"
+    fmt = {"bf16": "bfloat16", "fp32": "float32"}.get(str(weights).lower(), str(weights).lower())
+    if fmt not in FORMATS:
+        raise WeightFormatError(f"unknown weight format {weights!r}; choose one of {', '.join(FORMATS)}")
+    if dev.type != "cpu" and fmt in ("int8", "int4"):
+        raise WeightFormatError(f"{fmt} weights run on CPU only; on {dev.type} use weights='bfloat16' or 'float32'")
+    if feats is not None and not feats.runs_fast(fmt):
+        note = (f"{fmt} asked for, but PyTorch has no fast path for it on this CPU ({feats.describe()}); "
+                "running float32 instead")
+        warnings.warn(note, stacklevel=3)
+        return "float32", note
+    return fmt, fmt
+
+
+# -- compact modules ----------------------------------------------------------------------------
+class Int8Linear(nn.Module):
+    """``y = x @ (q * scale).T + bias`` with int8 ``q`` and one scale per output row."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.qweight, self.scales)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+class Int8Embedding(nn.Module):
+    """A token embedding over an int8 table with one scale per row (shared with a tied :class:`Int8Linear`)."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = qweight.shape
+        self.padding_idx = padding_idx
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.qweight[ids].to(self.scales.dtype) * self.scales[ids].unsqueeze(-1)
+
+
+class Int4Linear(nn.Module):
+    """Weight-only int4 linear: groups of 32 input values share a scale and a minimum.
+
+    Weight value = ``scale * code + minimum`` with ``code`` in 0..15 (GGUF
+    Q4_1). PyTorch's kernel computes ``(code - 8) * scale + zero``, so it is
+    given ``zero = minimum + 8 * scale``.
+    """
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, minimums: torch.Tensor, dtype: torch.dtype,
+                 bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        scales, minimums = scales.float(), minimums.float()
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1))
+        # [groups, out, 2]: scale and zero of each group, in the activation dtype (the kernel's contract).
+        self.register_buffer("scale_zero", torch.stack([scales, minimums + 8 * scales], -1)
+                             .transpose(0, 1).contiguous().to(dtype))
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), self.packed, GROUP,
+                                                       self.scale_zero)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+# -- quantizers ---------------------------------------------------------------------------------
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: ``(codes, scales)`` with ``w ≈ codes * scales[:, None]``."""
+    w = w.float()
+    scales = (w.abs().amax(1) / 127).clamp_min(1e-12)
+    return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
+
+
+def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit in groups of 32 along the input (GGUF Q4_1's rule): ``(codes, scales, minimums)``."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // GROUP, GROUP)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scales = (hi - lo) / 15
+    inv = torch.where(scales == 0, 0.0, 1 / scales)
+    codes = torch.floor((g - lo[..., None]) * inv[..., None] + 0.5).clamp(0, 15).to(torch.uint8)
+    return codes.reshape(n, k), scales, lo
+
+
+def dequantize_int4(codes: torch.Tensor, scales: torch.Tensor, minimums: torch.Tensor) -> torch.Tensor:
+    """The float32 weight ``scale * code + minimum`` (the GGUF's own de-quantization)."""
+    n, k = codes.shape
+    w = scales.float()[..., None] * codes.reshape(n, k // GROUP, GROUP).float() + minimums.float()[..., None]
+    return w.reshape(n, k)
+
+
+# -- GGUF Q4_1 blocks ---------------------------------------------------------------------------
+def q4_1_blocks(raw: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unpack a GGUF Q4_1 tensor ([rows, blocks * 20] bytes) into ``(codes, scales, minimums)``.
+
+    A block is a float16 scale, a float16 minimum and 16 bytes: value ``j < 16``
+    in the low nibble of byte ``j``, value ``16 + j`` in its high nibble.
+    """
+    n, k = shape
+    blocks = raw.reshape(n, k // GROUP, 20)
+    scales = blocks[..., 0:2].contiguous().view(torch.float16)[..., 0].float()
+    minimums = blocks[..., 2:4].contiguous().view(torch.float16)[..., 0].float()
+    qs = blocks[..., 4:]
+    codes = torch.stack([qs & 0x0F, qs >> 4], -2).reshape(n, k)
+    return codes, scales, minimums
+
+
+@dataclass
+class GGUFInt4:
+    """The Q4_1 blocks of a GGUF file, by the name of the transformers parameter they became."""
+
+    blocks: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+def read_gguf_int4(path: str | Path, model: nn.Module, cache: str | Path | None = None) -> GGUFInt4:
+    """The Q4_1 weights of ``path`` mapped to ``model``'s linear weights, rows as transformers laid them out.
+
+    transformers reorders some rows when it loads a GGUF (llama's q/k heads);
+    the same reordering is applied to the raw blocks (whole rows move).
+    :func:`apply_format` checks each result against the loaded float weights
+    and uses only those that match exactly. ``cache`` is a safetensors file
+    that keeps the reordered blocks (reading a GGUF's metadata takes seconds).
+    """
+    from safetensors.torch import load_file, save_file
+
+    if cache and Path(cache).exists():
+        rows = load_file(str(cache))
+    else:
+        rows = _gguf_q4_1_rows(path, model)
+        if cache:
+            tmp = Path(f"{cache}.tmp")
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            save_file(rows, str(tmp))
+            tmp.rename(cache)  # atomic: a half-written file is never read
+    params = dict(model.named_parameters())
+    out = GGUFInt4()
+    for name, raw in rows.items():
+        if name in params and params[name].dim() == 2:
+            out.blocks[name] = q4_1_blocks(raw, tuple(params[name].shape))
+    return out
+
+
+def _gguf_q4_1_rows(path: str | Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Each Q4_1 tensor's raw blocks ([rows, blocks * 20] bytes), by transformers parameter name and row order."""
+    from gguf import GGMLQuantizationType, GGUFReader, get_tensor_name_map
+    from gguf.constants import MODEL_ARCH_NAMES
+
+    reader = GGUFReader(str(path))
+    arch_name = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    arch = next(a for a, name in MODEL_ARCH_NAMES.items() if name == arch_name)
+    names = get_tensor_name_map(arch, model.config.num_hidden_layers)
+    to_hf = {}
+    for hf_name, _ in model.named_parameters():
+        gguf_name = names.get_name(hf_name.removesuffix(".weight"))
+        if gguf_name:
+            to_hf[gguf_name + ".weight"] = hf_name
+    reorder = _row_order(arch_name, model.config)
+    return {to_hf[t.name]: reorder(t.name, torch.from_numpy(t.data.copy())) for t in reader.tensors
+            if t.tensor_type == GGMLQuantizationType.Q4_1 and t.name in to_hf}
+
+
+def _row_order(arch: str, config: Any):
+    """The row reordering transformers applies to a GGUF tensor (its own tensor processor), or none."""
+    try:
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+    except ImportError:  # a transformers without it: rows as stored; mismatches are caught later
+        return lambda name, x: x
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
+    return lambda name, x: torch.from_numpy(processor.process(weights=x.numpy(), name=name).weights.copy())
+
+
+def gguf_cache_file(gguf: str | Path | None) -> Path | None:
+    """Where :func:`read_gguf_int4` keeps a GGUF's reordered Q4_1 blocks (under the promptkit cache)."""
+    from .models import cache_dir
+
+    if gguf is None:
+        return None
+    gguf = Path(gguf)
+    return cache_dir() / "gguf" / f"{gguf.stem}-{gguf.stat().st_size}.q4_1.safetensors"
+
+
+# -- the transform ------------------------------------------------------------------------------
+@dataclass
+class WeightReport:
+    """What :func:`apply_format` did: the format, the activation dtype, bytes and how each linear was made."""
+
+    format: str
+    activation_dtype: str
+    bytes: int = 0
+    linears: dict[str, int] = field(default_factory=dict)
+    note: str = ""
+
+    def count(self, how: str) -> None:
+        self.linears[how] = self.linears.get(how, 0) + 1
+
+
+def apply_format(model: nn.Module, fmt: str, gguf: str | Path | None = None,
+                 dtype: torch.dtype | None = None, gguf_cache: str | Path | None = None) -> WeightReport:
+    """Convert ``model`` in place to ``fmt`` (one of :data:`FORMATS`); returns a :class:`WeightReport`.
+
+    ``gguf`` is the file the float weights were de-quantized from: int4 takes
+    its Q4_1 blocks where they reproduce those weights exactly (``gguf_cache``:
+    see :func:`read_gguf_int4`). ``dtype`` forces the activation dtype (default
+    :func:`activation_dtype`).
+    """
+    if fmt not in FORMATS:
+        raise WeightFormatError(f"unknown weight format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    device = next(model.parameters()).device
+    act = dtype or activation_dtype(fmt, device)
+    report = WeightReport(format=fmt, activation_dtype=str(act).removeprefix("torch."))
+    if fmt in ("int8", "int4"):
+        source = read_gguf_int4(gguf, model, gguf_cache) if gguf and fmt == "int4" else GGUFInt4()
+        _quantize_linears(model, fmt, act, source, report)
+    for p in model.parameters():  # norms and anything left in float; buffers (rotary frequencies) stay as they are
+        p.data = p.data.to(act)
+    report.bytes = model_bytes(model)
+    return report
+
+
+def _quantize_linears(model: nn.Module, fmt: str, act: torch.dtype, source: GGUFInt4, report: WeightReport) -> None:
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight is embed.weight
+    params = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear) or child is head:
+                continue
+            setattr(parent, child_name, _compact_linear(child, fmt, act, source.blocks.get(params[id(child.weight)]),
+                                                        report))
+    # Embedding and output projection: one int8 table with a scale per row (kept tied when tied).
+    q, s = quantize_int8(embed.weight.detach())
+    model.set_input_embeddings(Int8Embedding(q, s.to(act), embed.padding_idx))
+    if head is not None:
+        if not tied:
+            q, s = quantize_int8(head.weight.detach())
+        model.set_output_embeddings(Int8Linear(q, s.to(act), _bias(head, act)))
+        report.count("output int8 (tied to the embedding)" if tied else "output int8")
+
+
+def _compact_linear(lin: nn.Linear, fmt: str, act: torch.dtype, blocks: tuple | None,
+                    report: WeightReport) -> nn.Module:
+    w = lin.weight.detach()
+    if fmt == "int4" and lin.in_features % GROUP == 0 and lin.out_features % 16 == 0:  # the kernel's tiles
+        if blocks is not None and torch.equal(dequantize_int4(*blocks), w.float()):
+            report.count("int4 from GGUF blocks")
+        else:
+            if blocks is not None:
+                report.note = "some GGUF blocks did not reproduce the loaded weights; those were re-quantized"
+            blocks = quantize_int4(w)
+            report.count("int4")
+        return Int4Linear(*blocks, dtype=act, bias=_bias(lin, act))
+    q, s = quantize_int8(w)
+    report.count("int8")
+    return Int8Linear(q, s.to(act), _bias(lin, act))
+
+
+def _bias(lin: nn.Module, act: torch.dtype) -> torch.Tensor | None:
+    return None if getattr(lin, "bias", None) is None else lin.bias.detach().to(act)
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers, each storage counted once."""
+    seen: dict[int, int] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
