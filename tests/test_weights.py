@@ -1,0 +1,226 @@
+"""Weight formats: each loads, generates and scores; float32 stays exact; int4 keeps a GGUF's own blocks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from promptkit import LM
+from promptkit.backends.hf import HFBackend
+from promptkit.backends.local import LocalBackend
+from promptkit.engine import weights as W
+
+from tiny import make_tiny_llama
+
+VOCAB = 49152  # the real tokenizer's, so the tiny model runs behind the LM facade
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from promptkit.engine.models import DEFAULT_LLM, resolve_llm
+
+    return AutoTokenizer.from_pretrained(resolve_llm(DEFAULT_LLM))
+
+
+def tiny_lm(tokenizer, fmt: str, backend=LocalBackend) -> LM:
+    return LM(backend=backend("tiny", model_obj=make_tiny_llama(vocab=VOCAB), tokenizer=tokenizer, weights=fmt))
+
+
+@torch.inference_mode()
+def logits(model, ids) -> torch.Tensor:
+    return model(torch.tensor([ids])).logits[0].float()
+
+
+# -- the transform on a tiny random llama -----------------------------------------------------------
+@pytest.mark.parametrize("fmt,tolerance", [("bfloat16", 0.02), ("int8", 0.03), ("int4", 0.25)])
+def test_each_format_stays_close_to_float32_and_is_smaller(fmt, tolerance):
+    ref = make_tiny_llama(vocab=VOCAB)
+    model = make_tiny_llama(vocab=VOCAB)
+    report = W.apply_format(model, fmt)
+    ids = list(range(1, 40))
+    want, got = logits(ref, ids), logits(model, ids)
+    assert (got - want).norm() / want.norm() < tolerance  # a wrong layout or scale is off by ~100 %
+    assert next(model.parameters()).dtype == W.activation_dtype(fmt)  # what the engine sizes its KV cache by
+    assert report.bytes < W.model_bytes(ref) * (0.55 if fmt == "bfloat16" else 0.35)
+    if fmt != "bfloat16":
+        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+        assert embed.qweight is head.qweight  # tied embeddings stay one table
+        assert report.linears == {fmt: 14, "output int8 (tied to the embedding)": 1}
+
+
+@pytest.mark.parametrize("fmt", W.FORMATS)
+@pytest.mark.parametrize("backend", [LocalBackend, HFBackend])
+def test_each_format_generates_and_scores_behind_the_facade(tokenizer, fmt, backend):
+    lm = tiny_lm(tokenizer, fmt, backend)
+    gens = lm.generate(["Hello there", "The sky is"], max_tokens=6, chat=False)
+    assert [len(g.token_ids) for g in gens] == [6, 6]
+    scores = lm.score("The sky is", [" blue", " green today"])
+    assert all(np.isfinite(scores)) and scores[1] < scores[0] < 0
+    assert lm.stats()["weights"] == fmt
+
+
+def test_float32_engine_equals_transformers_on_the_tiny_model(tokenizer):
+    texts = ["Hello there", "One two three four", "A"]
+    ours = tiny_lm(tokenizer, "float32").generate(texts, max_tokens=10, chat=False)
+    ref = tiny_lm(tokenizer, "float32", HFBackend)
+    assert [g.token_ids for g in ours] == [ref.generate(t, max_tokens=10, chat=False)[0].token_ids for t in texts]
+
+
+def test_compact_model_runs_under_transformers_generate():
+    model = make_tiny_llama(vocab=VOCAB)
+    W.apply_format(model, "int4")
+    out = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 7)
+
+
+# -- choosing a format --------------------------------------------------------------------------------
+def test_unknown_format_is_refused():
+    with pytest.raises(W.WeightFormatError, match="choose one of float32, bfloat16, int8, int4"):
+        W.resolve_format("int3")
+
+
+def test_int_formats_are_refused_off_cpu():
+    with pytest.raises(W.WeightFormatError, match="CPU only"):
+        W.resolve_format("int4", device="cuda")
+
+
+@pytest.mark.parametrize("fmt", ["bfloat16", "int8", "int4"])
+def test_a_format_the_cpu_lacks_falls_back_to_float32_and_says_so(fmt):
+    old = W.CpuFeatures(capability="AVX2", avx512_bf16=False, amx_listed=False, amx_usable=False)
+    with pytest.warns(UserWarning, match=f"{fmt} asked for.*no fast path.*running float32"):
+        got, note = W.resolve_format(fmt, features=old)
+    assert got == "float32" and "AVX2" in note
+    assert W.resolve_format(None, features=old)[0] == "float32"
+
+
+def test_default_follows_the_cpu():
+    amx_off = W.CpuFeatures(capability="AVX512", avx512_bf16=False, amx_listed=True, amx_usable=False)
+    assert not amx_off.bf16 and "not enabled by the kernel" in amx_off.describe()
+    full = W.CpuFeatures(capability="AVX512", avx512_bf16=True, amx_listed=False, amx_usable=False)
+    assert W.default_format(features=full) == W.DEFAULT_ORDER[0]
+    assert W.resolve_format(None, features=full)[1].startswith(f"{W.DEFAULT_ORDER[0]}: the default")
+
+
+def test_bfloat16_on_a_cpu_without_it_falls_back_in_the_backend(tokenizer, monkeypatch):
+    old = W.CpuFeatures(capability="AVX512", avx512_bf16=False, amx_listed=False, amx_usable=False)
+    monkeypatch.setattr(W, "cpu_features", lambda: old)
+    with pytest.warns(UserWarning, match="bfloat16 asked for"):
+        lm = tiny_lm(tokenizer, "bfloat16")
+    assert lm.stats()["weights"] == "float32" and "running float32" in lm.stats()["weights_note"]
+    assert lm.stats()["weights"] == "float32" and tiny_lm(tokenizer, "int8").stats()["weights"] == "int8"
+
+
+# -- int4 from a GGUF's own blocks ------------------------------------------------------------------------
+def _llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """The row order llama.cpp's converter gives q/k weights (transformers undoes it on load)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _undo_permute(w: np.ndarray, heads: int) -> np.ndarray:
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(model, path) -> None:
+    """A GGUF holding the tiny model's linears as Q4_1, then the model set to the GGUF's de-quantized weights."""
+    import gguf
+
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    gguf_names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+                  "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+    for i, layer in enumerate(model.model.layers):
+        for mod in (layer.self_attn, layer.mlp):
+            for hf, short in gguf_names.items():
+                lin = getattr(mod, hf, None)
+                if lin is None:
+                    continue
+                w = lin.weight.detach().numpy()
+                heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}.get(hf)
+                stored = _llama_cpp_permute(w, heads) if heads else w
+                blocks = gguf.quants.quantize(stored, gguf.GGMLQuantizationType.Q4_1)
+                writer.add_tensor(f"blk.{i}.{short}.weight", blocks, raw_shape=blocks.shape,
+                                  raw_dtype=gguf.GGMLQuantizationType.Q4_1)
+                back = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_1)
+                back = _undo_permute(back, heads) if heads else back
+                with torch.no_grad():
+                    lin.weight.copy_(torch.from_numpy(np.ascontiguousarray(back)))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_int4_keeps_the_gguf_blocks_exactly(tmp_path):
+    model = make_tiny_llama(vocab=VOCAB)
+    write_tiny_gguf(model, tmp_path / "tiny.gguf")
+    weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    report = W.apply_format(model, "int4", gguf=tmp_path / "tiny.gguf", dtype=torch.float32,
+                            gguf_cache=tmp_path / "blocks.safetensors")
+    assert report.linears["int4 from GGUF blocks"] == 14 and not report.note
+    assert (tmp_path / "blocks.safetensors").exists()
+    for name, mod in model.named_modules():
+        if isinstance(mod, W.Int4Linear):
+            # The kernel's own de-quantization (an identity input) reproduces the GGUF's numbers bit for bit.
+            assert torch.equal(mod(torch.eye(mod.in_features)).T, weights[name]), name
+
+
+def test_int4_requantizes_what_the_gguf_does_not_reproduce(tmp_path):
+    model = make_tiny_llama(vocab=VOCAB)
+    write_tiny_gguf(model, tmp_path / "tiny.gguf")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[3, 5] += 0.25  # the float weights no longer match the GGUF
+    report = W.apply_format(model, "int4", gguf=tmp_path / "tiny.gguf")
+    assert report.linears == {"int4 from GGUF blocks": 13, "int4": 1, "output int8 (tied to the embedding)": 1}
+    assert "re-quantized" in report.note
+
+
+def test_q4_1_blocks_unpack_like_the_gguf_package():
+    import gguf
+
+    w = np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)
+    blocks = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q4_1)
+    codes, scales, mins = W.q4_1_blocks(torch.from_numpy(blocks), (16, 64))
+    assert codes.max() <= 15 and scales.shape == mins.shape == (16, 2)
+    want = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_1)
+    assert torch.equal(W.dequantize_int4(codes, scales, mins), torch.from_numpy(want))
+
+
+# -- the real model -------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", W.FORMATS)
+def test_real_model_in_each_format(fmt):
+    lm = LM(weights=fmt)
+    assert "Paris" in lm.generate("What is the capital of France?", max_tokens=12)[0].text
+    scores = lm.score("The opposite of hot is", [" cold", " blue"])
+    assert scores[0] > scores[1]
+    info = lm.backend.weights
+    assert info.format == fmt and info.bytes < {"float32": 6e8, "bfloat16": 3e8, "int8": 1.5e8, "int4": 1e8}[fmt]
+    if fmt == "int4":
+        assert info.linears["int4 from GGUF blocks"] == 210 and not info.note  # every Q4_1 tensor kept as is
+
+
+@pytest.mark.slow
+def test_real_int4_reproduces_the_gguf_weights_bit_for_bit():
+    from transformers import AutoModelForCausalLM
+
+    from promptkit.engine.models import DEFAULT_LLM, gguf_source, resolve_llm
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_llm(DEFAULT_LLM), dtype=torch.float32)
+    layers = model.model.layers
+    want = {"q": layers[0].self_attn.q_proj.weight.detach().clone(),  # rows reordered on load
+            "down": layers[-1].mlp.down_proj.weight.detach().clone()}
+    gguf = gguf_source(DEFAULT_LLM)
+    W.apply_format(model, "int4", gguf=gguf, dtype=torch.float32, gguf_cache=W.gguf_cache_file(gguf))
+    for key, mod in (("q", layers[0].self_attn.q_proj), ("down", layers[-1].mlp.down_proj)):
+        assert torch.equal(mod(torch.eye(mod.in_features)).T, want[key]), key
+
+
+@pytest.mark.slow
+def test_real_float32_equals_transformers():
+    questions = ["Name three primary colors.", "Write one sentence about the Moon."]
+    ours = LM(weights="float32").generate(questions, max_tokens=16)
+    ref = LM(backend="hf", weights="float32")
+    assert [g.token_ids for g in ours] == [ref.generate(q, max_tokens=16)[0].token_ids for q in questions]
