@@ -69,6 +69,16 @@ def test_float32_engine_equals_transformers_on_the_tiny_model(tokenizer):
     assert [g.token_ids for g in ours] == [ref.generate(t, max_tokens=10, chat=False)[0].token_ids for t in texts]
 
 
+def test_int8_kernel_and_dense_paths_agree():
+    w = torch.randn(64, 96)
+    lin = W.Int8Linear(*(t.to(torch.bfloat16) if t.is_floating_point() else t for t in W.quantize_int8(w)))
+    x = torch.randn(W.DENSE_ROWS, 96, dtype=torch.bfloat16)
+    dense = lin(x).float()  # enough rows: de-quantized GEMM
+    kernel = torch.cat([lin(x[i : i + 1]) for i in range(len(x))]).float()  # one row at a time: the kernel
+    assert (dense - kernel).norm() / kernel.norm() < 1e-2
+    assert (kernel - x.float() @ w.T).norm() / kernel.norm() < 3e-2
+
+
 def test_compact_model_runs_under_transformers_generate():
     model = make_tiny_llama(vocab=VOCAB)
     W.apply_format(model, "int4")

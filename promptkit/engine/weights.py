@@ -32,6 +32,7 @@ from torch import nn
 FORMATS = ("float32", "bfloat16", "int8", "int4")
 GROUP = 32  # values per int4 group: a GGUF Q4_1 block
 DEFAULT_ORDER = ("int8", "bfloat16", "float32")  # the default: the first this CPU runs fast
+DENSE_ROWS = 32  # from this many rows on, int8 de-quantizes and runs a dense GEMM (measured crossover)
 
 
 class WeightFormatError(ValueError):
@@ -127,7 +128,13 @@ def resolve_format(weights: str | None, device: torch.device | str = "cpu",
 
 # -- compact modules ----------------------------------------------------------------------------
 class Int8Linear(nn.Module):
-    """``y = x @ (q * scale).T + bias`` with int8 ``q`` and one scale per output row."""
+    """``y = x @ (q * scale).T + bias`` with int8 ``q`` and one scale per output row.
+
+    Few rows (decode) go through the weight-only kernel, which reads a quarter
+    of float32's bytes; from :data:`DENSE_ROWS` rows on (prefill, wide decode
+    batches) de-quantizing once and running a dense GEMM is faster, as the
+    kernel's cost grows with every row.
+    """
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -137,7 +144,11 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.qweight, self.scales)
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] >= DENSE_ROWS:
+            y = nn.functional.linear(rows, self.qweight.to(rows.dtype) * self.scales[:, None])
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scales)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 

@@ -1,0 +1,230 @@
+"""promptkit in every weight format against llama.cpp: same CPU, same GGUF, same threads, one run.
+
+llama.cpp runs through llama-cpp-python on the GGUF file that promptkit's
+embedded SmolLM2-135M-Instruct is converted from (Q4_1, output Q8_0); both get
+the same token ids. Measured:
+
+- single-stream decode tokens/s: one chat prompt, up to ``--decode-tokens``
+  new tokens (prefill and the first token not counted); plain transformers
+  ``generate`` (float32) is a baseline line;
+- prefill tokens/s of a ~1k-token prompt, cold (nothing cached);
+- P1 end to end: the few-shot prompts of ``bench/shared_prefix.py`` (a shared
+  ~1,070-token prefix), 8 new tokens each: promptkit in one batch,
+  llama.cpp one prompt at a time with its own prefix reuse;
+- the share of P1's greedy outputs (text) identical to promptkit float32's.
+
+    python bench/vs_llamacpp.py            # 128 decode tokens, 1k prefill, 64 prompts
+    python bench/vs_llamacpp.py --quick    # 32 tokens, 256-token prefill, 8 prompts
+
+llama-cpp-python is in the ``bench`` extra; build it for this CPU with
+``CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python``. Without it the
+llama.cpp column is skipped (and the JSON says so). A CPU that lists AMX whose
+kernel does not grant AMX tile data makes a native build die with SIGILL in
+llama.cpp's repacked (AMX) buffers; there the model loads with
+``use_extra_bufts=False`` (AVX512 kernels kept), and the output says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import time
+from contextlib import contextmanager
+
+import _common  # noqa: F401  (puts bench/ on sys.path)
+import torch
+from _common import emit, log, machine, stage, track
+from shared_prefix import build_prompts
+
+from promptkit import LM
+from promptkit.backends.base import SamplingParams
+from promptkit.engine.models import DEFAULT_LLM, gguf_source
+from promptkit.engine.weights import FORMATS, cpu_features
+
+INSTALL = 'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python'
+DECODE_PROMPT = "Write a long story about a dragon who learns to read. Describe every day of its journey."
+
+
+# -- llama.cpp ------------------------------------------------------------------------------------
+@contextmanager
+def _model_params(**overrides):
+    """llama-cpp-python builds its model params from llama.cpp's defaults; set fields it has no argument for."""
+    import llama_cpp.llama_cpp as lc
+
+    default = lc.llama_model_default_params
+
+    def patched():
+        p = default()
+        for k, v in overrides.items():
+            setattr(p, k, v)
+        return p
+
+    lc.llama_model_default_params = patched
+    try:
+        yield
+    finally:
+        lc.llama_model_default_params = default
+
+
+def load_llama_cpp(threads: int, n_ctx: int):
+    """(Llama, note): the embedded model's GGUF in llama.cpp, or (None, why not)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None, f"llama-cpp-python is not installed; install it with: {INSTALL}"
+    import llama_cpp
+
+    feats = cpu_features()
+    safe = feats.amx_listed and not feats.amx_usable
+    overrides = {"use_extra_bufts": False} if safe else {}
+    with _model_params(**overrides):
+        llm = llama_cpp.Llama(model_path=str(gguf_source(DEFAULT_LLM)), n_threads=threads, n_threads_batch=threads,
+                              n_ctx=n_ctx, n_batch=512, verbose=False)
+    note = (f"llama-cpp-python {llama_cpp.__version__}, {threads} threads; "
+            + ("AMX listed but not enabled by the kernel: loaded with use_extra_bufts=False (AVX512 kernels)"
+               if safe else "default model params (this CPU does not list AMX)" if not feats.amx_listed
+               else "default model params (AMX usable)"))
+    return llm, note
+
+
+def llama_decode(llm, ids: list[int], n: int) -> tuple[int, float]:
+    """Tokens decoded after the first, and their seconds."""
+    llm.reset()
+    chunks = llm.create_completion(prompt=ids, max_tokens=n, temperature=0.0, stream=True)
+    next(chunks)
+    done, t0 = 0, time.perf_counter()
+    for _ in chunks:
+        done += 1
+    return done, time.perf_counter() - t0
+
+
+def llama_generate(llm, ids: list[int], n: int) -> str:
+    """Greedy text; the prompt's longest prefix shared with the previous call is reused (llama-cpp-python's own)."""
+    return llm.create_completion(prompt=ids, max_tokens=n, temperature=0.0)["choices"][0]["text"]
+
+
+def llama_prefill(llm, ids: list[int]) -> float:
+    llm.reset()  # nothing reused
+    t0 = time.perf_counter()
+    llm.create_completion(prompt=ids, max_tokens=1, temperature=0.0)
+    return time.perf_counter() - t0
+
+
+# -- promptkit ------------------------------------------------------------------------------------
+def ours_decode(lm: LM, text: str, n: int) -> tuple[int, float]:
+    stream = lm.backend.generate_stream(text, SamplingParams(max_tokens=n))
+    next(stream)  # prefill and the first token
+    done, t0 = 0, time.perf_counter()
+    for ev in stream:
+        done += len(ev.token_ids)
+    return done, time.perf_counter() - t0
+
+
+def ours_prefill(lm: LM, text: str) -> float:
+    lm.backend.clear_cache()
+    t0 = time.perf_counter()
+    lm.generate(text, max_tokens=1, chat=False)
+    return time.perf_counter() - t0
+
+
+def hf_decode(lm: LM, text: str, n: int) -> tuple[int, float]:
+    """transformers ``generate``: (tokens after the first, seconds) from a 1-token and an n-token call."""
+    t0 = time.perf_counter()
+    lm.backend.generate([text], SamplingParams(max_tokens=1))
+    t1 = time.perf_counter()
+    gen = lm.backend.generate([text], SamplingParams(max_tokens=n))[0]
+    return len(gen.token_ids) - 1, (time.perf_counter() - t1) - (t1 - t0)
+
+
+def prefill_text(lm: LM, tokens: int) -> str:
+    from datasets import load_wikipedia_articles
+
+    body = " ".join(a["text"] for a in load_wikipedia_articles()[:20])
+    return lm.backend.decode(lm.backend.encode(body)[:tokens])
+
+
+def rate(tokens: int, seconds: float) -> float:
+    return round(tokens / seconds, 2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="32 decode tokens, 256-token prefill, 8 P1 prompts")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--decode-tokens", type=int, default=None)
+    ap.add_argument("--prefill-tokens", type=int, default=None)
+    ap.add_argument("--prompts", type=int, default=None)
+    ap.add_argument("--formats", default=",".join(FORMATS))
+    args = ap.parse_args()
+    q = args.quick
+    n_dec = args.decode_tokens or (32 if q else 128)
+    n_pre = args.prefill_tokens or (256 if q else 1000)
+    n_p1 = args.prompts or (8 if q else 64)
+    formats = args.formats.split(",")
+    torch.set_num_threads(args.threads)
+
+    res: dict = {"bench": "vs_llamacpp", "cpu": cpu_features().describe(), **machine()}
+    with stage("loading float32 and building the prompts"):
+        ref = LM(weights="float32")
+        p1 = [ref.render(p) for p in build_prompts(n_p1, 512 if q else 1000, ref)]
+        p1_ids = [ref.backend.encode(t) for t in p1]
+        decode_text = ref.render(DECODE_PROMPT)
+        pre_text = prefill_text(ref, n_pre)
+    res.update(decode_new_tokens=n_dec, prefill_prompt_tokens=len(ref.backend.encode(pre_text)), p1_prompts=n_p1,
+               p1_prompt_tokens_mean=round(sum(map(len, p1_ids)) / n_p1, 1))
+    decode, prefill, p1_secs, agree, memory, tokens_decoded = {}, {}, {}, {}, {}, {}
+    outputs: dict[str, list[str]] = {}
+
+    for fmt in formats:
+        lm = ref if fmt == "float32" else LM(weights=fmt)
+        memory[fmt] = round(lm.backend.weights.bytes / 2**20)
+        with stage(f"promptkit {fmt}: decode, prefill, P1"):
+            ours_decode(lm, decode_text, 4)  # warm-up
+            n, secs = ours_decode(lm, decode_text, n_dec)
+            decode[fmt], tokens_decoded[fmt] = rate(n, secs), n
+            prefill[fmt] = rate(res["prefill_prompt_tokens"], min(ours_prefill(lm, pre_text) for _ in range(2)))
+            lm.backend.clear_cache()
+            t0 = time.perf_counter()
+            outputs[fmt] = [g.text for g in lm.generate(p1, max_tokens=8, chat=False)]
+            p1_secs[fmt] = round(time.perf_counter() - t0, 2)
+        log(f"{fmt}: decode {decode[fmt]} tok/s, prefill {prefill[fmt]} tok/s, P1 {p1_secs[fmt]} s")
+        if lm is not ref:
+            del lm
+
+    with stage("transformers generate (float32), single stream"):
+        hf = LM(backend="hf", weights="float32")
+        hf_decode(hf, decode_text, 4)
+        n, secs = hf_decode(hf, decode_text, n_dec + 1)
+        decode["transformers_generate_float32"], tokens_decoded["transformers_generate_float32"] = rate(n, secs), n
+        del hf
+
+    llm, note = load_llama_cpp(args.threads, 4096)
+    res["llama_cpp"] = note
+    if llm is None:
+        log(f"skipping llama.cpp: {note}")
+    else:
+        with stage("llama.cpp: decode, prefill, P1 one prompt at a time"):
+            ids = ref.backend.encode(decode_text)
+            llama_decode(llm, ids, 4)
+            n, secs = llama_decode(llm, ids, n_dec)
+            decode["llama.cpp"], tokens_decoded["llama.cpp"] = rate(n, secs), n
+            pre_ids = ref.backend.encode(pre_text)
+            prefill["llama.cpp"] = rate(len(pre_ids), min(llama_prefill(llm, pre_ids) for _ in range(2)))
+            llm.reset()
+            t0 = time.perf_counter()
+            outputs["llama.cpp"] = [llama_generate(llm, i, 8) for i in track(p1_ids, "llama.cpp P1")]
+            p1_secs["llama.cpp"] = round(time.perf_counter() - t0, 2)
+        memory["llama.cpp"] = round(gguf_source(DEFAULT_LLM).stat().st_size / 2**20)
+
+    if "float32" in outputs:
+        want = outputs["float32"]
+        agree = {k: round(sum(a == b for a, b in zip(v, want)) / n_p1, 3) for k, v in outputs.items() if k != "float32"}
+    res.update(decode_tokens_per_s=decode, decode_tokens=tokens_decoded, prefill_tokens_per_s=prefill,
+               p1_seconds=p1_secs, p1_outputs_equal_to_float32=agree, memory_mb=memory)
+    if "llama.cpp" in decode:
+        res["decode_vs_llama_cpp"] = {f: round(decode[f] / decode["llama.cpp"], 2) for f in formats}
+        res["prefill_vs_llama_cpp"] = {f: round(prefill[f] / prefill["llama.cpp"], 2) for f in formats}
+        res["p1_speedup_vs_llama_cpp"] = {f: round(p1_secs["llama.cpp"] / p1_secs[f], 2) for f in formats}
+    emit(res)
+
+
+if __name__ == "__main__":
+    main()
