@@ -136,6 +136,21 @@ def check_torch(compile: bool = True) -> list[Check]:
     ]
 
 
+def check_weights() -> Check:
+    """The CPU's features and the weight format ``LM()`` picks from them by default."""
+    from .engine.weights import FORMATS, cpu_features, default_format
+
+    def describe() -> str:
+        feats = cpu_features()
+        fast = [f for f in FORMATS if feats.runs_fast(f)]
+        return f"default {default_format()} on this CPU ({feats.describe()}); fast here: {', '.join(fast)}"
+
+    found = _attempt("weight format", False, describe, "")
+    if found.ok and not cpu_features().bf16:
+        found.fix = "no bfloat16 instructions (AVX512-BF16 or AMX) on this CPU: weights='bfloat16' runs as float32"
+    return found
+
+
 def check_stage_packages() -> list[Check]:
     """Which optional stage packages are importable (their stages show in `promptkit stages`)."""
     out = []
@@ -149,7 +164,7 @@ def check_stage_packages() -> list[Check]:
 
 def run_checks(quick: bool = False) -> list[Check]:
     """Every check, essential ones first; ``quick`` skips loading the models and compiling."""
-    return [*check_models(load=not quick), check_cache_dir(), *check_torch(compile=not quick),
+    return [*check_models(load=not quick), check_cache_dir(), *check_torch(compile=not quick), check_weights(),
             *check_stage_packages()]
 
 

@@ -21,6 +21,9 @@ def test_doctor_passes_here_and_reports_every_check():
     assert "384 dimensions" in checks["model minilm-l6-v2 loads"]["detail"]
     assert not any(checks[n]["essential"] for n in ("torch device", "torch.compile", "flex_attention"))
     assert checks["torch device"]["detail"].startswith(("cpu", "cuda"))
+    from promptkit.engine.weights import default_format
+
+    assert checks["weight format"]["detail"].startswith(f"default {default_format()} on this CPU (")
 
 
 def test_unwritable_cache_dir_fails_with_a_fix(tmp_path, monkeypatch):

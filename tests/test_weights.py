@@ -79,6 +79,17 @@ def test_int8_kernel_and_dense_paths_agree():
     assert (kernel - x.float() @ w.T).norm() / kernel.norm() < 3e-2
 
 
+def test_int4_kernel_and_dense_paths_agree():
+    w = torch.randn(48, 96)
+    exact = W.Int4Linear(*W.quantize_int4(w), dtype=torch.float32)
+    assert torch.allclose(exact.dequantize(), W.dequantize_int4(*W.quantize_int4(w)), atol=1e-6)
+    lin = W.Int4Linear(*W.quantize_int4(w), dtype=torch.bfloat16)
+    x = torch.randn(W.DENSE_ROWS, 96, dtype=torch.bfloat16)
+    dense = lin(x).float()
+    kernel = torch.cat([lin(x[i : i + 1]) for i in range(len(x))]).float()
+    assert (dense - kernel).norm() / kernel.norm() < 1e-2
+
+
 def test_compact_model_runs_under_transformers_generate():
     model = make_tiny_llama(vocab=VOCAB)
     W.apply_format(model, "int4")
@@ -163,6 +174,12 @@ def write_tiny_gguf(model, path) -> None:
     writer.close()
 
 
+def kernel_weight(mod: W.Int4Linear) -> torch.Tensor:
+    """The weight as the int4 kernel sees it: identity rows fed one at a time (below the dense-path size)."""
+    eye = torch.eye(mod.in_features)
+    return torch.cat([mod(eye[i : i + 1]) for i in range(mod.in_features)]).T
+
+
 def test_int4_keeps_the_gguf_blocks_exactly(tmp_path):
     model = make_tiny_llama(vocab=VOCAB)
     write_tiny_gguf(model, tmp_path / "tiny.gguf")
@@ -173,8 +190,8 @@ def test_int4_keeps_the_gguf_blocks_exactly(tmp_path):
     assert (tmp_path / "blocks.safetensors").exists()
     for name, mod in model.named_modules():
         if isinstance(mod, W.Int4Linear):
-            # The kernel's own de-quantization (an identity input) reproduces the GGUF's numbers bit for bit.
-            assert torch.equal(mod(torch.eye(mod.in_features)).T, weights[name]), name
+            # Both paths (the kernel's own de-quantization, and the dense one) give the GGUF's numbers bit for bit.
+            assert torch.equal(kernel_weight(mod), weights[name]) and torch.equal(mod.dequantize(), weights[name])
 
 
 def test_int4_requantizes_what_the_gguf_does_not_reproduce(tmp_path):
@@ -225,7 +242,7 @@ def test_real_int4_reproduces_the_gguf_weights_bit_for_bit():
     gguf = gguf_source(DEFAULT_LLM)
     W.apply_format(model, "int4", gguf=gguf, dtype=torch.float32, gguf_cache=W.gguf_cache_file(gguf))
     for key, mod in (("q", layers[0].self_attn.q_proj), ("down", layers[-1].mlp.down_proj)):
-        assert torch.equal(mod(torch.eye(mod.in_features)).T, want[key]), key
+        assert torch.equal(kernel_weight(mod), want[key]) and torch.equal(mod.dequantize(), want[key]), key
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ from torch import nn
 
 FORMATS = ("float32", "bfloat16", "int8", "int4")
 GROUP = 32  # values per int4 group: a GGUF Q4_1 block
-DEFAULT_ORDER = ("int8", "bfloat16", "float32")  # the default: the first this CPU runs fast
+DEFAULT_ORDER = ("bfloat16", "float32")  # the default: the first this CPU runs fast (see the README table)
 DENSE_ROWS = 32  # from this many rows on, int8 de-quantizes and runs a dense GEMM (measured crossover)
 
 
@@ -172,7 +172,9 @@ class Int4Linear(nn.Module):
 
     Weight value = ``scale * code + minimum`` with ``code`` in 0..15 (GGUF
     Q4_1). PyTorch's kernel computes ``(code - 8) * scale + zero``, so it is
-    given ``zero = minimum + 8 * scale``.
+    given ``zero = minimum + 8 * scale``. From :data:`DENSE_ROWS` rows on the
+    weight is de-quantized from the packed codes and a dense GEMM runs, as in
+    :class:`Int8Linear`.
     """
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, minimums: torch.Tensor, dtype: torch.dtype,
@@ -180,17 +182,54 @@ class Int4Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = codes.shape
         scales, minimums = scales.float(), minimums.float()
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1))
+        self.register_buffer("packed", _pack_int4(codes))
         # [groups, out, 2]: scale and zero of each group, in the activation dtype (the kernel's contract).
         self.register_buffer("scale_zero", torch.stack([scales, minimums + 8 * scales], -1)
                              .transpose(0, 1).contiguous().to(dtype))
         self.register_buffer("bias", bias)
+        self.order = _unpack_order(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), self.packed, GROUP,
-                                                       self.scale_zero)
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] >= DENSE_ROWS and self.order is not None:
+            y = nn.functional.linear(rows, self.dequantize().to(rows.dtype))
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP, self.scale_zero)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight ``(code - 8) * scale + zero``, [out, in]."""
+        n, k = self.out_features, self.in_features
+        codes = _nibbles(self.packed)[self.order].reshape(n, k // GROUP, GROUP).float()
+        scale, zero = self.scale_zero.float().transpose(0, 1).unbind(-1)
+        return ((codes - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
+
+
+def _pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed & 0x0F, packed >> 4], -1).reshape(-1)
+
+
+@cache
+def _unpack_order(n: int, k: int) -> torch.Tensor | None:
+    """For each weight position of an [n, k] int4 weight, the packed nibble that holds it (None: not a permutation).
+
+    Found by packing probe codes that spell out each position's index four
+    bits at a time, so it follows whatever layout this PyTorch packs into.
+    """
+    index = torch.arange(n * k)
+    held = torch.zeros(n * k, dtype=torch.int64)  # position held by each nibble
+    for shift in range(0, max(1, (n * k - 1).bit_length()), 4):
+        held |= _nibbles(_pack_int4(((index >> shift) & 0x0F).reshape(n, k))).long() << shift
+    if held.numel() != n * k or not torch.equal(held.sort().values, index):
+        return None
+    order = torch.empty_like(held)
+    order[held] = index
+    return order
 
 
 # -- quantizers ---------------------------------------------------------------------------------
