@@ -143,7 +143,9 @@ def check_weights() -> Check:
     def describe() -> str:
         feats = cpu_features()
         fast = [f for f in FORMATS if feats.runs_fast(f)]
-        return f"default {default_format()} on this CPU ({feats.describe()}); fast here: {', '.join(fast)}"
+        pinned = os.environ.get("PROMPTKIT_WEIGHTS")
+        return (f"default {default_format()} on this CPU ({feats.describe()}); fast here: {', '.join(fast)}"
+                + (f"; PROMPTKIT_WEIGHTS={pinned} overrides the default" if pinned else ""))
 
     found = _attempt("weight format", False, describe, "")
     if found.ok and not cpu_features().bf16:

@@ -47,8 +47,9 @@ class LM:
     ``weights`` (local and hf backends) picks the weight format: ``"float32"``
     (equal to transformers token for token), ``"bfloat16"``, ``"int8"`` or
     ``"int4"`` (weight-only, activations in float; int4 keeps a GGUF model's
-    own 4-bit blocks). The default is the fastest format this CPU runs well;
-    ``LM().stats()["weights"]`` and ``promptkit doctor`` say which.
+    own 4-bit blocks). The default is ``$PROMPTKIT_WEIGHTS`` if set, else the
+    fastest format this CPU runs well; ``LM().stats()["weights"]`` and
+    ``promptkit doctor`` say which.
     """
 
     def __init__(self, model: str = DEFAULT_LLM, backend: str | Backend = "local", chat: bool | None = None,

@@ -8,6 +8,8 @@ import pytest
 from tiny import make_tiny_llama
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The exact mode: outputs equal transformers' and do not depend on batching or caching (bfloat16 rounding would).
+os.environ.setdefault("PROMPTKIT_WEIGHTS", "float32")
 
 
 @pytest.fixture(scope="session")

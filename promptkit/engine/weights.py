@@ -12,14 +12,18 @@ composes with whatever runs the model (the engine, ``generate``):
   ``aten._weight_int4pack_mm_for_cpu``. For a model converted from a GGUF file
   the codes, scales and minimums are the GGUF's own, not re-derived from floats.
 
-In int8 and int4 the activations, norms and KV cache stay in a float dtype
-(:func:`activation_dtype`). The token embedding and the output projection share
-one int8 table with a scale per row (tied, as in SmolLM2): the lookup
-de-quantizes the rows it picks and the output projection uses the int8 kernel.
+In int8 and int4 the activations, norms and KV cache are bfloat16
+(:func:`activation_dtype`), and from :data:`DENSE_ROWS` rows on (prefill) a
+linear de-quantizes its weight and runs a dense GEMM instead of the kernel. The
+token embedding and the output projection share one int8 table with a scale
+per row (tied, as in SmolLM2; llama.cpp also keeps that tensor in 8 bits): the
+lookup de-quantizes the rows it picks and the output projection uses the int8
+kernel.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
 from functools import cache
@@ -32,7 +36,7 @@ from torch import nn
 FORMATS = ("float32", "bfloat16", "int8", "int4")
 GROUP = 32  # values per int4 group: a GGUF Q4_1 block
 DEFAULT_ORDER = ("bfloat16", "float32")  # the default: the first this CPU runs fast (see the README table)
-DENSE_ROWS = 32  # from this many rows on, int8 de-quantizes and runs a dense GEMM (measured crossover)
+DENSE_ROWS = 32  # from this many rows on, int8/int4 de-quantize and run a dense GEMM (measured crossover)
 
 
 class WeightFormatError(ValueError):
@@ -104,12 +108,13 @@ def resolve_format(weights: str | None, device: torch.device | str = "cpu",
                    features: CpuFeatures | None = None) -> tuple[str, str]:
     """Validate a requested format for ``device``: ``(format, note)``.
 
-    ``None`` picks :func:`default_format`. A format this CPU has no fast path
-    for falls back to float32 and says so (a warning, and the note); int8/int4
-    exist only on CPU and are refused elsewhere.
+    ``None`` takes ``$PROMPTKIT_WEIGHTS`` if set, else :func:`default_format`.
+    A format this CPU has no fast path for falls back to float32 and says so (a
+    warning, and the note); int8/int4 exist only on CPU and are refused elsewhere.
     """
     dev = torch.device(device)
     feats = (features or cpu_features()) if dev.type == "cpu" else None
+    weights = weights or os.environ.get("PROMPTKIT_WEIGHTS") or None
     if weights is None:
         fmt = default_format(dev, feats)
         return fmt, f"{fmt}: the default for {f'this CPU ({feats.describe()})' if feats else dev.type}"
