@@ -11,8 +11,8 @@ After a short chat prompt, the engine decodes ``--tokens`` tokens one at a time
   KV writes, the attention code around the kernel, sampling) and host time
   (Python, dispatch between ops).
 
-The profiler also counts the aten ops a step issues (top-level ones, put in a
-bucket by the Python frame that issued them).
+The profiler also counts the aten ops a step issues (top-level ones: inside
+the model's attention function, matmuls, and the others).
 
     python bench/decode_profile.py                 # every format, 64 tokens
     python bench/decode_profile.py --quick         # float32 and int8, 16 tokens
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from contextlib import contextmanager
 
 import _common  # noqa: F401  (puts bench/ on sys.path)
 import torch
@@ -49,21 +50,36 @@ MATMULS = {"aten::linear", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_
            "aten::addmm", "aten::matmul"}
 
 
+@contextmanager
+def attention_labelled(model):
+    """Run the model's attention function (the engine's, looked up by name at every call) under a profiler label."""
+    from transformers import AttentionInterface
+
+    name = model.config._attn_implementation
+    inner = AttentionInterface._global_mapping[name]
+
+    def labelled(*args, **kwargs):
+        with torch.profiler.record_function("attention"):
+            return inner(*args, **kwargs)
+
+    AttentionInterface._global_mapping[name] = labelled
+    try:
+        yield
+    finally:
+        AttentionInterface._global_mapping[name] = inner
+
+
 def top_level_ops(prof) -> list[tuple[object, str]]:
-    """Each aten op not called by another aten op, with its bucket (from the Python frames above it)."""
+    """Each aten op not called by another aten op, with its bucket: attention (under the label), matmul, other."""
     out = []
     for e in prof.events():
         if not e.name.startswith("aten::"):
             continue
-        frames, p = [], e.cpu_parent
-        while p is not None and not p.name.startswith("aten::"):
-            frames.append(p.name)
-            p = p.cpu_parent
-        if p is not None:
-            continue  # inside another aten op: counted there
-        where = " ".join(frames)
-        kind = "attention" if "engine/attention.py" in where else "matmul" if e.name in MATMULS else "other"
-        out.append((e, kind))
+        parent = e.cpu_parent
+        if parent is None:
+            out.append((e, "matmul" if e.name in MATMULS else "other"))
+        elif parent.name == "attention":
+            out.append((e, "attention"))
     return out
 
 
@@ -87,7 +103,8 @@ def matmul_ms(model: torch.nn.Module, repeats: int = 5) -> float:
 def profile(lm: LM, tokens: int) -> dict:
     decode_steps(lm, 4)  # warm-up
     n, secs = decode_steps(lm, tokens)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_stack=True) as prof:
+    with attention_labelled(lm.backend.model), torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         pn, _ = decode_steps(lm, tokens)
     ops = top_level_ops(prof)
     count = {k: sum(kind == k for _, kind in ops) for k in ("matmul", "attention", "other")}
