@@ -18,9 +18,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from .kv_pool import Run, merge_runs, split_runs
 
 ATTN_NAME = "promptkit"
 _MAX_SCORE_ELEMENTS = 1 << 25  # bound the score matrix of one block (~128 MB in float32)
@@ -33,10 +36,20 @@ class SegmentLayout:
 
     start: int  # first row in the packed sequence
     length: int  # new tokens in this forward
-    own_kv: torch.Tensor  # [layers, 2, kv_heads, capacity, head_dim]
-    own_past: int  # tokens already in own_kv before this forward
-    has_prefix: bool  # whether cached prefix nodes precede own_kv
-    sparse_prefix: list[torch.Tensor] | None = None  # set: run sparse attention over these nodes' KV + own
+    own: list[Run]  # pool runs holding the request's own tokens, these new ones included
+    own_past: int  # own tokens whose KV was computed before this forward
+    prefix: list[Run] = field(default_factory=list)  # pool runs of its cached prefix (positions 0..prefix_len)
+    prefix_len: int = 0
+    sparse: bool = False  # attend to prefix + own at once through the sparse kernel (a long prefill)
+
+    @property
+    def has_prefix(self) -> bool:
+        return self.prefix_len > 0
+
+    @property
+    def context(self) -> int:
+        """Keys the last new token sees (its position + 1)."""
+        return self.prefix_len + self.own_past + self.length
 
 
 @dataclass
@@ -44,12 +57,22 @@ class BatchLayout:
     """Everything the attention function needs to know about the current forward."""
 
     segments: list[SegmentLayout]
-    # cached nodes' KV (consecutive on a path) -> packed rows of every query that sees them whole
-    prefix_groups: list[tuple[list[torch.Tensor], torch.Tensor]] = field(default_factory=list)
+    # runs of cached prefix KV (consecutive on a path) -> packed rows of every query that sees them whole
+    prefix_groups: list[tuple[list[Run], torch.Tensor]] = field(default_factory=list)
+    pool: Any = None  # the engine's KVPool: ``pool.kv[layer, 0 | 1]`` is [kv_heads, slots, head_dim]
+    write_slots: torch.Tensor | None = None  # [T] pool slot of each packed row's new key and value
     sparse: Callable | None = None  # (q, k, v, scale, layer) -> out, for long prefills
     probe: torch.Tensor | None = None  # [T] accumulates attention paid to each key by rows >= probe_from
     probe_from: int = 0
     probe_layers: range = range(0)  # layers whose attention is accumulated
+
+
+def gather_kv(pool_kv: torch.Tensor, runs: list[Run]) -> torch.Tensor:
+    """``pool_kv`` [kv_heads, slots, head_dim] at ``runs``: a view for one run, else a copy."""
+    runs = merge_runs(runs)
+    if len(runs) == 1:
+        return pool_kv[:, runs[0][0] : runs[0][0] + runs[0][1]]
+    return torch.cat([pool_kv[:, s : s + n] for s, n in runs], dim=1)
 
 
 _state = threading.local()
@@ -99,8 +122,13 @@ def _attend_lse_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
 
 def attend_lse_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                      causal_offset: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`attend_lse` with plain matmuls over bounded blocks of queries (any device)."""
+                      causal_offset: int | None, window: int | None = None,
+                      softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attend_lse` with plain matmuls over bounded blocks of queries (any device).
+
+    ``window`` (with ``causal_offset``): query i also sees only keys j > c + i - window (a
+    sliding window of that many keys). ``softcap``: scores become ``tanh(s / cap) * cap``.
+    """
     h, m, d = q.shape
     hkv, n = k.shape[0], k.shape[1]
     g = h // hkv
@@ -109,12 +137,18 @@ def attend_lse_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     lse = torch.empty(hkv, g, m, dtype=torch.float32, device=q.device)
     step = max(1, _MAX_SCORE_ELEMENTS // max(1, h * n))
     kt, vf = k.float().transpose(-1, -2), v.float()
+    cols = torch.arange(n, device=q.device)[None, :]
     for a in range(0, m, step):
         b = min(m, a + step)
         s = torch.matmul(qg[:, :, a:b].float(), kt.unsqueeze(1)) * scale  # [hkv, g, b-a, n]
+        if softcap is not None:
+            s = torch.tanh(s / softcap) * softcap
         if causal_offset is not None:
             rows = torch.arange(a, b, device=q.device)[:, None] + causal_offset
-            s = s.masked_fill(torch.arange(n, device=q.device)[None, :] > rows, float("-inf"))
+            hidden = cols > rows
+            if window is not None:
+                hidden |= cols <= rows - window
+            s = s.masked_fill(hidden, float("-inf"))
         blk_lse = torch.logsumexp(s, dim=-1)
         out[:, :, a:b] = torch.matmul(torch.exp(s - blk_lse[..., None]), vf.unsqueeze(1))
         lse[:, :, a:b] = blk_lse
@@ -129,7 +163,7 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, rows: torch.Tensor, o: torch.Te
     lse[:, rows] = new_l
 
 
-def _short_attention(q: torch.Tensor, segs: list[SegmentLayout], layer: int,
+def _short_attention(q: torch.Tensor, segs: list[SegmentLayout], k_pool: torch.Tensor, v_pool: torch.Tensor,
                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Short segments (decode steps, questions after a cached prefix) over their own KV,
     batched by padding into one product. Returns out [H, rows, D] and lse [H, rows], rows in
@@ -137,8 +171,8 @@ def _short_attention(q: torch.Tensor, segs: list[SegmentLayout], layer: int,
     pad = torch.nn.utils.rnn.pad_sequence
     dev = q.device
     qs = pad([q[:, s.start : s.start + s.length].transpose(0, 1) for s in segs], batch_first=True)  # [B, M, H, D]
-    ks = pad([s.own_kv[layer, 0, :, : s.own_past + s.length].transpose(0, 1) for s in segs], batch_first=True)
-    vs = pad([s.own_kv[layer, 1, :, : s.own_past + s.length].transpose(0, 1) for s in segs], batch_first=True)
+    ks = pad([gather_kv(k_pool, s.own).transpose(0, 1) for s in segs], batch_first=True)
+    vs = pad([gather_kv(v_pool, s.own).transpose(0, 1) for s in segs], batch_first=True)
     b, m, h, d = qs.shape
     n, hkv = ks.shape[1], ks.shape[2]
     g = h // hkv
@@ -161,37 +195,63 @@ def _short_attention(q: torch.Tensor, segs: list[SegmentLayout], layer: int,
     return out.transpose(0, 1), lse.transpose(0, 1)
 
 
+def _windowed_attention(q: torch.Tensor, layout: BatchLayout, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                        scale: float, window: int | None, softcap: float | None) -> torch.Tensor:
+    """Each segment over its whole context with an explicit mask: for layers with a sliding
+    window (only the keys inside it are read) or with softcapped scores. Returns [H, T, D]."""
+    h, t, d = q.shape
+    out = torch.empty(h, t, d, dtype=torch.float32, device=q.device)
+    for seg in layout.segments:
+        first = seg.prefix_len + seg.own_past  # position of the segment's first new token
+        lo = 0 if window is None else max(0, first - window + 1)  # keys no row of the segment sees are skipped
+        runs = split_runs(seg.prefix + seg.own, lo)[1]
+        k, v = gather_kv(k_pool, runs), gather_kv(v_pool, runs)
+        o, _ = attend_lse_blocks(q[:, seg.start : seg.start + seg.length], k, v, scale, first - lo, window, softcap)
+        out[:, seg.start : seg.start + seg.length] = o
+    return out
+
+
 def engine_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                     sliding_window: int | None = None, softcap: float | None = None,
                      **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers attention function: query [1, H, T, D], key/value [1, Hkv, T, D] (RoPE applied)."""
+    """transformers attention function: query [1, H, T, D], key/value [1, Hkv, T, D] (RoPE applied).
+
+    New keys and values go to their pool slots first; then every segment attends to its own
+    tokens, and every group of rows sharing cached prefix runs attends to those once.
+    """
     layout = current_layout()
     if layout.probe is not None:
-        return _probe_attention(layout, module.layer_idx, query, key, value, scaling)
+        return _probe_attention(layout, module.layer_idx, query, key, value, scaling, sliding_window, softcap)
     layer = module.layer_idx
-    q, k_new, v_new = query[0], key[0], value[0]
+    q = query[0]
     h, t, d = q.shape
     scale = scaling if scaling is not None else d**-0.5
+    k_pool, v_pool = layout.pool.kv[layer, 0], layout.pool.kv[layer, 1]
+    k_pool.index_copy_(1, layout.write_slots, key[0].to(k_pool.dtype))
+    v_pool.index_copy_(1, layout.write_slots, value[0].to(v_pool.dtype))
+
+    if sliding_window is not None and all(seg.context <= sliding_window for seg in layout.segments):
+        sliding_window = None  # every key is inside every window: plain causal attention
+    if sliding_window is not None or softcap is not None:
+        out = _windowed_attention(q, layout, k_pool, v_pool, scale, sliding_window, softcap)
+        return out.to(query.dtype).transpose(0, 1).unsqueeze(0), None
+
     out = torch.zeros(h, t, d, dtype=torch.float32, device=q.device)
     lse = torch.full((h, t), float("-inf"), dtype=torch.float32, device=q.device)
-
     short: list[SegmentLayout] = []
     for seg in layout.segments:
         s, e, p = seg.start, seg.start + seg.length, seg.own_past
-        kv = seg.own_kv[layer]
-        kv[0, :, p : p + seg.length] = k_new[:, s:e]
-        kv[1, :, p : p + seg.length] = v_new[:, s:e]
-        if seg.length <= SHORT_SEGMENT and (p > 0 or seg.has_prefix) and seg.sparse_prefix is None:
+        if seg.length <= SHORT_SEGMENT and (p > 0 or seg.has_prefix) and not seg.sparse:
             short.append(seg)
             continue
-        k_own, v_own = kv[0, :, : p + seg.length], kv[1, :, : p + seg.length]
-        if seg.sparse_prefix is not None and layout.sparse is not None:
+        if seg.sparse and layout.sparse is not None:
             # A long prefill (or a chunk of one): block-sparse attention over all its keys at once.
-            k_all = torch.cat([n[layer, 0] for n in seg.sparse_prefix] + [k_own], dim=1)
-            v_all = torch.cat([n[layer, 1] for n in seg.sparse_prefix] + [v_own], dim=1)
+            k_all, v_all = gather_kv(k_pool, seg.prefix + seg.own), gather_kv(v_pool, seg.prefix + seg.own)
             out[:, s:e] = layout.sparse(q[None, :, s:e], k_all[None], v_all[None], scale, layer)[0].float()
             lse[:, s:e] = 0.0  # final: prefix groups never include these rows
             continue
+        k_own, v_own = gather_kv(k_pool, seg.own), gather_kv(v_pool, seg.own)
         if not seg.has_prefix and p == 0:
             # A fresh prompt: plain causal attention, nothing to merge.
             o = F.scaled_dot_product_attention(q[None, :, s:e], k_own[None], v_own[None], is_causal=True,
@@ -204,31 +264,41 @@ def engine_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
 
     if short:
         rows = torch.cat([torch.arange(seg.start, seg.start + seg.length) for seg in short]).to(q.device)
-        out[:, rows], lse[:, rows] = _short_attention(q, short, layer, scale)
+        out[:, rows], lse[:, rows] = _short_attention(q, short, k_pool, v_pool, scale)
 
-    for kvs, rows in layout.prefix_groups:
-        k = kvs[0][layer, 0] if len(kvs) == 1 else torch.cat([kv[layer, 0] for kv in kvs], dim=1)
-        v = kvs[0][layer, 1] if len(kvs) == 1 else torch.cat([kv[layer, 1] for kv in kvs], dim=1)
-        o, l = attend_lse(q[:, rows], k, v, scale, causal_offset=None)
+    for runs, rows in layout.prefix_groups:
+        o, l = attend_lse(q[:, rows], gather_kv(k_pool, runs), gather_kv(v_pool, runs), scale, causal_offset=None)
         _merge(out, lse, rows, o, l)
 
     return out.to(query.dtype).transpose(0, 1).unsqueeze(0), None
 
 
+class StopForward(Exception):
+    """Raised by the probe's attention at the first layer it does not need (ends the forward early)."""
+
+
 def _probe_attention(layout: BatchLayout, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     scaling: float | None) -> tuple[torch.Tensor, None]:
+                     scaling: float | None, window: int | None, softcap: float | None) -> tuple[torch.Tensor, None]:
     """Plain causal attention over one sequence that also records how much the rows from
     ``probe_from`` on attend to every key (mean over heads and rows)."""
-    h, t, d = query.shape[1:]
+    if layer >= layout.probe_layers.stop:
+        raise StopForward
+    q, k, v = query[0], key[0], value[0]
+    h, t, d = q.shape
     scale = scaling if scaling is not None else d**-0.5
     if layer in layout.probe_layers:
-        rows = query[0, :, layout.probe_from :].float()  # [H, m, D]
-        k = key[0].float().repeat_interleave(h // key.shape[1], 0)
-        s = torch.matmul(rows, k.transpose(-1, -2)) * scale
-        causal = torch.arange(t, device=query.device)[None, :] > torch.arange(layout.probe_from, t, device=query.device)[:, None]
-        layout.probe += torch.softmax(s.masked_fill(causal, float("-inf")), dim=-1).mean(dim=(0, 1))
-    out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=True)
-    return out.transpose(1, 2), None
+        rows = q[:, layout.probe_from :].float()  # [H, m, D]
+        s = torch.matmul(rows, k.float().repeat_interleave(h // k.shape[0], 0).transpose(-1, -2)) * scale
+        if softcap is not None:
+            s = torch.tanh(s / softcap) * softcap
+        cols, pos = torch.arange(t, device=q.device)[None, :], torch.arange(layout.probe_from, t, device=q.device)[:, None]
+        hidden = (cols > pos) | (cols <= pos - window) if window is not None else cols > pos
+        layout.probe += torch.softmax(s.masked_fill(hidden, float("-inf")), dim=-1).mean(dim=(0, 1))
+    if window is None and softcap is None:
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=True)[0]
+    else:
+        out = attend_lse_blocks(q, k, v, scale, 0, window, softcap)[0]
+    return out.to(query.dtype).transpose(0, 1).unsqueeze(0), None
 
 
 def register() -> None:
