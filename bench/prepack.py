@@ -16,54 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import subprocess
 import sys
-import threading
 import time
 
 import _common  # noqa: F401
-import psutil
 import torch
-from _common import emit, log, machine, peak_rss_mb, stage
+from _common import RssPeak, emit, log, machine, peak_rss_mb, real_token_runs, stage
 
 from promptkit import LM
-
-
-class RssPeak:
-    """Peak resident memory above the level at entry, sampled every few milliseconds."""
-
-    def __enter__(self):
-        self.proc = psutil.Process()
-        self.base = self.peak = self.proc.memory_info().rss
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.005)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.mb = (self.peak - self.base) / 2**20
-
-
-def real_token_runs(lm: LM, n: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
-    from datasets import load_wikipedia_articles
-
-    text = "\n\n".join(a["text"] for a in load_wikipedia_articles())
-    ids = lm.backend.encode_continuation(text[: max(200_000, 8 * n * hi)])  # ~4 characters a token: room to spare
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        length = rng.randint(lo, hi)
-        start = rng.randrange(0, len(ids) - length)
-        out.append(ids[start : start + length])
-    return out
 
 
 @torch.inference_mode()

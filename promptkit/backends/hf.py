@@ -58,7 +58,7 @@ class TransformersBase:
                 hf_logging.disable_progress_bar()
             path = resolve_llm(model, progress=progress)
             tokenizer = AutoTokenizer.from_pretrained(path)
-            model_obj = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, attn_implementation="sdpa")
+            model_obj = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)  # sdpa where the model has it
         self.model = model_obj.to(self.device).eval()
         self.tokenizer = tokenizer
         self.config = self.model.config

@@ -89,8 +89,10 @@ def current_layout() -> BatchLayout:
     return layout
 
 
-# CPU flash attention that also returns the log-sum-exp (what merging partial results needs).
+# Fused kernels that also return the log-sum-exp (what merging partial results needs).
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_CUDA = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention", None)
+_cuda_kernel_ok: dict[tuple[torch.device, torch.dtype], bool] = {}
 
 
 def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -98,11 +100,66 @@ def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     """Attention of ``q`` [H, m, D] over ``k``, ``v`` [Hkv, n, D] with its log-sum-exp.
 
     With ``causal_offset`` c, query i sees keys j <= c + i. Returns out [H, m, D]
-    (float32) and lse [H, m]. On CPU a fused kernel never materializes the scores.
+    (float32) and lse [H, m]. On CPU and CUDA a fused kernel never materializes the
+    scores; elsewhere (or if the CUDA kernel fails its first check) bounded matmuls do.
     """
     if _FLASH_CPU is not None and q.device.type == "cpu" and q.dtype == k.dtype:
         return _attend_lse_fused(q, k, v, scale, causal_offset)
+    if q.device.type == "cuda" and _cuda_kernel_usable(q.device, q.dtype):
+        return _attend_lse_cuda(q, k, v, scale, causal_offset)
     return attend_lse_blocks(q, k, v, scale, causal_offset)
+
+
+def _flash_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """CUDA flash attention [H, m, D] x [Hkv, n, D] with its lse; causal means a top-left-aligned
+    square (n == m). Without causality the g query heads of a KV head become rows of one product."""
+    h, m, d = q.shape
+    hkv = k.shape[0]
+    g = h // hkv
+    if causal:
+        q4, k4, v4 = q[None], k.repeat_interleave(g, 0)[None], v.repeat_interleave(g, 0)[None]
+    else:
+        q4, k4, v4 = q.reshape(1, hkv, g * m, d), k[None], v[None]
+    o, lse = _FLASH_CUDA(q4, k4, v4, is_causal=causal, scale=scale)[:2]
+    return o.reshape(h, m, d).float(), lse.reshape(h, m).float()
+
+
+def _attend_lse_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     causal_offset: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attend_lse` on CUDA: with a causal offset c, keys before c are seen by every query
+    (one unmasked call) and keys c .. c+m form a causal square (one causal call), merged by lse."""
+    if causal_offset is None:
+        return _flash_cuda(q, k, v, scale, causal=False)
+    c, m = causal_offset, q.shape[1]
+    out, lse = _flash_cuda(q, k[:, c : c + m], v[:, c : c + m], scale, causal=True)
+    if c > 0:
+        o, l = _flash_cuda(q, k[:, :c], v[:, :c], scale, causal=False)
+        new = torch.logaddexp(lse, l)
+        out = out * torch.exp(lse - new)[..., None] + o * torch.exp(l - new)[..., None]
+        lse = new
+    return out, lse
+
+
+def _cuda_kernel_usable(device: torch.device, dtype: torch.dtype) -> bool:
+    """Check the CUDA kernel path once per device and dtype against the matmul reference;
+    a kernel that is missing, refuses the inputs or disagrees is not used."""
+    key = (device, dtype)
+    if key not in _cuda_kernel_ok:
+        ok = _FLASH_CUDA is not None
+        if ok:
+            try:
+                g = torch.Generator(device=device).manual_seed(0)
+                q = torch.randn(4, 5, 64, device=device, dtype=dtype, generator=g)
+                k, v = (torch.randn(2, 12, 64, device=device, dtype=dtype, generator=g) for _ in range(2))
+                for c in (None, 7):
+                    got, want = _attend_lse_cuda(q, k, v, 0.125, c), attend_lse_blocks(q, k, v, 0.125, c)
+                    tol = 1e-4 if dtype == torch.float32 else 2e-2
+                    ok = ok and all(torch.allclose(a, b, atol=tol, rtol=tol) for a, b in zip(got, want))
+            except RuntimeError:
+                ok = False
+        _cuda_kernel_ok[key] = ok
+    return _cuda_kernel_ok[key]
 
 
 def _attend_lse_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

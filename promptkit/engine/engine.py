@@ -11,6 +11,7 @@ callers, and their KV and locks are released on every path.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import queue
@@ -21,9 +22,12 @@ from collections.abc import Iterator
 from concurrent.futures import wait
 from typing import Any
 
+import weakref
+
 import torch
 
 from .config import EngineConfig
+from .families import check_supported
 from .kv_pool import KVBudgetError, KVPool
 from .radix_cache import RadixCache
 from .request import Request
@@ -32,6 +36,15 @@ from .sampler import sample, token_logprobs
 from .scheduler import Scheduler, prefix_job_steps, shared_prefixes
 
 log = logging.getLogger(__name__)
+_engines: weakref.WeakSet = weakref.WeakSet()
+IDLE_EXIT_SECONDS = 5.0  # the loop thread ends after this long without work
+
+
+@atexit.register
+def _close_all() -> None:
+    """Stop loop threads before the interpreter tears down the libraries they use."""
+    for engine in list(_engines):
+        engine.close(join_timeout=2)
 
 __all__ = ["Engine", "EngineConfig", "KVBudgetError", "Request"]
 
@@ -46,6 +59,7 @@ class Engine:
     def __init__(self, model: Any, eos_ids: set[int], config: EngineConfig | None = None, **options: Any) -> None:
         base = config.model_dump(exclude_unset=True) if config is not None else {}
         self.config = EngineConfig(**{**base, **options})
+        check_supported(model.config)
         self.model = model
         self.eos_ids = set(eos_ids)
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -64,6 +78,7 @@ class Engine:
         self._inbox: list[Request] = []
         self._thread: threading.Thread | None = None
         self._closed = False
+        _engines.add(self)
 
     @property
     def bytes_per_token(self) -> int:
@@ -171,13 +186,13 @@ class Engine:
                     "kv_high_water_bytes": pool.high_water * bpt,
                     **{f"cache_{k}": v for k, v in self.cache.size_info().items()}}
 
-    def close(self) -> None:
+    def close(self, join_timeout: float = 30) -> None:
         """Stop the loop thread; requests still queued fail."""
         with self._wake:
             self._closed = True
             self._wake.notify()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=join_timeout)
         with self._lock:
             self._fail_all(RuntimeError("the engine was closed"))
 
@@ -186,7 +201,9 @@ class Engine:
         while True:
             with self._wake:
                 while not self._closed and not self._inbox and not self.scheduler.has_work():
-                    self._wake.wait()
+                    if not self._wake.wait(timeout=IDLE_EXIT_SECONDS) and not self._inbox:
+                        self._thread = None  # idle: end, so an unused engine can be freed; submit restarts it
+                        return
                 if self._closed:
                     return
             try:
@@ -258,15 +275,11 @@ class Engine:
 
     def _after_forward(self, batch: list[tuple[Request, int]], logits: torch.Tensor,
                        spans: list[tuple[int, int]]) -> None:
+        self._record_scores(batch, logits, spans)
         sampling: list[tuple[Request, int]] = []  # (request, its logits row)
-        for (r, n), (a, b) in zip(batch, spans):
+        for (r, n), (_, b) in zip(batch, spans):
             try:
-                first = r.computed
                 self.scheduler.advance(r, n)
-                if r.kind == "score" and b > a:
-                    lo = max(first, r.score_from - 1)
-                    target = torch.tensor(r.tokens[lo + 1 : lo + 1 + b - a], device=logits.device)
-                    r.logprobs.extend(token_logprobs(logits[a:b], target)[0].tolist())
                 if r.pending:
                     continue  # more prefill chunks to come
                 if r.kind != "generate":
@@ -282,6 +295,25 @@ class Engine:
         if sampling:
             self._sample(sampling, logits)
 
+    def _record_scores(self, batch: list[tuple[Request, int]], logits: torch.Tensor,
+                       spans: list[tuple[int, int]]) -> None:
+        """Log-probabilities of the scored tokens of every score request in the batch, in one pass."""
+        rows, targets, owners = [], [], []
+        for (r, _), (a, b) in zip(batch, spans):
+            if r.kind == "score" and b > a:
+                lo = max(r.computed, r.score_from - 1)
+                rows.append(torch.arange(a, b))
+                targets.extend(r.tokens[lo + 1 : lo + 1 + b - a])
+                owners.append((r, b - a))
+        if not owners:
+            return
+        dev = logits.device
+        values = token_logprobs(logits[torch.cat(rows).to(dev)], torch.tensor(targets, device=dev))[0].tolist()
+        at = 0
+        for r, n in owners:
+            r.logprobs.extend(values[at : at + n])
+            at += n
+
     def _sample(self, rows: list[tuple[Request, int]], logits: torch.Tensor) -> None:
         reqs = [r for r, _ in rows]
         try:
@@ -289,11 +321,9 @@ class Engine:
             for j, r in enumerate(reqs):
                 for proc in r.processors:  # per-request logits processors (constraints, penalties)
                     x[j] = proc(x[j], r.generated)
+            toks = sample(x, [r.params.temperature for r in reqs], [r.params.top_p for r in reqs],
+                          [r.seed for r in reqs], [len(r.generated) for r in reqs])
             dev = x.device
-            toks = sample(x, torch.tensor([r.params.temperature for r in reqs], device=dev),
-                          torch.tensor([r.params.top_p for r in reqs], device=dev),
-                          torch.tensor([r.seed for r in reqs], device=dev, dtype=torch.int64),
-                          torch.tensor([len(r.generated) for r in reqs], device=dev, dtype=torch.int64))
             want = [r.params.logprobs or r.params.top_logprobs > 0 for r in reqs]
             top = max(r.params.top_logprobs for r in reqs)
             lp = vals = ids = None

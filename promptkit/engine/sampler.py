@@ -32,26 +32,28 @@ def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch
     return ((h >> 8).float() + 0.5) / float(1 << 24)  # 24 bits: exact in float32, never 0 or 1
 
 
-def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, seeds: torch.Tensor,
-           steps: torch.Tensor) -> torch.Tensor:
+def sample(logits: torch.Tensor, temperature: list[float], top_p: list[float], seeds: list[int],
+           steps: list[int]) -> torch.Tensor:
     """Token ids [B] for ``logits`` [B, V]; rows with ``temperature == 0`` are greedy.
 
-    ``temperature``, ``top_p`` (float) and ``seeds``, ``steps`` (int64) are [B] tensors on the
-    logits' device.
+    The settings are per row; which rows sample is decided on the host from them, so the
+    device is never asked (no synchronisation before the caller reads the tokens).
     """
     greedy = logits.argmax(-1)
-    hot = temperature > 0
-    if not bool(hot.any()):
+    hot = [i for i, t in enumerate(temperature) if t > 0]
+    if not hot:
         return greedy
-    idx = hot.nonzero()[:, 0]
-    scaled = logits[idx].float() / temperature[idx, None]
-    p = top_p[idx]
-    if bool((p < 1).any()):
+    dev = logits.device
+    idx = torch.tensor(hot, device=dev)
+    scaled = logits[idx].float() / torch.tensor([temperature[i] for i in hot], device=dev)[:, None]
+    if any(top_p[i] < 1 for i in hot):
+        p = torch.tensor([top_p[i] for i in hot], device=dev)
         probs, order = torch.sort(torch.softmax(scaled, -1), dim=-1, descending=True)
         outside = torch.cumsum(probs, -1) - probs >= p[:, None]  # beyond the smallest set reaching top_p
         scaled = scaled.masked_fill(torch.zeros_like(outside).scatter(-1, order, outside), float("-inf"))
-    gumbel = -torch.log(-torch.log(uniform_noise(seeds[idx], steps[idx], logits.shape[-1])))
-    return greedy.index_copy(0, idx, (scaled + gumbel).argmax(-1))
+    noise = uniform_noise(torch.tensor([seeds[i] for i in hot], device=dev, dtype=torch.int64),
+                          torch.tensor([steps[i] for i in hot], device=dev, dtype=torch.int64), logits.shape[-1])
+    return greedy.index_copy(0, idx, (scaled - torch.log(-torch.log(noise))).argmax(-1))
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int = 0
