@@ -2,8 +2,8 @@
 
 import torch
 
-SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
+from promptkit.engine.families import TINY as FAMILIES  # noqa: F401  (family name -> config)
+from promptkit.engine.families import tiny_model as make_tiny  # noqa: F401
 
 
 def make_tiny_llama(seed: int = 0, layers: int = 2, vocab: int = 512):
@@ -15,40 +15,3 @@ def make_tiny_llama(seed: int = 0, layers: int = 2, vocab: int = 512):
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                       rope_theta=10000.0, tie_word_embeddings=True, attn_implementation="sdpa")
     return LlamaForCausalLM(cfg).eval()
-
-
-# Each family with the features that set it apart turned on at a scale short prompts reach:
-# sliding windows of 8-16 keys, softcapping, q/k norms, mixed sliding and global layers.
-FAMILIES = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
-    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 16}),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 12,
-                                                  "max_window_layers": 1}),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "sliding_window": 12,
-                                                     "attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0,
-                                                     "query_pre_attn_scalar": 16}),
-    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "sliding_window": 8,
-                                                              "layer_types": ["sliding_attention", "full_attention"],
-                                                              "query_pre_attn_scalar": 16}),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"sliding_window": 16, "pad_token_id": 0}),
-    "gpt2": ("GPT2Config", "GPT2LMHeadModel", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 512}),
-}
-
-
-def make_tiny(family: str, vocab: int = 512, seed: int = 0):
-    """A small random-weight model of ``family`` (a key of FAMILIES), seeded."""
-    import transformers
-
-    config_name, model_name, extra = FAMILIES[family]
-    kw = {} if family == "gpt2" else dict(SMALL)
-    kw.update(extra)
-    torch.manual_seed(seed)
-    cfg = getattr(transformers, config_name)(vocab_size=vocab, **kw)
-    model = getattr(transformers, model_name)(cfg).eval()
-    with torch.no_grad():  # random norms and embeddings of a realistic size, so every part matters
-        for name, p in model.named_parameters():
-            if "norm" in name or "ln_" in name:
-                p.normal_(0.0, 0.2) if family.startswith("gemma") else p.normal_(1.0, 0.2)
-    model.generation_config.pad_token_id = 0
-    return model

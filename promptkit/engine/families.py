@@ -58,3 +58,42 @@ def check_supported(config: Any) -> None:
         refuse("bidirectional attention")
     if getattr(cfg, "add_cross_attention", False):
         refuse("cross-attention")
+
+
+# A small random model of each family, with the features that set it apart turned on at a scale
+# short prompts reach (sliding windows of 8-16 keys, softcapping, q/k norms, mixed layer types):
+# what the tests and `bench/gpu_check.py` compare with transformers.
+_SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
+TINY: dict[str, tuple[str, str, dict]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 16}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 12,
+                                                  "max_window_layers": 1}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "sliding_window": 12,
+                                                     "attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0,
+                                                     "query_pre_attn_scalar": 16}),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "sliding_window": 8,
+                                                              "layer_types": ["sliding_attention", "full_attention"],
+                                                              "query_pre_attn_scalar": 16}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"sliding_window": 16, "pad_token_id": 0}),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 512}),
+}
+
+
+def tiny_model(family: str, vocab: int = 512, seed: int = 0) -> Any:
+    """A small random-weight model of ``family`` (a key of :data:`TINY`), the same for the same seed."""
+    import torch
+    import transformers
+
+    config_name, model_name, extra = TINY[family]
+    kw = {**({} if family == "gpt2" else _SMALL), **extra}
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(getattr(transformers, config_name)(vocab_size=vocab, **kw)).eval()
+    with torch.no_grad():  # norms away from their initial constants, so that every part matters
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_" in name:
+                p.normal_(0.0 if family.startswith("gemma") else 1.0, 0.2)  # gemma norms scale by 1 + w
+    model.generation_config.pad_token_id = 0
+    return model
