@@ -32,24 +32,47 @@ SHORT_SEGMENT = 64  # segments up to this long (with a cached past) share one pa
 
 @dataclass
 class SegmentLayout:
-    """One request's slice of the packed sequence."""
+    """One request's slice of the packed sequence.
+
+    Its keys are positions ``0 .. context``: a cached prefix (``prefix`` runs, positions
+    ``0 .. prefix_len``) then its own tokens (``own`` runs, the new ones last). The first
+    ``shared_len`` positions come from prefix groups other segments of the batch share; the
+    segment attends to the rest, ``keys``, by itself (``past`` of them precede its new tokens).
+    """
 
     start: int  # first row in the packed sequence
     length: int  # new tokens in this forward
-    own: list[Run]  # pool runs holding the request's own tokens, these new ones included
+    own: list[Run]  # pool runs of the request's own tokens, these new ones included
     own_past: int  # own tokens whose KV was computed before this forward
-    prefix: list[Run] = field(default_factory=list)  # pool runs of its cached prefix (positions 0..prefix_len)
+    prefix: list[Run] = field(default_factory=list)
     prefix_len: int = 0
+    shared_len: int = 0
+    keys: list[Run] = field(default_factory=list)  # runs of positions shared_len .. context
     sparse: bool = False  # attend to prefix + own at once through the sparse kernel (a long prefill)
 
     @property
-    def has_prefix(self) -> bool:
-        return self.prefix_len > 0
+    def past(self) -> int:
+        """Keys in ``keys`` before the first new token (the causal offset)."""
+        return self.prefix_len - self.shared_len + self.own_past
 
     @property
     def context(self) -> int:
         """Keys the last new token sees (its position + 1)."""
         return self.prefix_len + self.own_past + self.length
+
+
+@dataclass
+class ShortPlan:
+    """Short segments (decode steps, questions after a cached prefix) batched into one padded
+    product; built once per forward, used by every layer."""
+
+    rows: torch.Tensor  # [R] packed rows, segment order
+    key_idx: torch.Tensor  # [B, N] pool slot of each key (padded with slot 0)
+    query_idx: torch.Tensor  # [B, M] packed row of each query (padded with row 0)
+    allowed: torch.Tensor  # [B, M, N] which keys each query sees
+    valid: torch.Tensor  # [B, M] real (not padding) queries
+    view: Run | None = None  # one segment whose keys are one run: read in place, no padding
+    past: int = 0
 
 
 @dataclass
@@ -65,6 +88,41 @@ class BatchLayout:
     probe: torch.Tensor | None = None  # [T] accumulates attention paid to each key by rows >= probe_from
     probe_from: int = 0
     probe_layers: range = range(0)  # layers whose attention is accumulated
+    _short: ShortPlan | None = None
+    _short_built: bool = False
+
+    def short_plan(self, device: torch.device) -> ShortPlan | None:
+        """The plan of the short segments (None if there are none), built on first use."""
+        if not self._short_built:
+            self._short, self._short_built = _plan_short(self.short_segments(), device), True
+        return self._short
+
+    def short_segments(self) -> list[SegmentLayout]:
+        return [s for s in self.segments if is_short(s)]
+
+
+def is_short(seg: SegmentLayout) -> bool:
+    return seg.length <= SHORT_SEGMENT and seg.past > 0 and not seg.sparse
+
+
+def _plan_short(segs: list[SegmentLayout], device: torch.device) -> ShortPlan | None:
+    if not segs:
+        return None
+    lengths = [s.length for s in segs]
+    n_keys = [s.past + s.length for s in segs]
+    m, n = max(lengths), max(n_keys)
+    rows = torch.cat([torch.arange(s.start, s.start + s.length) for s in segs])
+    query_idx = torch.zeros(len(segs), m, dtype=torch.long)
+    key_idx = torch.zeros(len(segs), n, dtype=torch.long)
+    for i, s in enumerate(segs):
+        query_idx[i, : s.length] = torch.arange(s.start, s.start + s.length)
+        key_idx[i, : n_keys[i]] = torch.cat([torch.arange(a, a + k) for a, k in s.keys])
+    past = torch.tensor([s.past for s in segs])
+    allowed = torch.arange(n)[None, None, :] <= (past[:, None] + torch.arange(m)[None, :])[..., None]
+    valid = torch.arange(m)[None, :] < torch.tensor(lengths)[:, None]
+    view = segs[0].keys[0] if len(segs) == 1 and len(segs[0].keys) == 1 else None
+    return ShortPlan(rows.to(device), key_idx.to(device), query_idx.to(device), allowed.to(device),
+                     valid.to(device), view, segs[0].past)
 
 
 def gather_kv(pool_kv: torch.Tensor, runs: list[Run]) -> torch.Tensor:
@@ -220,35 +278,33 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, rows: torch.Tensor, o: torch.Te
     lse[:, rows] = new_l
 
 
-def _short_attention(q: torch.Tensor, segs: list[SegmentLayout], k_pool: torch.Tensor, v_pool: torch.Tensor,
+def _short_attention(q: torch.Tensor, plan: ShortPlan, k_pool: torch.Tensor, v_pool: torch.Tensor,
                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Short segments (decode steps, questions after a cached prefix) over their own KV,
-    batched by padding into one product. Returns out [H, rows, D] and lse [H, rows], rows in
+    """The short segments over their keys. Returns out [H, rows, D] and lse [H, rows], rows in
     segment order."""
-    pad = torch.nn.utils.rnn.pad_sequence
-    dev = q.device
-    qs = pad([q[:, s.start : s.start + s.length].transpose(0, 1) for s in segs], batch_first=True)  # [B, M, H, D]
-    ks = pad([gather_kv(k_pool, s.own).transpose(0, 1) for s in segs], batch_first=True)
-    vs = pad([gather_kv(v_pool, s.own).transpose(0, 1) for s in segs], batch_first=True)
-    b, m, h, d = qs.shape
-    n, hkv = ks.shape[1], ks.shape[2]
+    h, d = q.shape[0], q.shape[2]
+    if plan.view is not None:  # one segment, its keys one run: no gather, no padding
+        a, n = plan.view
+        return attend_lse(q[:, plan.rows], k_pool[:, a : a + n], v_pool[:, a : a + n], scale,
+                          causal_offset=plan.past if len(plan.rows) > 1 else None)
+    b, m = plan.query_idx.shape
+    hkv = k_pool.shape[0]
     g = h // hkv
-    qb = qs.permute(0, 2, 1, 3).reshape(b, hkv, g * m, d)  # the g query heads of a KV head as rows
-    past = torch.tensor([s.own_past for s in segs], device=dev)
-    allowed = torch.arange(n, device=dev)[None, None, :] <= (past[:, None] + torch.arange(m, device=dev)[None, :])[..., None]
-    if _FLASH_CPU is not None and dev.type == "cpu" and qs.dtype == ks.dtype:
-        bias = torch.zeros(b, 1, g * m, n, dtype=qs.dtype, device=dev)
-        bias.masked_fill_(~allowed.repeat(1, g, 1)[:, None], float("-inf"))
-        o, l = _FLASH_CPU(qb, ks.transpose(1, 2), vs.transpose(1, 2), attn_mask=bias, scale=scale)[:2]
+    qb = q[:, plan.query_idx].view(hkv, g, b, m, d).permute(2, 0, 1, 3, 4).reshape(b, hkv, g * m, d)
+    ks = k_pool[:, plan.key_idx].transpose(0, 1)  # [B, Hkv, N, D]
+    vs = v_pool[:, plan.key_idx].transpose(0, 1)
+    if _FLASH_CPU is not None and q.device.type == "cpu" and q.dtype == ks.dtype:
+        bias = torch.zeros(plan.allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~plan.allowed, float("-inf"))
+        bias = bias[:, None].repeat(1, 1, g, 1).view(b, 1, g * m, -1)
+        o, l = _FLASH_CPU(qb, ks, vs, attn_mask=bias, scale=scale)[:2]
         out, lse = o.float().view(b, hkv, g, m, d), l.float().view(b, hkv, g, m)
     else:
-        sc = torch.matmul(qb.float(), ks.permute(0, 2, 3, 1).float()) * scale  # [B, Hkv, g*M, N]
-        sc = sc.view(b, hkv, g, m, n).masked_fill(~allowed[:, None, None], float("-inf"))
+        sc = torch.matmul(qb.float(), ks.transpose(-1, -2).float()) * scale  # [B, Hkv, g*M, N]
+        sc = sc.view(b, hkv, g, m, -1).masked_fill(~plan.allowed[:, None, None], float("-inf"))
         lse = torch.logsumexp(sc, dim=-1)  # [B, Hkv, g, M]
-        out = torch.matmul(torch.exp(sc - lse[..., None]), vs.transpose(1, 2).float().unsqueeze(2))  # [B, Hkv, g, M, D]
-    valid = torch.arange(m, device=dev)[None, :] < torch.tensor([s.length for s in segs], device=dev)[:, None]
-    out = out.reshape(b, h, m, d).permute(0, 2, 1, 3)[valid]  # [rows, H, D]
-    lse = lse.reshape(b, h, m).permute(0, 2, 1)[valid]  # [rows, H]
+        out = torch.matmul(torch.exp(sc - lse[..., None]), vs.float().unsqueeze(2))  # [B, Hkv, g, M, D]
+    out = out.reshape(b, h, m, d).permute(0, 2, 1, 3)[plan.valid]  # [rows, H, D]
+    lse = lse.reshape(b, h, m).permute(0, 2, 1)[plan.valid]  # [rows, H]
     return out.transpose(0, 1), lse.transpose(0, 1)
 
 
@@ -294,38 +350,43 @@ def engine_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         out = _windowed_attention(q, layout, k_pool, v_pool, scale, sliding_window, softcap)
         return out.to(query.dtype).transpose(0, 1).unsqueeze(0), None
 
-    out = torch.zeros(h, t, d, dtype=torch.float32, device=q.device)
-    lse = torch.full((h, t), float("-inf"), dtype=torch.float32, device=q.device)
-    short: list[SegmentLayout] = []
+    out = torch.empty(h, t, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(h, t, dtype=torch.float32, device=q.device) if layout.prefix_groups else None
     for seg in layout.segments:
-        s, e, p = seg.start, seg.start + seg.length, seg.own_past
-        if seg.length <= SHORT_SEGMENT and (p > 0 or seg.has_prefix) and not seg.sparse:
-            short.append(seg)
+        s, e = seg.start, seg.start + seg.length
+        if is_short(seg):
             continue
         if seg.sparse and layout.sparse is not None:
             # A long prefill (or a chunk of one): block-sparse attention over all its keys at once.
             k_all, v_all = gather_kv(k_pool, seg.prefix + seg.own), gather_kv(v_pool, seg.prefix + seg.own)
             out[:, s:e] = layout.sparse(q[None, :, s:e], k_all[None], v_all[None], scale, layer)[0].float()
-            lse[:, s:e] = 0.0  # final: prefix groups never include these rows
+            if lse is not None:
+                lse[:, s:e] = 0.0  # final: prefix groups never include these rows
             continue
-        k_own, v_own = gather_kv(k_pool, seg.own), gather_kv(v_pool, seg.own)
-        if not seg.has_prefix and p == 0:
-            # A fresh prompt: plain causal attention, nothing to merge.
-            o = F.scaled_dot_product_attention(q[None, :, s:e], k_own[None], v_own[None], is_causal=True,
-                                               scale=scale, enable_gqa=True)[0]
-            out[:, s:e] = o.float()
-            lse[:, s:e] = 0.0
+        k, v = gather_kv(k_pool, seg.keys), gather_kv(v_pool, seg.keys)
+        if seg.past == 0 and seg.shared_len == 0:
+            # A fresh prompt, nothing to merge: plain causal attention.
+            out[:, s:e] = F.scaled_dot_product_attention(q[None, :, s:e], k[None], v[None], is_causal=True,
+                                                         scale=scale, enable_gqa=True)[0].float()
             continue
-        o, l = attend_lse(q[:, s:e], k_own, v_own, scale, causal_offset=p)
-        out[:, s:e], lse[:, s:e] = o, l
+        o, l = attend_lse(q[:, s:e], k, v, scale, causal_offset=seg.past)
+        out[:, s:e] = o
+        if lse is not None:
+            lse[:, s:e] = l
 
-    if short:
-        rows = torch.cat([torch.arange(seg.start, seg.start + seg.length) for seg in short]).to(q.device)
-        out[:, rows], lse[:, rows] = _short_attention(q, short, k_pool, v_pool, scale)
+    plan = layout.short_plan(q.device)
+    if plan is not None:
+        o, l = _short_attention(q, plan, k_pool, v_pool, scale)
+        if len(plan.rows) == t:
+            out = o
+        else:
+            out.index_copy_(1, plan.rows, o)
+        if lse is not None:
+            lse.index_copy_(1, plan.rows, l)
 
     for runs, rows in layout.prefix_groups:
         o, l = attend_lse(q[:, rows], gather_kv(k_pool, runs), gather_kv(v_pool, runs), scale, causal_offset=None)
-        _merge(out, lse, rows, o, l)
+        _merge(out, lse, rows, o, l)  # type: ignore[arg-type]
 
     return out.to(query.dtype).transpose(0, 1).unsqueeze(0), None
 

@@ -49,20 +49,27 @@ class ModelRunner:
         """Run ``batch`` (request, new tokens); return the logits rows it needs ([R, V], float32) and
         each request's ``(first, end)`` slice of them (the rows of :func:`logit_rows`)."""
         ids, starts, segs, writes = [], [], [], []
-        groups: dict[int, tuple[list, list[torch.Tensor]]] = {}
+        paths = [r.node.path() if r.node is not None and r.cached_len else [] for r, _ in batch]
+        sparse = [self._use_sparse(r, n) for r, n in batch]
+        # A cached node is attended to once for all the segments that share it (cascade); a node
+        # only one segment uses is part of that segment's own keys, read in the same product.
+        users: dict[int, int] = {}
+        for path, sp in zip(paths, sparse):
+            for node in path if not sp else ():
+                users[id(node)] = users.get(id(node), 0) + 1
+        groups: dict[int, tuple[Any, list[torch.Tensor]]] = {}
         offset = 0
-        for r, n in batch:
+        for (r, n), path, sp in zip(batch, paths, sparse):
             own, _ = split_runs(r.runs, r.own_len + n)
             writes.append(split_runs(own, r.own_len)[1])
-            path = r.node.path() if r.node is not None and r.cached_len else []
-            seg = SegmentLayout(offset, n, own, r.own_len, prefix=merge_runs([p.run for p in path]),
-                                prefix_len=r.cached_len, sparse=self._use_sparse(r, n))
-            if not seg.sparse:
-                for node in path:
-                    groups.setdefault(id(node), (node.run, []))[1].append(torch.arange(offset, offset + n))
+            shared = [] if sp else [node for node in path if users[id(node)] > 1]
+            for node in shared:
+                groups.setdefault(id(node), (node.run, []))[1].append(torch.arange(offset, offset + n))
+            segs.append(SegmentLayout(offset, n, own, r.own_len, prefix=merge_runs([p.run for p in path]),
+                                      prefix_len=r.cached_len, shared_len=sum(len(p.tokens) for p in shared),
+                                      keys=merge_runs([p.run for p in path[len(shared):]] + own), sparse=sp))
             ids.extend(r.tokens[r.computed : r.computed + n])
             starts.append(r.computed)
-            segs.append(seg)
             offset += n
         layout = BatchLayout(segs, self._prefix_groups(groups), pool=self.pool,
                              write_slots=run_slots([w for ws in writes for w in ws], self.device),
