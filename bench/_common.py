@@ -92,3 +92,46 @@ def hf_step(model, input_ids, cache=None, **kw):
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = model(input_ids=input_ids, use_cache=True, **({name: cache} if cache is not None else {}), **kw)
     return out, getattr(out, name)
+
+
+class RssPeak:
+    """Peak resident memory above the level at entry, sampled every few milliseconds."""
+
+    def __enter__(self):
+        import threading
+
+        import psutil
+
+        self.proc = psutil.Process()
+        self.base = self.peak = self.proc.memory_info().rss
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.mb = (self.peak - self.base) / 2**20
+
+
+def real_token_runs(lm, n: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
+    """``n`` runs of consecutive tokens of real Wikipedia text, lengths uniform in ``lo..hi``."""
+    import random
+
+    from datasets import load_wikipedia_articles
+
+    text = "\n\n".join(a["text"] for a in load_wikipedia_articles())
+    ids = lm.backend.encode_continuation(text[: max(200_000, 8 * n * hi)])  # ~4 characters a token: room to spare
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        length = rng.randint(lo, hi)
+        start = rng.randrange(0, len(ids) - length)
+        out.append(ids[start : start + length])
+    return out

@@ -9,7 +9,7 @@ For each optimizer: held-out accuracy of the pipeline it returns, its LM calls
 and seconds, against the zero-shot pipeline; ``optimized_accuracy`` is the held-out
 accuracy of the optimizer with the best validation score. P6: the same RandomFewShot search
 run with the prefix cache on (prefix-aware order) and with the cache off
-(``LM(max_cache_bytes=0)``, every prompt token prefilled) — tokens prefilled
+(``LM(prefix_cache=False)``, every prompt token prefilled) — tokens prefilled
 and seconds.
 
     python bench/optimizers.py --quick
@@ -59,7 +59,7 @@ def zero_shot(labels: list[str]) -> Pipeline:
 def cache_off(lm: LM):
     """Run the shared LM's calls on a second engine with the prefix cache off (same weights)."""
     shared = lm.backend
-    lm.backend = LM(max_cache_bytes=0).backend
+    lm.backend = LM(prefix_cache=False).backend
     try:
         yield
     finally:

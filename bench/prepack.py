@@ -7,7 +7,7 @@ baseline pads them to the longest and runs one transformers forward
 (``logits_to_keep=1``). Both on the same weights, in this process, the prefix
 cache off so only packing is measured; peak memory of each is measured in a
 fresh process. Then a stream of distinct prompts runs
-with a small cache budget to show the cache stays within it.
+with a small KV budget to show memory stays within it.
 
     python bench/prepack.py [--quick]
 """
@@ -16,54 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import subprocess
 import sys
-import threading
 import time
 
 import _common  # noqa: F401
-import psutil
 import torch
-from _common import emit, log, machine, peak_rss_mb, stage
+from _common import RssPeak, emit, log, machine, peak_rss_mb, real_token_runs, stage
 
 from promptkit import LM
-
-
-class RssPeak:
-    """Peak resident memory above the level at entry, sampled every few milliseconds."""
-
-    def __enter__(self):
-        self.proc = psutil.Process()
-        self.base = self.peak = self.proc.memory_info().rss
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.005)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.mb = (self.peak - self.base) / 2**20
-
-
-def real_token_runs(lm: LM, n: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
-    from datasets import load_wikipedia_articles
-
-    text = "\n\n".join(a["text"] for a in load_wikipedia_articles())
-    ids = lm.backend.encode_continuation(text[: max(200_000, 8 * n * hi)])  # ~4 characters a token: room to spare
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        length = rng.randint(lo, hi)
-        start = rng.randrange(0, len(ids) - length)
-        out.append(ids[start : start + length])
-    return out
 
 
 @torch.inference_mode()
@@ -76,7 +37,7 @@ def hf_padded_prefill(model, seqs: list[list[int]], pad: int) -> torch.Tensor:
 
 def measure_memory(method: str, n: int, hi: int) -> None:
     """In a fresh process: peak resident memory added by one prefill of the workload."""
-    lm = LM(backend="local", max_cache_bytes=0) if method == "packed" else LM(backend="hf")
+    lm = LM(backend="local", prefix_cache=False) if method == "packed" else LM(backend="hf")
     seqs = real_token_runs(lm, n, 16, hi)
     from promptkit.backends.base import SamplingParams
     from promptkit.engine.engine import Request
@@ -116,7 +77,7 @@ def main() -> None:
     repeats = args.repeats or (1 if args.quick else 3)
 
     with stage("loading the engine and the transformers reference"):
-        ours = LM(backend="local", max_cache_bytes=0)
+        ours = LM(backend="local", prefix_cache=False)
         hf = LM(backend="hf")
         seqs = real_token_runs(ours, n, 16, hi)
     res: dict = {"bench": "prepack", "prompts": n, "tokens": sum(map(len, seqs)),
@@ -154,19 +115,16 @@ def main() -> None:
     res["peak_mem_mb_packed"], res["peak_mem_mb_padded"] = mem["packed"], mem["padded"]
     res["speedup_vs_padded"] = round(res["seconds_padded"] / res["seconds_packed"], 2)
 
-    # The cache budget holds under a stream of distinct prompts.
+    # The KV budget holds under a stream of distinct prompts (bench/memory.py loads it harder).
     budget = 32 * 2**20
-    cached = LM(backend="local", max_cache_bytes=budget)
-    peak_cache = 0
+    cached = LM(backend="local", max_kv_bytes=budget)
     stream = real_token_runs(cached, 4 if args.quick else 12, 200, 700, seed=1)
-    with stage(f"{len(stream)} distinct prompts under a {budget >> 20} MB cache budget"), RssPeak() as m_cache:
+    with stage(f"{len(stream)} distinct prompts under a {budget >> 20} MB KV budget"), RssPeak() as m_cache:
         for s in stream:
             cached.backend.engine.run([Request(tokens=s, params=SamplingParams(max_tokens=4))])
-            st = cached.stats()
-            peak_cache = max(peak_cache, st["cache_bytes"])
-            cached.backend.engine.cache.check_integrity()
+            cached.backend.engine.check_integrity()
     res["cache_budget_mb"] = budget / 2**20
-    res["cache_peak_mb"] = round(peak_cache / 2**20, 2)
+    res["cache_peak_mb"] = round(cached.stats()["kv_high_water_bytes"] / 2**20, 2)
     res["cache_evictions"] = cached.stats()["evictions"]
     res["cache_run_rss_growth_mb"] = round(m_cache.mb)
     res["peak_rss_mb"] = round(peak_rss_mb())

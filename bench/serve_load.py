@@ -97,7 +97,7 @@ def main() -> None:
     with stage(f"cache on: {n} requests from {clients} clients, queue bound {max_queue}"):
         on = run_load(LM(), items, clients, max_queue, a.max_tokens)
     with stage(f"cache off: {n} requests from {clients} clients, queue bound {max_queue}"):
-        off = run_load(LM(max_cache_bytes=0), items, clients, max_queue, a.max_tokens)
+        off = run_load(LM(prefix_cache=False), items, clients, max_queue, a.max_tokens)
     emit({"requests": on["requests"] + off["requests"], "ok": on["ok"] + off["ok"],
           "rejected_429": on["rejected_429"] + off["rejected_429"], "lost": on["lost"] + off["lost"],
           "rps": on["rps"], "p50_ms": on["p50_ms"], "p99_ms": on["p99_ms"],

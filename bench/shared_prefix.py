@@ -51,13 +51,14 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--prefix-tokens", type=int, default=None, help="at least this many shared tokens (1000)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     args = ap.parse_args()
     n = args.prompts or (8 if args.quick else 64)
     prefix_tokens = args.prefix_tokens or (512 if args.quick else 1000)
 
     with stage("loading the engine and the transformers reference"):
-        ours = LM(backend="local")
-        hf = LM(backend="hf", batch_size=n)
+        ours = LM(backend="local", device=args.device)
+        hf = LM(backend="hf", batch_size=n, device=args.device)
     with stage(f"building {n} few-shot prompts"):
         prompts = build_prompts(n, prefix_tokens, ours)
     texts = [ours.render(p) for p in prompts]

@@ -11,8 +11,9 @@ and sparse prefill run on the same prompts in the same process:
   estimation included, vs dense causal SDPA) and end-to-end time to first token;
 * the sparsity reached.
 
-    python bench/sparse_prefill.py --quick      # 2k tokens, two depths
-    python bench/sparse_prefill.py              # 2k, 4k and 8k tokens, five depths
+    python bench/sparse_prefill.py --quick                     # 4k tokens, one depth (a smoke test)
+    python bench/sparse_prefill.py                             # 2k, 4k and 8k tokens, five depths
+    python bench/sparse_prefill.py --lengths 8192 --depths 2   # one length alone, two depths
 """
 
 from __future__ import annotations
@@ -75,16 +76,23 @@ def build_prompt(tok, words: list[int], n_tokens: int, depth: float, secret: str
 @torch.inference_mode()
 def prefill_and_answer(model, ids: torch.Tensor, new_tokens: int = 12) -> tuple[float, torch.Tensor, list[int]]:
     """Time to first token, the next-token log-probabilities and a short greedy answer."""
+    ids = ids.to(model.device)
+    _sync(model.device)
     t0 = time.perf_counter()
     out, cache = hf_step(model, ids, logits_to_keep=1)
-    ttft = time.perf_counter() - t0
     logp = torch.log_softmax(out.logits[0, -1].float(), -1)
-    nxt, answer = int(logp.argmax()), []
+    nxt, answer = int(logp.argmax()), []  # reading the token waits for the device
+    ttft = time.perf_counter() - t0
     for _ in range(new_tokens):
         answer.append(nxt)
-        out, cache = hf_step(model, torch.tensor([[nxt]]), cache)
+        out, cache = hf_step(model, torch.tensor([[nxt]], device=model.device), cache)
         nxt = int(out.logits[0, -1].argmax())
     return ttft, logp, answer
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def capture_qkv(model, ids: torch.Tensor, layers: list[int]) -> dict[int, tuple]:
@@ -101,22 +109,27 @@ def capture_qkv(model, ids: torch.Tensor, layers: list[int]) -> dict[int, tuple]
     AttentionInterface.register("bench_grab", grab)
     model.set_attn_implementation("bench_grab")
     with torch.inference_mode():
-        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        model(input_ids=ids.to(model.device), use_cache=False, logits_to_keep=1)
     return grabbed
 
 
-def timed(fn, repeat: int) -> float:
+def timed(fn, repeat: int, device: torch.device) -> float:
     best = float("inf")
     for _ in range(repeat):
+        _sync(device)
         t0 = time.perf_counter()
         fn()
+        _sync(device)
         best = min(best, time.perf_counter() - t0)
     return best
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="2k tokens, two depths")
+    ap.add_argument("--quick", action="store_true", help="4k tokens, one depth (a smoke test of the script)")
+    ap.add_argument("--lengths", type=int, nargs="+", help="prompt lengths in tokens (default 2048 4096 8192)")
+    ap.add_argument("--depths", type=int, help="needle depths per length, evenly spread (default 5)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--text-file", help="haystack text instead of the Wikipedia articles")
     ap.add_argument("--gamma", type=float, default=SparseConfig().gamma)
     ap.add_argument("--tau", type=float, default=0.1)
@@ -127,13 +140,15 @@ def main() -> None:
 
     from promptkit.engine.models import resolve_llm
 
-    lengths = [2048] if args.quick else [2048, 4096, 8192]
-    depths = [0.3, 0.7] if args.quick else [0.1, 0.3, 0.5, 0.7, 0.9]
+    lengths = args.lengths or ([4096] if args.quick else [2048, 4096, 8192])
+    n_depths = args.depths or (1 if args.quick else 5)
+    depths = [round((i + 0.5) / n_depths, 2) for i in range(n_depths)]  # 5: 0.1, 0.3, 0.5, 0.7, 0.9
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = SparseConfig(gamma=args.gamma, tau=args.tau, block_size=args.block_size, min_length=1024)
     path = resolve_llm()
     tok = AutoTokenizer.from_pretrained(path)
     log("loading SmolLM2 and the haystack")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
     stats = register_hf_attention(cfg, SPARSE_NAME)
     words = tok.encode(haystack_text(args.text_file), add_special_tokens=False)
     rng = random.Random(0)
@@ -183,8 +198,8 @@ def main() -> None:
     with torch.inference_mode():
         for q, k, v, scale in qkv.values():
             sparse_attention(q, k, v, cfg, scale)  # warm
-            t_dense += timed(lambda: dense_attention(q, k, v, scale), 5)
-            t_sparse += timed(lambda: sparse_attention(q, k, v, cfg, scale), 5)
+            t_dense += timed(lambda: dense_attention(q, k, v, scale), 5, q.device)
+            t_sparse += timed(lambda: sparse_attention(q, k, v, cfg, scale), 5, q.device)
             sp.append(sparse_attention(q, k, v, cfg, scale)[1].sparsity)
 
     last = per_length[n]

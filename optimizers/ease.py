@@ -124,7 +124,7 @@ def lm_block_embeddings(lm: Any, texts: list[str]) -> np.ndarray:
     be = lm.backend
     model, tok = be.model, be.tokenizer
     engine = getattr(be, "engine", None)
-    lock = engine._step_lock if engine is not None else contextlib.nullcontext()
+    lock = engine.exclusive() if engine is not None else contextlib.nullcontext()
     out = []
     with lock, torch.inference_mode():
         # The engine routes attention through its own packed layout; plain SDPA for this side pass.

@@ -47,11 +47,14 @@ def main(
     """promptkit: build, evaluate, optimize and serve prompt pipelines on a local model."""
 
 
-def _load_lm(model: str, backend: str = "local"):
+def _load_lm(model: str, backend: str = "local", **options):
     from .lm import get_lm
 
     with err.status(f"loading {model} ...", spinner="dots"):
-        return get_lm(model, backend)
+        try:
+            return get_lm(model, backend, **options)
+        except ValueError as e:  # a refused model or setting
+            _fail(str(e))
 
 
 @models_app.command("list")
@@ -220,12 +223,20 @@ def serve(
     max_queue: Annotated[int, typer.Option(min=1, help="Requests running or waiting at once; more get 429.")] = 64,
     recipe: Annotated[Optional[list[Path]], typer.Option(help="Also serve a recipe's pipeline as a model "
                                                               "named after the file (repeatable).")] = None,
+    max_kv_bytes: Annotated[str, typer.Option(help="KV memory for the prefix cache and running requests "
+                                                   "together, e.g. 512MB or 2GiB; past it the engine evicts "
+                                                   "cached prefixes, then preempts the youngest request.")] = "2GiB",
+    prefix_cache: Annotated[bool, typer.Option(help="Reuse the KV of prompts' shared prefixes.")] = True,
+    max_batch_tokens: Annotated[int, typer.Option(min=1, help="Tokens per forward (longer prefills are "
+                                                              "chunked).")] = 2048,
+    max_running: Annotated[int, typer.Option(min=1, help="Requests decoded together.")] = 64,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /stats)."""
     from .server import serve as run_server
 
     pipelines = {r.stem: _load_pipeline(r) for r in recipe or []}
-    lm = _load_lm(model)
+    lm = _load_lm(model, max_kv_bytes=max_kv_bytes, prefix_cache=prefix_cache, max_batch_tokens=max_batch_tokens,
+                  max_running=max_running)
     err.print(f"[green]serving[/] {model} on http://{host}:{port}/v1" + (" (API key required)" if api_key else ""))
     run_server(lm, host=host, port=port, api_key=api_key, max_queue=max_queue, pipelines=pipelines)
 

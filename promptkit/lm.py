@@ -42,7 +42,8 @@ class LM:
     ``backend`` is ``"local"`` (the promptkit engine, default), ``"hf"`` (plain
     transformers, the reference), ``"openai"`` (any OpenAI-compatible server;
     pass ``base_url``) or a :class:`Backend` instance. Other keyword options go
-    to the backend (``device``, ``dtype``, ``max_cache_bytes``, ...).
+    to the backend (``device``, ``dtype``, ``max_kv_bytes``, ``prefix_cache``, ...; see
+    :class:`~promptkit.engine.config.EngineConfig`).
 
     ``weights`` (local and hf backends) picks the weight format: ``"float32"``
     (equal to transformers token for token), ``"bfloat16"``, ``"int8"`` or

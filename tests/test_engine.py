@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from promptkit.backends.base import SamplingParams
+from promptkit.engine.config import EngineConfig
 from promptkit.engine.engine import Engine, Request
-from promptkit.engine.radix_cache import CacheBudgetError
+from promptkit.engine.kv_pool import KVBudgetError
 
 from tiny import make_tiny_llama
 
@@ -20,6 +21,9 @@ def ref_model():
     m.generation_config.eos_token_id = None
     m.generation_config.pad_token_id = 0
     return m
+
+
+BPT = 2 * 2 * 2 * 16 * 4  # KV bytes per token of the tiny llama: layers * (k, v) * kv heads * head dim * float32
 
 
 def make_engine(**kw):
@@ -59,26 +63,51 @@ def test_greedy_matches_hf_cold_warm_and_packed(ref_model):
     before = eng.stats()["tokens_prefilled"]
     assert greedy(eng, ps) == want  # warm: prompts (and outputs) now cached
     assert eng.stats()["tokens_prefilled"] - before == len(ps)  # only the last prompt token of each
-    eng.cache.check_integrity()
+    eng.check_integrity()
 
 
 def test_greedy_matches_hf_with_chunked_prefill_and_eviction(ref_model):
     ps = prompts(5, lo=40, hi=90, seed=2, shared=30)
     want = [hf_greedy(ref_model, p, 10) for p in ps]
-    budget = 120 * Engine(make_tiny_llama(vocab=VOCAB), set(), max_cache_bytes=1).bytes_per_token
-    eng = make_engine(max_batch_tokens=32, max_cache_bytes=budget)  # prompts are chunked; the cache evicts
+    budget = 200 * BPT  # less than the five prompts need at once
+    # prompts are chunked; the pool is tight; a small reserve makes running requests outgrow it
+    eng = make_engine(max_batch_tokens=32, max_kv_bytes=budget, decode_reserve=2)
     for _ in range(2):
         assert greedy(eng, ps, 10) == want
-        eng.cache.check_integrity()
-        assert eng.cache.used_bytes <= budget
-    assert eng.cache.stats.evictions > 0
+        eng.check_integrity()
+    s = eng.stats()
+    assert s["kv_high_water_bytes"] <= budget == s["kv_budget_bytes"]
+    assert s["evictions"] > 0
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_requests_outgrowing_the_pool_preempt_the_youngest_and_still_match_hf(ref_model, cache):
+    ps = prompts(3, lo=40, hi=41, seed=15)  # all three are admitted; their generations do not fit
+    want = [hf_greedy(ref_model, p, 20) for p in ps]
+    eng = make_engine(max_kv_bytes=130 * BPT, decode_reserve=1, prefix_cache=cache)
+    assert greedy(eng, ps, 20) == want
+    s = eng.stats()
+    assert s["preemptions"] > 0 and s["kv_high_water_bytes"] <= s["kv_budget_bytes"]
+    eng.check_integrity()
 
 
 def test_cache_off_matches_hf(ref_model):
     ps = prompts(4, seed=3, shared=16)
-    eng = make_engine(max_cache_bytes=0)
+    eng = make_engine(prefix_cache=False)
     assert greedy(eng, ps) == [hf_greedy(ref_model, p, 12) for p in ps]
     assert eng.stats()["tokens_prefilled"] == sum(map(len, ps)) and eng.stats()["tokens_cached"] == 0
+    assert eng.stats()["kv_used_bytes"] == 0  # nothing kept once the requests are done
+
+
+def test_one_budget_bounds_all_kv_with_the_cache_on_or_off(ref_model):
+    ps = prompts(8, lo=90, hi=91, seed=11)  # eight 90-token prompts under a 100-token budget
+    want = [hf_greedy(ref_model, p, 6) for p in ps]
+    for cache in (True, False):
+        eng = make_engine(max_kv_bytes=100 * BPT, prefix_cache=cache)
+        assert greedy(eng, ps, 6) == want
+        s = eng.stats()
+        assert s["kv_high_water_bytes"] <= s["kv_budget_bytes"] == 100 * BPT
+        eng.check_integrity()
 
 
 def test_packed_and_cached_prefill_logits_equal_plain_prefill(ref_model):
@@ -91,7 +120,7 @@ def test_packed_and_cached_prefill_logits_equal_plain_prefill(ref_model):
         assert r.matched_len == 25
         torch.testing.assert_close(torch.tensor(r.logprobs), hf_logprobs(ref_model, p)[25:], atol=1e-4, rtol=1e-4)
     # and with nothing cached: every token's logits through packed prefill
-    reqs = make_engine(max_cache_bytes=0).run([Request(tokens=list(p), kind="score", score_from=1) for p in ps])
+    reqs = make_engine(prefix_cache=False).run([Request(tokens=list(p), kind="score", score_from=1) for p in ps])
     for r, p in zip(reqs, ps):
         torch.testing.assert_close(torch.tensor(r.logprobs), hf_logprobs(ref_model, p), atol=1e-4, rtol=1e-4)
 
@@ -131,7 +160,7 @@ def test_concurrent_callers_get_correct_results(ref_model):
     for t in threads:
         t.join(timeout=120)
     assert got == want
-    eng.cache.check_integrity()
+    eng.check_integrity()
     assert eng.cache.size_info()["locked_bytes"] == 0
 
 
@@ -140,18 +169,26 @@ def test_stream_yields_tokens_and_abort_frees_the_slot(ref_model):
     eng = make_engine()
     toks = list(eng.stream(Request(tokens=list(p), params=SamplingParams(max_tokens=6))))
     assert toks == hf_greedy(ref_model, p, 6)
-    it = eng.stream(Request(tokens=list(p) + [3], params=SamplingParams(max_tokens=50)))
+    req = Request(tokens=list(p) + [3], params=SamplingParams(max_tokens=50))
+    it = eng.stream(req)
     next(it)
     it.close()
-    assert not eng.running and eng.cache.size_info()["locked_bytes"] == 0
+    req.future.result(timeout=60)
+    assert req.finish_reason == "abort"
+    eng.check_integrity()
+    assert not eng.scheduler.running and eng.cache.size_info()["locked_bytes"] == 0
 
 
-def test_bad_requests():
-    eng = make_engine(max_cache_bytes=1000)
+def test_bad_requests_and_settings():
+    eng = make_engine(max_kv_bytes=50 * BPT)
     with pytest.raises(ValueError, match="empty"):
         eng.submit(Request(tokens=[]))
-    with pytest.raises(CacheBudgetError, match="cache budget"):
+    with pytest.raises(KVBudgetError, match="KV budget"):
         eng.submit(Request(tokens=list(range(1, 100))))
+    for bad in ({"max_running": 0}, {"max_batch_tokens": 0}, {"max_kv_bytes": 0}, {"max_kv_bytes": "lots"}):
+        with pytest.raises(ValueError):
+            EngineConfig(**bad)
+    assert EngineConfig(max_kv_bytes="64MB").max_kv_bytes == 64_000_000
 
 
 def test_long_generation_grows_private_kv(ref_model):
@@ -159,17 +196,69 @@ def test_long_generation_grows_private_kv(ref_model):
     assert greedy(make_engine(), ps, 150) == [hf_greedy(ref_model, p, 150) for p in ps]
 
 
-def test_failed_forward_fails_its_requests_and_releases_locks():
-    eng = make_engine()
-    req = Request(tokens=prompts(1, seed=10)[0], params=SamplingParams(max_tokens=4))
-    original = eng.model.model.forward
-    eng.model.model.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("device lost"))
+def _failing_once(engine, when):
+    """Make the runner's forward raise for the first batch ``when(batch)`` accepts."""
+    original, state = engine.runner.forward, {"armed": True}
+
+    def forward(batch):
+        if state["armed"] and when(batch):
+            state["armed"] = False
+            raise RuntimeError("device lost")
+        return original(batch)
+
+    engine.runner.forward = forward
+
+
+def test_failed_forward_fails_exactly_its_requests_and_the_engine_goes_on(ref_model):
+    ps = prompts(2, seed=10)
+    eng = make_engine(max_running=1)  # the two requests cannot share a forward
+    bad, good = (Request(tokens=list(p), params=SamplingParams(max_tokens=4)) for p in ps)
+    _failing_once(eng, lambda batch: any(r is bad for r, _ in batch))
+    eng.submit_many([bad, good])
     with pytest.raises(RuntimeError, match="device lost"):
-        eng.run([req])
-    eng.model.model.forward = original
-    assert req.finished and req.finish_reason == "error" and not eng.running
+        bad.future.result(timeout=60)
+    assert good.future.result(timeout=60).generated == hf_greedy(ref_model, ps[1], 4)
+    assert bad.finish_reason == "error" and good.finish_reason == "length"
+    eng.check_integrity()
     assert eng.cache.size_info()["locked_bytes"] == 0
-    assert greedy(eng, prompts(1, seed=10), 4)  # the engine still works
+    assert greedy(eng, ps[:1], 4) == [hf_greedy(ref_model, ps[0], 4)]  # the engine still works
+
+
+def test_errors_reach_run_and_stream_callers():
+    eng = make_engine()
+    p = prompts(1, seed=12)[0]
+    _failing_once(eng, lambda batch: True)
+    with pytest.raises(RuntimeError, match="device lost"):
+        eng.run([Request(tokens=list(p), params=SamplingParams(max_tokens=4))])
+    _failing_once(eng, lambda batch: all(n == 1 for _, n in batch))  # fail a decode step, mid-stream
+    it = eng.stream(Request(tokens=list(p) + [1], params=SamplingParams(max_tokens=8)))
+    with pytest.raises(RuntimeError, match="device lost"):
+        list(it)
+    eng.check_integrity()
+
+
+def test_a_fault_during_admission_fails_its_requests_not_the_engine(ref_model, monkeypatch):
+    eng = make_engine()
+    p = prompts(1, seed=13)[0]
+    original = eng.scheduler.admit
+    monkeypatch.setattr(eng.scheduler, "admit", lambda: (_ for _ in ()).throw(MemoryError("no memory")))
+    with pytest.raises(MemoryError):
+        eng.run([Request(tokens=list(p), params=SamplingParams(max_tokens=3))])
+    monkeypatch.setattr(eng.scheduler, "admit", original)
+    eng.check_integrity()
+    assert greedy(eng, [p], 3) == [hf_greedy(ref_model, p, 3)]
+
+
+def test_callers_lists_are_not_changed_and_sampling_leaves_the_global_rng_alone():
+    eng = make_engine()
+    p = prompts(1, seed=14)[0]
+    mine = list(p)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    eng.run([Request(tokens=mine, params=SamplingParams(max_tokens=5, temperature=0.8))])
+    assert torch.equal(torch.rand(3), expected)
+    assert mine == p
 
 
 @pytest.mark.parametrize("offset", [None, 0, 37])

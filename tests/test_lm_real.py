@@ -25,10 +25,10 @@ def test_capital_of_france(real_lm):
 
 def test_engine_greedy_equals_transformers_cold_warm_packed_and_evicted(real_lm, hf_lm):
     want = [hf_lm.generate(q, max_tokens=16)[0].token_ids for q in QUESTIONS]  # one at a time, unpadded
-    cold = LM(backend="local", max_cache_bytes=0)
+    cold = LM(backend="local", prefix_cache=False)
     assert [g.token_ids for g in cold.generate(QUESTIONS, max_tokens=16)] == want  # packed, no cache
-    tight = LM(backend="local", max_cache_bytes=60 * cold.backend.engine.bytes_per_token, max_batch_tokens=64)
-    for _ in range(2):  # chunked prefill, a cache too small for all: evictions between and within runs
+    tight = LM(backend="local", max_kv_bytes=80 * cold.backend.engine.bytes_per_token, max_batch_tokens=64)
+    for _ in range(2):  # chunked prefill, a KV budget too small for all: evictions and preemptions
         assert [g.token_ids for g in tight.generate(QUESTIONS, max_tokens=16)] == want
     assert tight.stats()["evictions"] > 0
     warm = LM(backend="local")

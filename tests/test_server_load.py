@@ -51,7 +51,7 @@ def test_concurrent_clients_get_a_correct_answer_or_429(small_server, real_lm):
     assert st_["server"]["active"] == 0 and st_.get("running", 0) == 0
     assert st_["server"]["rejected_429"] == len(rejected)
     # Memory stays bounded: the cache within its budget, the process without a leak per request.
-    assert st_["cache_bytes"] <= st_["cache_max_bytes"]
+    assert st_["kv_high_water_bytes"] <= st_["kv_budget_bytes"]
     assert rss_growth_mb < 256, f"the server process grew by {rss_growth_mb:.0f} MB under load"
 
 

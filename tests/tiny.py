@@ -1,6 +1,9 @@
-"""A tiny random-weight llama for fast engine tests."""
+"""Tiny random-weight models for fast engine tests: a llama, and one of every supported family."""
 
 import torch
+
+from promptkit.engine.families import TINY as FAMILIES  # noqa: F401  (family name -> config)
+from promptkit.engine.families import tiny_model as make_tiny  # noqa: F401
 
 
 def make_tiny_llama(seed: int = 0, layers: int = 2, vocab: int = 512):

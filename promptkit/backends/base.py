@@ -50,7 +50,7 @@ class SamplingParams(BaseModel):
     def _stop_list(cls, v: Any) -> list[str]:
         if v is None:
             return []
-        return [v] if isinstance(v, str) else list(v)
+        return [s for s in ([v] if isinstance(v, str) else list(v)) if s]  # "" would stop at once
 
 
 @runtime_checkable

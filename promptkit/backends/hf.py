@@ -75,7 +75,7 @@ class TransformersBase:
             path = resolve_llm(model, progress=progress)
             tokenizer = AutoTokenizer.from_pretrained(path)
             load_dtype = torch.float32 if fmt in ("int8", "int4") else self.dtype  # quantized from float32
-            model_obj = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype, attn_implementation="sdpa")
+            model_obj = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype)  # sdpa where the model has it
         self.model = model_obj.to(self.device).eval()
         self.weights = fmt and apply_format(self.model, fmt, gguf=gguf, gguf_cache=gguf_cache_file(gguf))
         self.tokenizer = tokenizer

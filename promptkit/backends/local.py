@@ -2,50 +2,46 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
-import torch
 
+from ..engine.config import EngineConfig
 from ..engine.engine import Engine, Request
 from ..types import Generation, TokenLogprobs, Usage
 from .base import SamplingParams, StreamEvent, truncate_at_stop
 from .hf import TransformersBase
 
-DEFAULT_CACHE_BYTES = 2 << 30
-
-
 class LocalBackend(TransformersBase):
     """Runs a transformers causal LM on the promptkit engine.
 
-    Options: ``max_cache_bytes`` (prefix cache budget; 0 turns the cache off),
-    ``prefix_cache`` (False is the same as ``max_cache_bytes=0``),
-    ``max_batch_tokens`` (tokens per forward: bounds activation memory and
-    chunks long prefills), ``max_running`` (requests decoded together),
-    ``sparse`` (a :class:`promptkit.engine.sparse.SparseConfig`, or True for
-    the defaults: sparse attention for long prefills).
+    Engine settings come as an :class:`EngineConfig` (``engine=``) or as its
+    field names among the keyword options: ``max_kv_bytes`` (all KV memory:
+    the prefix cache and running requests), ``prefix_cache`` (False: no
+    reuse across requests), ``max_batch_tokens`` (tokens per forward: bounds
+    activation memory and chunks long prefills), ``max_running`` (requests
+    decoded together), ``sparse`` (a :class:`promptkit.engine.sparse.SparseConfig`,
+    or True for the defaults: sparse attention for long prefills).
     """
 
-    def __init__(self, model: str, max_cache_bytes: int = DEFAULT_CACHE_BYTES, prefix_cache: bool = True,
-                 max_batch_tokens: int = 2048, max_running: int = 64, sparse: Any = None, **kw: Any) -> None:
-        super().__init__(model, **kw)
-        attn_sparse, min_len, self.sparse_stats = _sparse_hook(sparse)
-        self.engine = Engine(self.model, self.eos_ids, max_cache_bytes=max_cache_bytes if prefix_cache else 0,
-                             max_batch_tokens=max_batch_tokens, max_running=max_running,
-                             sparse=attn_sparse, sparse_min_length=min_len)
-        self.sparse_config = sparse
+    def __init__(self, model: str, engine: EngineConfig | None = None, **kw: Any) -> None:
+        config, rest = EngineConfig.split(kw)
+        if engine is not None:
+            config = EngineConfig(**{**engine.model_dump(exclude_unset=True), **config.model_dump(exclude_unset=True)})
+        super().__init__(model, **rest)
+        self.engine = Engine(self.model, self.eos_ids, config)
+        self.sparse_config = config.sparse
+        self.sparse_stats = self.engine.sparse_stats
 
     # -- generation --------------------------------------------------------------
     def _request(self, text: str, params: SamplingParams) -> Request:
         ids = self.check_length(self.encode(text), params.max_tokens, params.truncate)
-        stop = params.stop
-        check = (lambda gen: any(s in self.decode(gen) for s in stop)) if stop else None
-        return Request(tokens=ids, params=params, stop_check=check)
+        return Request(tokens=ids, params=params, stop_check=stop_checker(params.stop, self.decode))
 
     def _generation(self, r: Request) -> Generation:
         text, stopped = truncate_at_stop(self.decode(r.generated), r.params.stop)
         return Generation(
-            text=text, **self._step_logprobs(r, 0),
+            text=text, **self._step_logprobs(r, 0, len(r.generated)),
             finish_reason="stop" if stopped else r.finish_reason,
             usage=Usage(prompt_tokens=r.prompt_len, cached_tokens=r.matched_len,
                         completion_tokens=len(r.generated), seconds=r.seconds),
@@ -60,19 +56,21 @@ class LocalBackend(TransformersBase):
         shown, sent = "", 0  # text shown and tokens accounted for so far
         tokens = self.engine.stream(req)
         try:
-            for _ in tokens:
-                full, _ = truncate_at_stop(self.decode(req.generated), params.stop)
+            for count, _ in enumerate(tokens, 1):
+                full, stopped = truncate_at_stop(self.decode(req.generated[:count]), params.stop)
+                if not stopped:  # hold back a tail that may be the start of a stop string
+                    full = full[: len(full) - _stop_prefix_len(full, params.stop)]
                 if len(full) > len(shown) and not full.endswith("\ufffd"):  # wait for whole characters
-                    yield StreamEvent(text=full[len(shown):], **self._step_logprobs(req, sent))
-                    shown, sent = full, len(req.generated)
+                    yield StreamEvent(text=full[len(shown):], **self._step_logprobs(req, sent, count))
+                    shown, sent = full, count
             gen = self._generation(req)
-            yield StreamEvent(text=gen.text[len(shown):], generation=gen, **self._step_logprobs(req, sent))
+            yield StreamEvent(text=gen.text[len(shown):], generation=gen,
+                              **self._step_logprobs(req, sent, len(req.generated)))
         finally:
             tokens.close()
 
-    def _step_logprobs(self, r: Request, start: int) -> dict:
-        """The generated tokens from ``start`` on, with their logprobs when the request wants them."""
-        end = len(r.generated)  # one logprob per generated token (a stop on EOS scored one step more)
+    def _step_logprobs(self, r: Request, start: int, end: int) -> dict:
+        """Generated tokens ``start:end``, with their logprobs when the request wants them."""
         out: dict = {"token_ids": list(r.generated[start:end])}
         if r.params.logprobs or r.params.top_logprobs:
             out["logprobs"] = r.logprobs[start:end]
@@ -114,24 +112,27 @@ class LocalBackend(TransformersBase):
 
     def clear_cache(self) -> None:
         """Drop every cached prefix not in use."""
-        with self.engine._step_lock:
-            self.engine.cache.clear()
+        self.engine.clear_cache()
 
 
-def _sparse_hook(sparse: Any) -> tuple[Any, int, Any]:
-    """The engine's sparse-attention callable, its minimum length and its statistics (or Nones)."""
-    if not sparse:
-        return None, 1 << 62, None
-    from ..engine import sparse as sparse_mod
+def stop_checker(stop: list[str], decode: Callable[[list[int]], str]) -> Callable[[list[int]], bool] | None:
+    """A check, run after every generated token, of whether the text now holds a stop string.
 
-    cfg = sparse_mod.SparseConfig() if sparse is True else sparse
-    if isinstance(cfg, dict):
-        cfg = sparse_mod.SparseConfig(**cfg)
-    stats = sparse_mod.SparseStats()
+    It decodes only a tail of the tokens (a stop string of n characters spans at most 4n byte
+    tokens), so a long generation costs the same per token as a short one.
+    """
+    if not stop:
+        return None
+    window = 4 * max(map(len, stop)) + 2
+    return lambda gen: any(s in decode(gen[-window:]) for s in stop)
 
-    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, layer: int) -> torch.Tensor:
-        out, info = sparse_mod.sparse_attention(q, k, v, cfg, scale=scale)
-        stats.record(layer, info)
-        return out
 
-    return (run if cfg.enabled else None), cfg.min_length, stats
+def _stop_prefix_len(text: str, stop: list[str]) -> int:
+    """Length of the longest tail of ``text`` that is the start of a stop string."""
+    best = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best

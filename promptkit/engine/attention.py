@@ -18,9 +18,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from .kv_pool import Run, merge_runs, split_runs
 
 ATTN_NAME = "promptkit"
 _MAX_SCORE_ELEMENTS = 1 << 25  # bound the score matrix of one block (~128 MB in float32)
@@ -29,14 +32,47 @@ SHORT_SEGMENT = 64  # segments up to this long (with a cached past) share one pa
 
 @dataclass
 class SegmentLayout:
-    """One request's slice of the packed sequence."""
+    """One request's slice of the packed sequence.
+
+    Its keys are positions ``0 .. context``: a cached prefix (``prefix`` runs, positions
+    ``0 .. prefix_len``) then its own tokens (``own`` runs, the new ones last). The first
+    ``shared_len`` positions come from prefix groups other segments of the batch share; the
+    segment attends to the rest, ``keys``, by itself (``past`` of them precede its new tokens).
+    """
 
     start: int  # first row in the packed sequence
     length: int  # new tokens in this forward
-    own_kv: torch.Tensor  # [layers, 2, kv_heads, capacity, head_dim]
-    own_past: int  # tokens already in own_kv before this forward
-    has_prefix: bool  # whether cached prefix nodes precede own_kv
-    sparse_prefix: list[torch.Tensor] | None = None  # set: run sparse attention over these nodes' KV + own
+    own: list[Run]  # pool runs of the request's own tokens, these new ones included
+    own_past: int  # own tokens whose KV was computed before this forward
+    prefix: list[Run] = field(default_factory=list)
+    prefix_len: int = 0
+    shared_len: int = 0
+    keys: list[Run] = field(default_factory=list)  # runs of positions shared_len .. context
+    sparse: bool = False  # attend to prefix + own at once through the sparse kernel (a long prefill)
+
+    @property
+    def past(self) -> int:
+        """Keys in ``keys`` before the first new token (the causal offset)."""
+        return self.prefix_len - self.shared_len + self.own_past
+
+    @property
+    def context(self) -> int:
+        """Keys the last new token sees (its position + 1)."""
+        return self.prefix_len + self.own_past + self.length
+
+
+@dataclass
+class ShortPlan:
+    """Short segments (decode steps, questions after a cached prefix) batched into one padded
+    product; built once per forward, used by every layer."""
+
+    rows: torch.Tensor  # [R] packed rows, segment order
+    key_idx: torch.Tensor  # [B, N] pool slot of each key (padded with slot 0)
+    query_idx: torch.Tensor  # [B, M] packed row of each query (padded with row 0)
+    allowed: torch.Tensor  # [B, M, N] which keys each query sees
+    valid: torch.Tensor  # [B, M] real (not padding) queries
+    view: Run | None = None  # one segment whose keys are one run: read in place, no padding
+    past: int = 0
 
 
 @dataclass
@@ -44,12 +80,57 @@ class BatchLayout:
     """Everything the attention function needs to know about the current forward."""
 
     segments: list[SegmentLayout]
-    # cached nodes' KV (consecutive on a path) -> packed rows of every query that sees them whole
-    prefix_groups: list[tuple[list[torch.Tensor], torch.Tensor]] = field(default_factory=list)
+    # runs of cached prefix KV (consecutive on a path) -> packed rows of every query that sees them whole
+    prefix_groups: list[tuple[list[Run], torch.Tensor]] = field(default_factory=list)
+    pool: Any = None  # the engine's KVPool: ``pool.kv[layer, 0 | 1]`` is [kv_heads, slots, head_dim]
+    write_slots: torch.Tensor | None = None  # [T] pool slot of each packed row's new key and value
     sparse: Callable | None = None  # (q, k, v, scale, layer) -> out, for long prefills
     probe: torch.Tensor | None = None  # [T] accumulates attention paid to each key by rows >= probe_from
     probe_from: int = 0
     probe_layers: range = range(0)  # layers whose attention is accumulated
+    _short: ShortPlan | None = None
+    _short_built: bool = False
+
+    def short_plan(self, device: torch.device) -> ShortPlan | None:
+        """The plan of the short segments (None if there are none), built on first use."""
+        if not self._short_built:
+            self._short, self._short_built = _plan_short(self.short_segments(), device), True
+        return self._short
+
+    def short_segments(self) -> list[SegmentLayout]:
+        return [s for s in self.segments if is_short(s)]
+
+
+def is_short(seg: SegmentLayout) -> bool:
+    return seg.length <= SHORT_SEGMENT and seg.past > 0 and not seg.sparse
+
+
+def _plan_short(segs: list[SegmentLayout], device: torch.device) -> ShortPlan | None:
+    if not segs:
+        return None
+    lengths = [s.length for s in segs]
+    n_keys = [s.past + s.length for s in segs]
+    m, n = max(lengths), max(n_keys)
+    rows = torch.cat([torch.arange(s.start, s.start + s.length) for s in segs])
+    query_idx = torch.zeros(len(segs), m, dtype=torch.long)
+    key_idx = torch.zeros(len(segs), n, dtype=torch.long)
+    for i, s in enumerate(segs):
+        query_idx[i, : s.length] = torch.arange(s.start, s.start + s.length)
+        key_idx[i, : n_keys[i]] = torch.cat([torch.arange(a, a + k) for a, k in s.keys])
+    past = torch.tensor([s.past for s in segs])
+    allowed = torch.arange(n)[None, None, :] <= (past[:, None] + torch.arange(m)[None, :])[..., None]
+    valid = torch.arange(m)[None, :] < torch.tensor(lengths)[:, None]
+    view = segs[0].keys[0] if len(segs) == 1 and len(segs[0].keys) == 1 else None
+    return ShortPlan(rows.to(device), key_idx.to(device), query_idx.to(device), allowed.to(device),
+                     valid.to(device), view, segs[0].past)
+
+
+def gather_kv(pool_kv: torch.Tensor, runs: list[Run]) -> torch.Tensor:
+    """``pool_kv`` [kv_heads, slots, head_dim] at ``runs``: a view for one run, else a copy."""
+    runs = merge_runs(runs)
+    if len(runs) == 1:
+        return pool_kv[:, runs[0][0] : runs[0][0] + runs[0][1]]
+    return torch.cat([pool_kv[:, s : s + n] for s, n in runs], dim=1)
 
 
 _state = threading.local()
@@ -66,8 +147,10 @@ def current_layout() -> BatchLayout:
     return layout
 
 
-# CPU flash attention that also returns the log-sum-exp (what merging partial results needs).
+# Fused kernels that also return the log-sum-exp (what merging partial results needs).
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_CUDA = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention", None)
+_cuda_kernel_ok: dict[tuple[torch.device, torch.dtype], bool] = {}
 
 
 def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -75,11 +158,66 @@ def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     """Attention of ``q`` [H, m, D] over ``k``, ``v`` [Hkv, n, D] with its log-sum-exp.
 
     With ``causal_offset`` c, query i sees keys j <= c + i. Returns out [H, m, D]
-    (float32) and lse [H, m]. On CPU a fused kernel never materializes the scores.
+    (float32) and lse [H, m]. On CPU and CUDA a fused kernel never materializes the
+    scores; elsewhere (or if the CUDA kernel fails its first check) bounded matmuls do.
     """
     if _FLASH_CPU is not None and q.device.type == "cpu" and q.dtype == k.dtype:
         return _attend_lse_fused(q, k, v, scale, causal_offset)
+    if q.device.type == "cuda" and _cuda_kernel_usable(q.device, q.dtype):
+        return _attend_lse_cuda(q, k, v, scale, causal_offset)
     return attend_lse_blocks(q, k, v, scale, causal_offset)
+
+
+def _flash_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """CUDA flash attention [H, m, D] x [Hkv, n, D] with its lse; causal means a top-left-aligned
+    square (n == m). Without causality the g query heads of a KV head become rows of one product."""
+    h, m, d = q.shape
+    hkv = k.shape[0]
+    g = h // hkv
+    if causal:
+        q4, k4, v4 = q[None], k.repeat_interleave(g, 0)[None], v.repeat_interleave(g, 0)[None]
+    else:
+        q4, k4, v4 = q.reshape(1, hkv, g * m, d), k[None], v[None]
+    o, lse = _FLASH_CUDA(q4, k4, v4, is_causal=causal, scale=scale)[:2]
+    return o.reshape(h, m, d).float(), lse.reshape(h, m).float()
+
+
+def _attend_lse_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     causal_offset: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attend_lse` on CUDA: with a causal offset c, keys before c are seen by every query
+    (one unmasked call) and keys c .. c+m form a causal square (one causal call), merged by lse."""
+    if causal_offset is None:
+        return _flash_cuda(q, k, v, scale, causal=False)
+    c, m = causal_offset, q.shape[1]
+    out, lse = _flash_cuda(q, k[:, c : c + m], v[:, c : c + m], scale, causal=True)
+    if c > 0:
+        o, l = _flash_cuda(q, k[:, :c], v[:, :c], scale, causal=False)
+        new = torch.logaddexp(lse, l)
+        out = out * torch.exp(lse - new)[..., None] + o * torch.exp(l - new)[..., None]
+        lse = new
+    return out, lse
+
+
+def _cuda_kernel_usable(device: torch.device, dtype: torch.dtype) -> bool:
+    """Check the CUDA kernel path once per device and dtype against the matmul reference;
+    a kernel that is missing, refuses the inputs or disagrees is not used."""
+    key = (device, dtype)
+    if key not in _cuda_kernel_ok:
+        ok = _FLASH_CUDA is not None
+        if ok:
+            try:
+                g = torch.Generator(device=device).manual_seed(0)
+                q = torch.randn(4, 5, 64, device=device, dtype=dtype, generator=g)
+                k, v = (torch.randn(2, 12, 64, device=device, dtype=dtype, generator=g) for _ in range(2))
+                for c in (None, 7):
+                    got, want = _attend_lse_cuda(q, k, v, 0.125, c), attend_lse_blocks(q, k, v, 0.125, c)
+                    tol = 1e-4 if dtype == torch.float32 else 2e-2
+                    ok = ok and all(torch.allclose(a, b, atol=tol, rtol=tol) for a, b in zip(got, want))
+            except RuntimeError:
+                ok = False
+        _cuda_kernel_ok[key] = ok
+    return _cuda_kernel_ok[key]
 
 
 def _attend_lse_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -99,8 +237,13 @@ def _attend_lse_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
 
 def attend_lse_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                      causal_offset: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`attend_lse` with plain matmuls over bounded blocks of queries (any device)."""
+                      causal_offset: int | None, window: int | None = None,
+                      softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attend_lse` with plain matmuls over bounded blocks of queries (any device).
+
+    ``window`` (with ``causal_offset``): query i also sees only keys j > c + i - window (a
+    sliding window of that many keys). ``softcap``: scores become ``tanh(s / cap) * cap``.
+    """
     h, m, d = q.shape
     hkv, n = k.shape[0], k.shape[1]
     g = h // hkv
@@ -109,12 +252,18 @@ def attend_lse_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     lse = torch.empty(hkv, g, m, dtype=torch.float32, device=q.device)
     step = max(1, _MAX_SCORE_ELEMENTS // max(1, h * n))
     kt, vf = k.float().transpose(-1, -2), v.float()
+    cols = torch.arange(n, device=q.device)[None, :]
     for a in range(0, m, step):
         b = min(m, a + step)
         s = torch.matmul(qg[:, :, a:b].float(), kt.unsqueeze(1)) * scale  # [hkv, g, b-a, n]
+        if softcap is not None:
+            s = torch.tanh(s / softcap) * softcap
         if causal_offset is not None:
             rows = torch.arange(a, b, device=q.device)[:, None] + causal_offset
-            s = s.masked_fill(torch.arange(n, device=q.device)[None, :] > rows, float("-inf"))
+            hidden = cols > rows
+            if window is not None:
+                hidden |= cols <= rows - window
+            s = s.masked_fill(hidden, float("-inf"))
         blk_lse = torch.logsumexp(s, dim=-1)
         out[:, :, a:b] = torch.matmul(torch.exp(s - blk_lse[..., None]), vf.unsqueeze(1))
         lse[:, :, a:b] = blk_lse
@@ -129,106 +278,145 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, rows: torch.Tensor, o: torch.Te
     lse[:, rows] = new_l
 
 
-def _short_attention(q: torch.Tensor, segs: list[SegmentLayout], layer: int,
+def _short_attention(q: torch.Tensor, plan: ShortPlan, k_pool: torch.Tensor, v_pool: torch.Tensor,
                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Short segments (decode steps, questions after a cached prefix) over their own KV,
-    batched by padding into one product. Returns out [H, rows, D] and lse [H, rows], rows in
+    """The short segments over their keys. Returns out [H, rows, D] and lse [H, rows], rows in
     segment order."""
-    pad = torch.nn.utils.rnn.pad_sequence
-    dev = q.device
-    qs = pad([q[:, s.start : s.start + s.length].transpose(0, 1) for s in segs], batch_first=True)  # [B, M, H, D]
-    ks = pad([s.own_kv[layer, 0, :, : s.own_past + s.length].transpose(0, 1) for s in segs], batch_first=True)
-    vs = pad([s.own_kv[layer, 1, :, : s.own_past + s.length].transpose(0, 1) for s in segs], batch_first=True)
-    b, m, h, d = qs.shape
-    n, hkv = ks.shape[1], ks.shape[2]
+    h, d = q.shape[0], q.shape[2]
+    if plan.view is not None:  # one segment, its keys one run: no gather, no padding
+        a, n = plan.view
+        return attend_lse(q[:, plan.rows], k_pool[:, a : a + n], v_pool[:, a : a + n], scale,
+                          causal_offset=plan.past if len(plan.rows) > 1 else None)
+    b, m = plan.query_idx.shape
+    hkv = k_pool.shape[0]
     g = h // hkv
-    qb = qs.permute(0, 2, 1, 3).reshape(b, hkv, g * m, d)  # the g query heads of a KV head as rows
-    past = torch.tensor([s.own_past for s in segs], device=dev)
-    allowed = torch.arange(n, device=dev)[None, None, :] <= (past[:, None] + torch.arange(m, device=dev)[None, :])[..., None]
-    if _FLASH_CPU is not None and dev.type == "cpu" and qs.dtype == ks.dtype:
-        bias = torch.zeros(b, 1, g * m, n, dtype=qs.dtype, device=dev)
-        bias.masked_fill_(~allowed.repeat(1, g, 1)[:, None], float("-inf"))
-        o, l = _FLASH_CPU(qb, ks.transpose(1, 2), vs.transpose(1, 2), attn_mask=bias, scale=scale)[:2]
+    qb = q[:, plan.query_idx].view(hkv, g, b, m, d).permute(2, 0, 1, 3, 4).reshape(b, hkv, g * m, d)
+    ks = k_pool[:, plan.key_idx].transpose(0, 1)  # [B, Hkv, N, D]
+    vs = v_pool[:, plan.key_idx].transpose(0, 1)
+    if _FLASH_CPU is not None and q.device.type == "cpu" and q.dtype == ks.dtype:
+        bias = torch.zeros(plan.allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~plan.allowed, float("-inf"))
+        bias = bias[:, None].repeat(1, 1, g, 1).view(b, 1, g * m, -1)
+        o, l = _FLASH_CPU(qb, ks, vs, attn_mask=bias, scale=scale)[:2]
         out, lse = o.float().view(b, hkv, g, m, d), l.float().view(b, hkv, g, m)
     else:
-        sc = torch.matmul(qb.float(), ks.permute(0, 2, 3, 1).float()) * scale  # [B, Hkv, g*M, N]
-        sc = sc.view(b, hkv, g, m, n).masked_fill(~allowed[:, None, None], float("-inf"))
+        sc = torch.matmul(qb.float(), ks.transpose(-1, -2).float()) * scale  # [B, Hkv, g*M, N]
+        sc = sc.view(b, hkv, g, m, -1).masked_fill(~plan.allowed[:, None, None], float("-inf"))
         lse = torch.logsumexp(sc, dim=-1)  # [B, Hkv, g, M]
-        out = torch.matmul(torch.exp(sc - lse[..., None]), vs.transpose(1, 2).float().unsqueeze(2))  # [B, Hkv, g, M, D]
-    valid = torch.arange(m, device=dev)[None, :] < torch.tensor([s.length for s in segs], device=dev)[:, None]
-    out = out.reshape(b, h, m, d).permute(0, 2, 1, 3)[valid]  # [rows, H, D]
-    lse = lse.reshape(b, h, m).permute(0, 2, 1)[valid]  # [rows, H]
+        out = torch.matmul(torch.exp(sc - lse[..., None]), vs.float().unsqueeze(2))  # [B, Hkv, g, M, D]
+    out = out.reshape(b, h, m, d).permute(0, 2, 1, 3)[plan.valid]  # [rows, H, D]
+    lse = lse.reshape(b, h, m).permute(0, 2, 1)[plan.valid]  # [rows, H]
     return out.transpose(0, 1), lse.transpose(0, 1)
+
+
+def _windowed_attention(q: torch.Tensor, layout: BatchLayout, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                        scale: float, window: int | None, softcap: float | None) -> torch.Tensor:
+    """Each segment over its whole context with an explicit mask: for layers with a sliding
+    window (only the keys inside it are read) or with softcapped scores. Returns [H, T, D]."""
+    h, t, d = q.shape
+    out = torch.empty(h, t, d, dtype=torch.float32, device=q.device)
+    for seg in layout.segments:
+        first = seg.prefix_len + seg.own_past  # position of the segment's first new token
+        lo = 0 if window is None else max(0, first - window + 1)  # keys no row of the segment sees are skipped
+        runs = split_runs(seg.prefix + seg.own, lo)[1]
+        k, v = gather_kv(k_pool, runs), gather_kv(v_pool, runs)
+        o, _ = attend_lse_blocks(q[:, seg.start : seg.start + seg.length], k, v, scale, first - lo, window, softcap)
+        out[:, seg.start : seg.start + seg.length] = o
+    return out
 
 
 def engine_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                     sliding_window: int | None = None, softcap: float | None = None,
                      **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers attention function: query [1, H, T, D], key/value [1, Hkv, T, D] (RoPE applied)."""
+    """transformers attention function: query [1, H, T, D], key/value [1, Hkv, T, D] (RoPE applied).
+
+    New keys and values go to their pool slots first; then every segment attends to its own
+    tokens, and every group of rows sharing cached prefix runs attends to those once.
+    """
     layout = current_layout()
     if layout.probe is not None:
-        return _probe_attention(layout, module.layer_idx, query, key, value, scaling)
+        return _probe_attention(layout, module.layer_idx, query, key, value, scaling, sliding_window, softcap)
     layer = module.layer_idx
-    q, k_new, v_new = query[0], key[0], value[0]
+    q = query[0]
     h, t, d = q.shape
     scale = scaling if scaling is not None else d**-0.5
-    out = torch.zeros(h, t, d, dtype=torch.float32, device=q.device)
-    lse = torch.full((h, t), float("-inf"), dtype=torch.float32, device=q.device)
+    k_pool, v_pool = layout.pool.kv[layer, 0], layout.pool.kv[layer, 1]
+    k_pool.index_copy_(1, layout.write_slots, key[0].to(k_pool.dtype))
+    v_pool.index_copy_(1, layout.write_slots, value[0].to(v_pool.dtype))
 
-    short: list[SegmentLayout] = []
+    if sliding_window is not None and all(seg.context <= sliding_window for seg in layout.segments):
+        sliding_window = None  # every key is inside every window: plain causal attention
+    if sliding_window is not None or softcap is not None:
+        out = _windowed_attention(q, layout, k_pool, v_pool, scale, sliding_window, softcap)
+        return out.to(query.dtype).transpose(0, 1).unsqueeze(0), None
+
+    out = torch.empty(h, t, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(h, t, dtype=torch.float32, device=q.device) if layout.prefix_groups else None
     for seg in layout.segments:
-        s, e, p = seg.start, seg.start + seg.length, seg.own_past
-        kv = seg.own_kv[layer]
-        kv[0, :, p : p + seg.length] = k_new[:, s:e]
-        kv[1, :, p : p + seg.length] = v_new[:, s:e]
-        if seg.length <= SHORT_SEGMENT and (p > 0 or seg.has_prefix) and seg.sparse_prefix is None:
-            short.append(seg)
+        s, e = seg.start, seg.start + seg.length
+        if is_short(seg):
             continue
-        k_own, v_own = kv[0, :, : p + seg.length], kv[1, :, : p + seg.length]
-        if seg.sparse_prefix is not None and layout.sparse is not None:
+        if seg.sparse and layout.sparse is not None:
             # A long prefill (or a chunk of one): block-sparse attention over all its keys at once.
-            k_all = torch.cat([n[layer, 0] for n in seg.sparse_prefix] + [k_own], dim=1)
-            v_all = torch.cat([n[layer, 1] for n in seg.sparse_prefix] + [v_own], dim=1)
+            k_all, v_all = gather_kv(k_pool, seg.prefix + seg.own), gather_kv(v_pool, seg.prefix + seg.own)
             out[:, s:e] = layout.sparse(q[None, :, s:e], k_all[None], v_all[None], scale, layer)[0].float()
-            lse[:, s:e] = 0.0  # final: prefix groups never include these rows
+            if lse is not None:
+                lse[:, s:e] = 0.0  # final: prefix groups never include these rows
             continue
-        if not seg.has_prefix and p == 0:
-            # A fresh prompt: plain causal attention, nothing to merge.
-            o = F.scaled_dot_product_attention(q[None, :, s:e], k_own[None], v_own[None], is_causal=True,
-                                               scale=scale, enable_gqa=True)[0]
-            out[:, s:e] = o.float()
-            lse[:, s:e] = 0.0
+        k, v = gather_kv(k_pool, seg.keys), gather_kv(v_pool, seg.keys)
+        if seg.past == 0 and seg.shared_len == 0:
+            # A fresh prompt, nothing to merge: plain causal attention.
+            out[:, s:e] = F.scaled_dot_product_attention(q[None, :, s:e], k[None], v[None], is_causal=True,
+                                                         scale=scale, enable_gqa=True)[0].float()
             continue
-        o, l = attend_lse(q[:, s:e], k_own, v_own, scale, causal_offset=p)
-        out[:, s:e], lse[:, s:e] = o, l
+        o, l = attend_lse(q[:, s:e], k, v, scale, causal_offset=seg.past)
+        out[:, s:e] = o
+        if lse is not None:
+            lse[:, s:e] = l
 
-    if short:
-        rows = torch.cat([torch.arange(seg.start, seg.start + seg.length) for seg in short]).to(q.device)
-        out[:, rows], lse[:, rows] = _short_attention(q, short, layer, scale)
+    plan = layout.short_plan(q.device)
+    if plan is not None:
+        o, l = _short_attention(q, plan, k_pool, v_pool, scale)
+        if len(plan.rows) == t:
+            out = o
+        else:
+            out.index_copy_(1, plan.rows, o)
+        if lse is not None:
+            lse.index_copy_(1, plan.rows, l)
 
-    for kvs, rows in layout.prefix_groups:
-        k = kvs[0][layer, 0] if len(kvs) == 1 else torch.cat([kv[layer, 0] for kv in kvs], dim=1)
-        v = kvs[0][layer, 1] if len(kvs) == 1 else torch.cat([kv[layer, 1] for kv in kvs], dim=1)
-        o, l = attend_lse(q[:, rows], k, v, scale, causal_offset=None)
-        _merge(out, lse, rows, o, l)
+    for runs, rows in layout.prefix_groups:
+        o, l = attend_lse(q[:, rows], gather_kv(k_pool, runs), gather_kv(v_pool, runs), scale, causal_offset=None)
+        _merge(out, lse, rows, o, l)  # type: ignore[arg-type]
 
     return out.to(query.dtype).transpose(0, 1).unsqueeze(0), None
 
 
+class StopForward(Exception):
+    """Raised by the probe's attention at the first layer it does not need (ends the forward early)."""
+
+
 def _probe_attention(layout: BatchLayout, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     scaling: float | None) -> tuple[torch.Tensor, None]:
+                     scaling: float | None, window: int | None, softcap: float | None) -> tuple[torch.Tensor, None]:
     """Plain causal attention over one sequence that also records how much the rows from
     ``probe_from`` on attend to every key (mean over heads and rows)."""
-    h, t, d = query.shape[1:]
+    if layer >= layout.probe_layers.stop:
+        raise StopForward
+    q, k, v = query[0], key[0], value[0]
+    h, t, d = q.shape
     scale = scaling if scaling is not None else d**-0.5
     if layer in layout.probe_layers:
-        rows = query[0, :, layout.probe_from :].float()  # [H, m, D]
-        k = key[0].float().repeat_interleave(h // key.shape[1], 0)
-        s = torch.matmul(rows, k.transpose(-1, -2)) * scale
-        causal = torch.arange(t, device=query.device)[None, :] > torch.arange(layout.probe_from, t, device=query.device)[:, None]
-        layout.probe += torch.softmax(s.masked_fill(causal, float("-inf")), dim=-1).mean(dim=(0, 1))
-    out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=True)
-    return out.transpose(1, 2), None
+        rows = q[:, layout.probe_from :].float()  # [H, m, D]
+        s = torch.matmul(rows, k.float().repeat_interleave(h // k.shape[0], 0).transpose(-1, -2)) * scale
+        if softcap is not None:
+            s = torch.tanh(s / softcap) * softcap
+        cols, pos = torch.arange(t, device=q.device)[None, :], torch.arange(layout.probe_from, t, device=q.device)[:, None]
+        hidden = (cols > pos) | (cols <= pos - window) if window is not None else cols > pos
+        layout.probe += torch.softmax(s.masked_fill(hidden, float("-inf")), dim=-1).mean(dim=(0, 1))
+    if window is None and softcap is None:
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=True)[0]
+    else:
+        out = attend_lse_blocks(q, k, v, scale, 0, window, softcap)[0]
+    return out.to(query.dtype).transpose(0, 1).unsqueeze(0), None
 
 
 def register() -> None:

@@ -1,381 +1,400 @@
 """The engine: requests in, tokens out, every distinct prefix prefilled once.
 
-One ``step()`` admits waiting requests (after prefilling the prefixes they
-share), packs the next tokens of running requests into one sequence (decode
-tokens plus prefill chunks, up to ``max_batch_tokens``), runs the model once,
-then samples, scores and retires requests. Whoever calls ``run``/``stream``
-drives the steps, so concurrent callers share batches without a server thread.
+One loop thread owns every step: it takes submitted requests, prefills the
+prefixes that requests arriving together share, admits what the KV pool has
+room for, runs one packed forward over decode tokens and prefill chunks,
+samples the whole batch at once and retires finished requests. Callers
+submit and wait on a future per request (or read a stream of its tokens);
+an error fails exactly the requests it concerns and is raised in their
+callers, and their KV and locks are released on every path.
 """
 
 from __future__ import annotations
 
-import itertools
+import atexit
+import contextlib
+import logging
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from concurrent.futures import wait
+from typing import Any
+
+import weakref
 
 import torch
 
-from ..backends.base import SamplingParams
-from .attention import ATTN_NAME, BatchLayout, SegmentLayout, register, set_layout
-from .prepack import first_fit_decreasing, packed_positions
-from .radix_cache import CacheBudgetError, Node, RadixCache
-from .sampler import sample
-from .scheduler import longest_prefix_first, prefix_job_steps, shared_prefixes
+from .config import EngineConfig
+from .families import check_supported
+from .kv_pool import KVBudgetError, KVPool
+from .radix_cache import RadixCache
+from .request import Request
+from .runner import ModelRunner
+from .sampler import sample, token_logprobs
+from .scheduler import Scheduler, prefix_job_steps, shared_prefixes
 
-_ids = itertools.count()
+log = logging.getLogger(__name__)
+_engines: weakref.WeakSet = weakref.WeakSet()
+IDLE_EXIT_SECONDS = 5.0  # the loop thread ends after this long without work
 
 
-@dataclass(eq=False)
-class Request:
-    """One generation, scoring or prefix-prefill job and its progress."""
+@atexit.register
+def _close_all() -> None:
+    """Stop loop threads before the interpreter tears down the libraries they use."""
+    for engine in list(_engines):
+        engine.close(join_timeout=2)
 
-    tokens: list[int]
-    params: SamplingParams = field(default_factory=SamplingParams)
-    kind: str = "generate"  # "generate" | "score" | "prefix"
-    score_from: int = 0  # score: first token whose log-probability is wanted
-    stop_check: Callable[[list[int]], bool] | None = None
-    id: int = field(default_factory=lambda: next(_ids))
-    prompt_len: int = 0
-    last_node: Node | None = None
-    cached_len: int = 0  # tokens covered by the locked tree path
-    matched_len: int = 0  # prompt tokens served from the cache at admission
-    own_kv: torch.Tensor | None = None
-    own_len: int = 0  # tokens whose KV sits in own_kv
-    generated: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # (token id, logprob) per step
-    finished: bool = False
-    finish_reason: str = ""
-    error: Exception | None = None
-    aborted: bool = False
-    events: queue.SimpleQueue | None = None
-    generator: torch.Generator | None = None
-    started: float = field(default_factory=time.perf_counter)
-    seconds: float = 0.0
-    done: threading.Event = field(default_factory=threading.Event)
-
-    def __post_init__(self) -> None:
-        self.prompt_len = len(self.tokens)
-
-    @property
-    def computed(self) -> int:
-        return self.cached_len + self.own_len
-
-    @property
-    def in_prefill(self) -> bool:
-        return self.computed < self.prompt_len
+__all__ = ["Engine", "EngineConfig", "KVBudgetError", "Request"]
 
 
 class Engine:
-    """Continuous-batching engine over a transformers causal LM with a radix prefix cache."""
+    """Continuous-batching engine over a transformers causal LM, with one KV pool and a radix prefix cache.
 
-    def __init__(self, model: Any, eos_ids: set[int], max_cache_bytes: int = 2 << 30,
-                 max_batch_tokens: int = 2048, max_running: int = 64, share_min_tokens: int = 16,
-                 sparse: Callable | None = None, sparse_min_length: int = 1 << 62) -> None:
-        register()
-        model.set_attn_implementation(ATTN_NAME)
+    >>> engine = Engine(model, eos_ids={2}, config=EngineConfig(max_kv_bytes="512MB"))
+    >>> engine.run([Request(tokens=[1, 42, 7])])[0].generated
+    """
+
+    def __init__(self, model: Any, eos_ids: set[int], config: EngineConfig | None = None, **options: Any) -> None:
+        base = config.model_dump(exclude_unset=True) if config is not None else {}
+        self.config = EngineConfig(**{**base, **options})
+        check_supported(model.config)
         self.model = model
-        self.eos_ids = eos_ids
-        cfg = model.config
-        self.num_layers = cfg.num_hidden_layers
-        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.eos_ids = set(eos_ids)
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         p = next(model.parameters())
-        self.device, self.dtype = p.device, p.dtype
-        self.bytes_per_token = self.num_layers * 2 * self.kv_heads * self.head_dim * p.element_size()
-        self.cache = RadixCache(max_cache_bytes, self.bytes_per_token)
-        self.max_batch_tokens = max_batch_tokens
-        self.max_running = max_running
-        self.share_min_tokens = share_min_tokens
-        self.sparse, self.sparse_min_length = sparse, sparse_min_length
-        self.waiting: list[Request] = []
-        self.running: list[Request] = []
+        dtype = p.dtype if p.dtype.is_floating_point else torch.float32
+        self.device = p.device
+        self.pool = KVPool(cfg.num_hidden_layers, kv_heads, head_dim, dtype, p.device, self.config.max_kv_bytes)
+        self.cache = RadixCache(self.pool, enabled=self.config.prefix_cache)
+        self.scheduler = Scheduler(self.pool, self.cache, self.config)
+        self.runner = ModelRunner(model, self.pool, self.cache, self.config.sparse)
         self.steps = 0
-        self._queue_lock = threading.Lock()
-        self._step_lock = threading.RLock()
+        self._lock = threading.RLock()  # held by the loop for each step, and by side passes (exclusive())
+        self._wake = threading.Condition()
+        self._inbox: list[Request] = []
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        _engines.add(self)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.pool.bytes_per_token
+
+    @property
+    def sparse_stats(self) -> Any:
+        return self.runner.sparse_stats
 
     # -- public API ----------------------------------------------------------
     def submit(self, req: Request) -> Request:
+        """Queue ``req`` for the engine loop; wait on ``req.future`` (or use :meth:`run`)."""
+        return self.submit_many([req])[0]
+
+    def submit_many(self, reqs: list[Request]) -> list[Request]:
+        """Queue ``reqs`` together (the loop sees them in one step, so their shared prefixes are
+        found and prefilled once)."""
+        for req in reqs:
+            self._validate(req)
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            self._inbox.extend(reqs)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="promptkit-engine", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+        return reqs
+
+    def _validate(self, req: Request) -> None:
         if not req.tokens:
             raise ValueError("empty request: no tokens")
-        if self.cache.enabled and req.prompt_len * self.bytes_per_token > self.cache.max_bytes:
-            raise CacheBudgetError(
-                f"a {req.prompt_len}-token request needs {req.prompt_len * self.bytes_per_token:,} bytes of KV, "
-                f"more than the cache budget of {self.cache.max_bytes:,} bytes; raise max_cache_bytes "
-                "or turn the cache off with max_cache_bytes=0")
+        if req.kind == "score" and not 0 < req.score_from < len(req.tokens):
+            raise ValueError("score_from must leave at least one token before and after it")
+        if len(req.tokens) + 1 > self.pool.capacity:
+            raise KVBudgetError(
+                f"a {len(req.tokens)}-token request needs {(len(req.tokens) + 1) * self.bytes_per_token:,} bytes "
+                f"of KV, more than the engine's KV budget of {self.pool.capacity * self.bytes_per_token:,} bytes; "
+                "raise max_kv_bytes or shorten the prompt")
         if req.params.temperature > 0:
-            req.generator = torch.Generator(device="cpu")
-            req.generator.manual_seed(req.params.seed if req.params.seed is not None else
-                                      torch.seed() % (1 << 63))
-        with self._queue_lock:
-            self.waiting.append(req)
-        return req
+            req.seed = req.params.seed if req.params.seed is not None else secrets.randbits(63)
 
     def run(self, reqs: list[Request]) -> list[Request]:
-        """Submit ``reqs`` and drive the engine until all of them are finished."""
+        """Submit ``reqs`` and wait until all are finished; raise the first error among them."""
+        self.submit_many(reqs)
+        wait([r.future for r in reqs])
         for r in reqs:
-            self.submit(r)
-        for r in reqs:
-            self._drive_until(r)
+            if r.error is not None:
+                raise r.error
         return reqs
 
     def stream(self, req: Request) -> Iterator[int]:
-        """Submit ``req`` and yield its tokens as they come; closing the iterator aborts it."""
+        """Submit ``req`` and yield its tokens as they come; an engine error is raised here.
+        Closing the iterator early aborts the request."""
+        req.events = queue.SimpleQueue()
         self.submit(req)
-        sent = 0
         try:
             while True:
-                if not req.finished:
-                    with self._step_lock:
-                        if not req.finished:
-                            self.step()
-                while sent < len(req.generated):
-                    sent += 1
-                    yield req.generated[sent - 1]
-                if req.finished:
+                ev = req.events.get()
+                if ev is None:
                     return
+                if isinstance(ev, BaseException):
+                    raise ev
+                yield ev
         finally:
             if not req.finished:
-                req.aborted = True
-                with self._step_lock:
-                    self._retire(req, "abort")
+                self.abort(req)
+
+    def abort(self, req: Request) -> None:
+        """Stop ``req`` at the next step (its KV is freed, its caller sees finish_reason "abort")."""
+        req.aborted = True
+        with self._wake:
+            self._wake.notify()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the model between steps (for a side pass that runs it directly)."""
+        with self._lock:
+            yield
+
+    def attention_to(self, tokens: list[int], query_from: int, num_layers: int, first_layer: int = 0) -> torch.Tensor:
+        """See :meth:`ModelRunner.attention_to`; runs between engine steps."""
+        with self._lock:
+            return self.runner.attention_to(tokens, query_from, num_layers, first_layer)
+
+    def clear_cache(self) -> None:
+        """Drop every cached prefix not in use."""
+        with self._lock:
+            self.cache.clear()
+
+    def check_integrity(self) -> None:
+        """Raise AssertionError if KV slots leaked or the prefix tree is inconsistent."""
+        with self._lock:
+            self.scheduler.check()
 
     def stats(self) -> dict[str, Any]:
-        s = self.cache.stats
-        return {"tokens_requested": s.tokens_requested, "tokens_cached": s.tokens_cached,
-                "tokens_prefilled": s.tokens_prefilled, "evictions": s.evictions,
-                "evicted_tokens": s.evicted_tokens, "steps": self.steps, "running": len(self.running),
-                "waiting": len(self.waiting), **{f"cache_{k}": v for k, v in self.cache.size_info().items()}}
+        with self._lock:
+            s, pool, sched = self.cache.stats, self.pool, self.scheduler
+            bpt = pool.bytes_per_token
+            return {"tokens_requested": s.tokens_requested, "tokens_cached": s.tokens_cached,
+                    "tokens_prefilled": s.tokens_prefilled, "evictions": s.evictions,
+                    "evicted_tokens": s.evicted_tokens, "preemptions": sched.preemptions, "steps": self.steps,
+                    "running": len(sched.running), "waiting": len(sched.waiting) + len(self._inbox),
+                    "kv_budget_bytes": pool.capacity * bpt, "kv_used_bytes": pool.used * bpt,
+                    "kv_high_water_bytes": pool.high_water * bpt,
+                    **{f"cache_{k}": v for k, v in self.cache.size_info().items()}}
 
-    @torch.inference_mode()
-    def attention_to(self, tokens: list[int], query_from: int, num_layers: int, first_layer: int = 0) -> torch.Tensor:
-        """Attention each token receives from the tokens at ``query_from`` onward, averaged over
-        heads, those queries and layers ``first_layer .. num_layers - 1`` (only the first
-        ``num_layers`` layers are run)."""
-        if not 0 < query_from < len(tokens):
-            raise ValueError("query_from must split the tokens into a non-empty context and query")
-        base = self.model.model
-        ids = torch.tensor([tokens], device=self.device)
-        pos = torch.arange(len(tokens), device=self.device)[None]
-        layout = BatchLayout([], probe=torch.zeros(len(tokens), device=self.device), probe_from=query_from,
-                             probe_layers=range(first_layer, num_layers))
-        with self._step_lock:
-            set_layout(layout)
+    def close(self, join_timeout: float = 30) -> None:
+        """Stop the loop thread; requests still queued fail."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=join_timeout)
+        with self._lock:
+            self._fail_all(RuntimeError("the engine was closed"))
+
+    # -- the loop ----------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closed and not self._inbox and not self.scheduler.has_work():
+                    if not self._wake.wait(timeout=IDLE_EXIT_SECONDS) and not self._inbox:
+                        self._thread = None  # idle: end, so an unused engine can be freed; submit restarts it
+                        return
+                if self._closed:
+                    return
             try:
-                hidden = base.embed_tokens(ids)
-                rope = base.rotary_emb(hidden, pos)
-                for layer in base.layers[:num_layers]:
-                    hidden = layer(hidden, attention_mask=None, position_ids=pos, position_embeddings=rope)
-                    hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-            finally:
-                set_layout(None)
-        return layout.probe / max(1, num_layers - first_layer)
-
-    # -- the step --------------------------------------------------------------
-    def _drive_until(self, req: Request) -> None:
-        while not req.finished:
-            with self._step_lock:
-                if not req.finished:
+                with self._lock:
                     self.step()
-        if req.error is not None:
-            raise req.error
+            except BaseException as e:  # a fault of the loop itself: fail every request, never hang
+                log.exception("engine step failed")
+                with self._lock:
+                    self._fail_all(e)
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Admit, pack, forward, sample: one iteration of continuous batching."""
-        with self._step_lock:
-            self._admit()
-            batch = self._plan()
-            if not batch:
-                return
-            try:
-                self._forward(batch)
-            except Exception as e:  # fail the batch's requests, not every waiter forever
-                for r, _ in batch:
-                    r.error = e
-                    self._retire(r, "error")
-                raise
-            self.steps += 1
-
-    def _admit(self) -> None:
-        with self._queue_lock:
-            room = self.max_running - len(self.running)
-            new, self.waiting = self.waiting[:room], self.waiting[room:]
-        if not new:
-            return
+        """Take new requests, admit, forward, sample, retire: one iteration. Called by the loop
+        thread (with the lock held); nothing else drives steps."""
+        with self._wake:
+            new, self._inbox = self._inbox, []
+        self.scheduler.waiting.extend(new)
+        for r in [r for r in [*self.scheduler.waiting, *self.scheduler.running] if r.aborted]:
+            self._finish(r, "abort")
         if self.cache.enabled:
-            self._prefill_shared_prefixes(new)
-        limits = [r.score_from - 1 if r.kind == "score" else r.prompt_len - 1 for r in new]
-        matches = [self.cache.match_prefix(r.tokens, lim) for r, lim in zip(new, limits)]
-        for i in longest_prefix_first([m[1] for m in matches]):
-            r, (node, n) = new[i], matches[i]
-            if r.aborted:
-                self._retire(r, "abort")
-                continue
-            self.cache.lock(node)
-            r.last_node, r.cached_len, r.matched_len = node, n, n
-            if r.kind != "prefix":
-                self.cache.stats.tokens_requested += r.prompt_len
-                self.cache.stats.tokens_cached += n
-            extra = min(r.params.max_tokens, 64) if r.kind == "generate" else 0
-            r.own_kv = self._kv_buffer(r.prompt_len - n + extra)
-            self.running.append(r)
-
-    def _kv_buffer(self, tokens: int) -> torch.Tensor:
-        return torch.empty(self.num_layers, 2, self.kv_heads, tokens, self.head_dim, dtype=self.dtype,
-                           device=self.device)
-
-    def _reserve(self, r: Request, n: int) -> None:
-        """Grow the private KV buffer (doubling) so ``n`` more tokens fit."""
-        cap = r.own_kv.shape[3]  # type: ignore[union-attr]
-        if r.own_len + n > cap:
-            bigger = self._kv_buffer(max(r.own_len + n, 2 * cap))
-            bigger[:, :, :, : r.own_len] = r.own_kv[:, :, :, : r.own_len]  # type: ignore[index]
-            r.own_kv = bigger
-
-    def _prefill_shared_prefixes(self, new: list[Request]) -> None:
-        prompts = [r.tokens[: r.score_from] if r.kind == "score" else r.tokens for r in new]
-        jobs = [p for p in shared_prefixes(prompts, self.share_min_tokens)
-                if self.cache.match_prefix(list(p))[1] < len(p)]
-        for group in prefix_job_steps(jobs):
-            reqs = [Request(tokens=list(p), kind="prefix") for p in group]
-            for r in reqs:
-                node, n = self.cache.match_prefix(r.tokens)
-                self.cache.lock(node)
-                r.last_node, r.cached_len = node, n
-                r.own_kv = self._kv_buffer(r.prompt_len - n)
-            while any(not r.finished for r in reqs):
-                self._forward(self._plan(reqs))
-
-    def _plan(self, pool: list[Request] | None = None) -> list[tuple[Request, int]]:
-        """One decode token per decoding request, then the first first-fit-decreasing bin of
-        prefill work in the remaining token budget (a prompt longer than the budget is chunked)."""
-        pool = self.running if pool is None else pool
-        live = [r for r in pool if not r.finished]
-        batch = [(r, 1) for r in live if not r.in_prefill]
-        room = self.max_batch_tokens - len(batch)
-        prefilling = [r for r in live if r.in_prefill]
-        if prefilling and room > 0:
-            need = [r.prompt_len - r.computed for r in prefilling]
-            for i in first_fit_decreasing(need, room)[0]:
-                batch.append((prefilling[i], min(need[i], room)))
-        return batch
-
-    def _forward(self, batch: list[tuple[Request, int]]) -> None:
-        ids, starts, segs, groups = [], [], [], {}
-        offset = 0
-        for r, n in batch:
-            self._reserve(r, n)
-            ids.extend(r.tokens[r.computed : r.computed + n])
-            starts.append(r.computed)
-            path = r.last_node.path() if r.cached_len else []  # type: ignore[union-attr]
-            seg = SegmentLayout(offset, n, r.own_kv, r.own_len, r.cached_len > 0)  # type: ignore[arg-type]
-            if self._sparse_for(r, n):
-                seg.sparse_prefix = [node.kv for node in path]
-            else:
-                for node in path:
-                    groups.setdefault(id(node), (node.kv, []))[1].append(torch.arange(offset, offset + n))
-            segs.append(seg)
-            offset += n
-        # Nodes seen by exactly the same rows are attended to as one (fewer, larger products).
-        merged: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        for kv, rows in groups.values():
-            key = tuple((int(r[0]), len(r)) for r in rows)
-            merged.setdefault(key, ([], rows))[0].append(kv)
-        layout = BatchLayout(segs, [(kvs, torch.cat(rows).to(self.device)) for kvs, rows in merged.values()],
-                             self.sparse)
-        input_ids = torch.tensor([ids], device=self.device)
-        positions = packed_positions(starts, [n for _, n in batch], self.device)[None]
-        set_layout(layout)
+            self._prefill_shared_prefixes(self.scheduler.window())
         try:
-            hidden = self.model.model(input_ids=input_ids, position_ids=positions, use_cache=False).last_hidden_state[0]
-        finally:
-            set_layout(None)
-        # One lm_head call for every row whose logits are needed (scored tokens, next-token rows).
-        rows, spans, offset = [], [], 0
-        for r, n in batch:
-            lo, hi = self._logit_rows(r, n)
-            spans.append((len(rows), len(rows) + hi - lo))
-            rows.extend(range(offset + lo, offset + hi))
-            offset += n
-        logits = self.model.lm_head(hidden[torch.tensor(rows, device=self.device)]).float() if rows else None
-        for (r, n), (a, b) in zip(batch, spans):
-            if r.in_prefill:
-                self.cache.stats.tokens_prefilled += n
-            self._after_forward(r, n, logits[a:b] if logits is not None else None)
-
-    def _sparse_for(self, r: Request, n: int) -> bool:
-        """Sparse attention pays only for a long prefill chunk over a long context."""
-        return self.sparse is not None and n >= 128 and r.computed + n >= self.sparse_min_length
-
-    def _logit_rows(self, r: Request, n: int) -> tuple[int, int]:
-        """Rows (relative to the request's segment) whose logits this forward must produce."""
-        first, end = r.computed, r.computed + n
-        if r.kind == "score":
-            lo, hi = max(first, r.score_from - 1), min(end, r.prompt_len - 1)
-            return (lo - first, hi - first) if hi > lo else (0, 0)
-        if r.kind == "generate" and end == len(r.tokens):
-            return n - 1, n
-        return 0, 0
-
-    def _after_forward(self, r: Request, n: int, logits: torch.Tensor | None) -> None:
-        first = r.computed
-        r.own_len += n
-        if r.kind == "score":
-            if logits is not None and len(logits):
-                lo = max(first, r.score_from - 1)
-                target = torch.tensor(r.tokens[lo + 1 : lo + 1 + len(logits)], device=logits.device)
-                r.logprobs.extend(torch.log_softmax(logits, -1).gather(-1, target[:, None])[:, 0].tolist())
-        if r.in_prefill:
+            failed = self.scheduler.admit()[1]
+        except Exception as e:  # the requests it was admitting fail; the running ones go on
+            failed = [(r, e) for r in self.scheduler.window()]
+        for r, e in failed:
+            self._fail(r, e)
+        batch = self.scheduler.plan()
+        for r in self.scheduler.stalled:
+            self._finish(r, "length")  # alone and the pool holds no slot for its next token
+        self.scheduler.stalled.clear()
+        if not batch:
+            if self.scheduler.waiting and not self.scheduler.running:  # nothing can ever make room for it
+                r = self.scheduler.waiting[0]
+                self._fail(r, KVBudgetError(f"a {len(r.tokens)}-token request does not fit the KV budget"))
             return
-        if r.kind == "prefix":
-            self._cache_prompt(r, r.prompt_len)
-            return self._retire(r, "stop")
-        if r.kind == "score":
-            self._cache_prompt(r, r.score_from)
-            return self._retire(r, "stop")
-        if len(r.generated) == 0:
-            self._cache_prompt(r, r.prompt_len)
-        assert logits is not None
-        tok = sample(logits[-1], r.params.temperature, r.params.top_p, r.generator)
-        if r.params.logprobs or r.params.top_logprobs:
-            logp = torch.log_softmax(logits[-1], -1)
-            r.logprobs.append(float(logp[tok]))
-            if r.params.top_logprobs:
-                vals, ids = logp.topk(r.params.top_logprobs)
-                r.top_logprobs.append(list(zip(ids.tolist(), vals.tolist())))
+        try:
+            logits, spans = self.runner.forward(batch)
+        except Exception as e:  # the forward's requests fail; the others go on
+            for r, _ in batch:
+                self._fail(r, e)
+            return
+        self.steps += 1
+        self._after_forward(batch, logits, spans)
+
+    def _prefill_shared_prefixes(self, window: list[Request]) -> None:
+        """Prefill once, ahead of their requests, the prefixes that requests arriving together share."""
+        fresh = [r for r in window if r.preemptions == 0 and r.kind != "prefix"]
+        if len(fresh) < 2:
+            return
+        prompts = [r.tokens[: r.score_from] if r.kind == "score" else r.tokens for r in fresh]
+        for level in prefix_job_steps(shared_prefixes(prompts, self.config.share_min_tokens)):
+            jobs = self.scheduler.start_prefix_jobs(level)
+            try:
+                while any(r.pending for r in jobs):
+                    batch = self.scheduler.plan(jobs)
+                    if not batch:
+                        break
+                    self.runner.forward(batch)
+                    for r, n in batch:
+                        self.scheduler.advance(r, n)
+            except Exception:  # sharing is an optimisation: the requests prefill their own prompts
+                log.exception("prefix prefill failed")
+                for r in jobs:
+                    self.scheduler.retire(r, keep=False)
+                return
+            for r in jobs:
+                self.scheduler.retire(r, keep=r.pending == 0)
+
+    def _after_forward(self, batch: list[tuple[Request, int]], logits: torch.Tensor,
+                       spans: list[tuple[int, int]]) -> None:
+        self._record_scores(batch, logits, spans)
+        sampling: list[tuple[Request, int]] = []  # (request, its logits row)
+        for (r, n), (_, b) in zip(batch, spans):
+            try:
+                self.scheduler.advance(r, n)
+                if r.pending:
+                    continue  # more prefill chunks to come
+                if r.kind != "generate":
+                    self._finish(r, "stop")
+                elif r.aborted:
+                    self._finish(r, "abort")
+                else:
+                    if not r.generated:
+                        self.scheduler.cache_prompt(r, r.prompt_len)  # later requests share the prompt now
+                    sampling.append((r, b - 1))
+            except Exception as e:
+                self._fail(r, e)
+        if sampling:
+            self._sample(sampling, logits)
+
+    def _record_scores(self, batch: list[tuple[Request, int]], logits: torch.Tensor,
+                       spans: list[tuple[int, int]]) -> None:
+        """Log-probabilities of the scored tokens of every score request in the batch, in one pass."""
+        rows, targets, owners = [], [], []
+        for (r, _), (a, b) in zip(batch, spans):
+            if r.kind == "score" and b > a:
+                lo = max(r.computed, r.score_from - 1)
+                rows.append(torch.arange(a, b))
+                targets.extend(r.tokens[lo + 1 : lo + 1 + b - a])
+                owners.append((r, b - a))
+        if not owners:
+            return
+        dev = logits.device
+        values = token_logprobs(logits[torch.cat(rows).to(dev)], torch.tensor(targets, device=dev))[0].tolist()
+        at = 0
+        for r, n in owners:
+            r.logprobs.extend(values[at : at + n])
+            at += n
+
+    def _sample(self, rows: list[tuple[Request, int]], logits: torch.Tensor) -> None:
+        reqs = [r for r, _ in rows]
+        try:
+            x = logits[torch.tensor([i for _, i in rows], device=logits.device)]
+            for j, r in enumerate(reqs):
+                for proc in r.processors:  # per-request logits processors (constraints, penalties)
+                    x[j] = proc(x[j], r.generated)
+            toks = sample(x, [r.params.temperature for r in reqs], [r.params.top_p for r in reqs],
+                          [r.seed for r in reqs], [len(r.generated) for r in reqs])
+            dev = x.device
+            want = [r.params.logprobs or r.params.top_logprobs > 0 for r in reqs]
+            top = max(r.params.top_logprobs for r in reqs)
+            lp = vals = ids = None
+            if any(want):
+                lp, vals, ids = token_logprobs(logits[torch.tensor([i for _, i in rows], device=dev)], toks, top)
+                lp, vals, ids = lp.tolist(), vals.tolist() if top else None, ids.tolist() if top else None
+            toks = toks.tolist()
+        except Exception as e:
+            for r in reqs:
+                self._fail(r, e)
+            return
+        for j, (r, tok) in enumerate(zip(reqs, toks)):
+            try:
+                if want[j]:
+                    r.logprobs.append(lp[j])  # type: ignore[index]
+                    if r.params.top_logprobs:
+                        k = r.params.top_logprobs
+                        r.top_logprobs.append(list(zip(ids[j][:k], vals[j][:k])))  # type: ignore[index]
+                self._append(r, tok)
+            except Exception as e:
+                self._fail(r, e)
+
+    def _append(self, r: Request, tok: int) -> None:
         if tok in self.eos_ids:
-            return self._retire(r, "stop")
+            return self._finish(r, "stop")
         r.tokens.append(tok)
         r.generated.append(tok)
+        if r.events is not None:
+            r.events.put(tok)
         if r.stop_check is not None and r.stop_check(r.generated):
-            return self._retire(r, "stop")
-        if len(r.generated) >= r.params.max_tokens or r.aborted:
-            self._retire(r, "abort" if r.aborted else "length")
+            return self._finish(r, "stop")
+        if len(r.generated) >= r.params.max_tokens:
+            return self._finish(r, "length")
+        if r.aborted:
+            return self._finish(r, "abort")
 
-    def _cache_prompt(self, r: Request, upto: int) -> None:
-        """Copy the prompt's KV into the tree so later requests share it.
-
-        The request keeps its own copy: its private tokens stay in one buffer,
-        which decode attends to in a single batched product.
-        """
-        if self.cache.enabled and upto > r.cached_len:
-            self.cache.insert(r.tokens[:upto], r.own_kv[:, :, :, : upto - r.cached_len], r.cached_len)  # type: ignore[index]
-
-    def _retire(self, r: Request, reason: str) -> None:
+    # -- retiring --------------------------------------------------------------------
+    def _finish(self, r: Request, reason: str) -> None:
         if r.finished:
             return
-        if r.kind == "generate" and self.cache.enabled and r.own_kv is not None and r.computed > r.cached_len:
-            self.cache.insert(r.tokens[: r.computed], r.own_kv[:, :, :, : r.own_len], r.cached_len)
-        if r.last_node is not None:
-            self.cache.unlock(r.last_node)
-        r.own_kv, r.last_node = None, None
+        self.scheduler.retire(r, keep=True)
         r.finished, r.finish_reason = True, reason
+        self._notify(r)
+
+    def _fail(self, r: Request, error: BaseException) -> None:
+        if r.finished:
+            return
+        try:
+            self.scheduler.retire(r, keep=False)
+        finally:
+            r.finished, r.finish_reason, r.error = True, "error", error
+            self._notify(r)
+
+    def _notify(self, r: Request) -> None:
         r.seconds = time.perf_counter() - r.started
-        if r in self.running:
-            self.running.remove(r)
-        r.done.set()
+        if r.events is not None:
+            r.events.put(r.error if r.error is not None else None)
+        if r.error is not None:
+            r.future.set_exception(r.error)
+        else:
+            r.future.set_result(r)
+
+    def _fail_all(self, error: BaseException) -> None:
+        """Fail every request the engine holds and release all KV (after a fault of the loop)."""
+        with self._wake:
+            pending, self._inbox = self._inbox, []
+        sched = self.scheduler
+        for r in pending + list(sched.waiting) + list(sched.running):
+            try:
+                self._fail(r, error)
+            except Exception:  # keep failing the others
+                log.exception("could not fail request %s cleanly", r.id)
+        sched.waiting.clear()
+        sched.running.clear()

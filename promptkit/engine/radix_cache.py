@@ -1,36 +1,36 @@
-"""A radix tree over token ids whose nodes own the KV of their tokens, for every layer.
+"""A radix tree over token ids whose nodes own runs of KV-pool slots.
 
-Each node's edge is a run of token ids and a tensor ``kv`` of shape
-``[layers, 2, kv_heads, n_tokens, head_dim]``. A request locks the path from
-the root to the deepest node of its prefix while it runs (a locked node is
-never evicted); unlocked leaves are evicted least-recently-used first when an
-insertion would exceed ``max_bytes``.
+Each node's edge is a run of token ids whose KV sits in consecutive pool slots
+starting at ``start``. Caching a finished prompt hands its slots to the tree
+(nothing is copied); splitting an edge is slot arithmetic. A request locks
+the path from the root to the deepest node of its prefix while it runs (a
+locked node is never evicted). Unlocked leaves are evicted least recently
+used first, from a heap, when the pool needs their slots.
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from dataclasses import dataclass, field
 
 import torch
 
-
-class CacheBudgetError(ValueError):
-    """A request whose KV alone exceeds the cache budget."""
+from .kv_pool import KVPool, Run, split_runs
 
 
 @dataclass(eq=False)
 class Node:
     tokens: tuple[int, ...] = ()
-    kv: torch.Tensor | None = None
+    start: int = 0  # pool slot of the first token of this edge
     parent: Node | None = None
     children: dict[int, Node] = field(default_factory=dict)
     lock_ref: int = 0
     last_access: int = 0
 
     @property
-    def nbytes(self) -> int:
-        return 0 if self.kv is None else self.kv.numel() * self.kv.element_size()
+    def run(self) -> Run:
+        return (self.start, len(self.tokens))
 
     def path(self) -> list[Node]:
         """Nodes from the first below the root down to this one."""
@@ -50,7 +50,7 @@ class CacheStats:
     evicted_tokens: int = 0
 
 
-def _common(a: tuple[int, ...], b: list[int] | tuple[int, ...], start: int) -> int:
+def _common(a: tuple[int, ...], b: list[int], start: int) -> int:
     n = 0
     for x, y in zip(a, itertools.islice(b, start, None)):
         if x != y:
@@ -60,19 +60,26 @@ def _common(a: tuple[int, ...], b: list[int] | tuple[int, ...], start: int) -> i
 
 
 class RadixCache:
-    """Token-prefix KV cache with LRU eviction under a byte budget."""
+    """Token-prefix index over pool slots, with locks and LRU eviction of leaves."""
 
-    def __init__(self, max_bytes: int, bytes_per_token: int) -> None:
-        self.max_bytes = max_bytes
-        self.bytes_per_token = bytes_per_token
+    def __init__(self, pool: KVPool, enabled: bool = True) -> None:
+        self.pool = pool
+        self.enabled = enabled
         self.root = Node()
-        self.used_bytes = 0
         self.stats = CacheStats()
+        self.cached_tokens = 0  # slots the tree owns
+        self.locked_tokens = 0  # of those, slots on locked paths
         self._clock = itertools.count(1)
+        self._heap: list[tuple[int, int, Node]] = []  # (last access, tiebreak, leaf) candidates
+        self._seq = itertools.count()
 
     @property
-    def enabled(self) -> bool:
-        return self.max_bytes > 0
+    def evictable_tokens(self) -> int:
+        return self.cached_tokens - self.locked_tokens
+
+    def kv(self, node: Node) -> torch.Tensor:
+        """The node's KV for every layer, ``[layers, 2, kv_heads, n, head_dim]`` (a view)."""
+        return self.pool.view(node.run)
 
     # -- lookup ------------------------------------------------------------
     def match_prefix(self, tokens: list[int], limit: int | None = None) -> tuple[Node, int]:
@@ -90,87 +97,99 @@ class RadixCache:
             if child is None:
                 break
             n = min(_common(child.tokens, tokens, pos), limit - pos)
-            if n < len(child.tokens):
-                child = self._split(child, n) if n > 0 else None
-                if child is None:
-                    break
-            child.last_access = now
-            node, pos = child, pos + n
             if n == 0:
                 break
+            if n < len(child.tokens):
+                child = self._split(child, n)
+            child.last_access = now
+            node, pos = child, pos + n
         return node, pos
 
     def _split(self, node: Node, n: int) -> Node:
         """Cut ``node``'s edge after ``n`` tokens; return the new upper node."""
-        assert node.parent is not None and node.kv is not None and 0 < n < len(node.tokens)
-        upper = Node(tokens=node.tokens[:n], kv=node.kv[:, :, :, :n].clone(), parent=node.parent,
-                     lock_ref=node.lock_ref, last_access=node.last_access)
+        assert node.parent is not None and 0 < n < len(node.tokens)
+        upper = Node(tokens=node.tokens[:n], start=node.start, parent=node.parent, lock_ref=node.lock_ref,
+                     last_access=node.last_access)
         node.parent.children[node.tokens[0]] = upper
-        node.tokens, node.kv, node.parent = node.tokens[n:], node.kv[:, :, :, n:].clone(), upper
+        node.tokens, node.start, node.parent = node.tokens[n:], node.start + n, upper
         upper.children[node.tokens[0]] = node
         return upper
 
     # -- insertion ---------------------------------------------------------
-    def insert(self, tokens: list[int], kv: torch.Tensor, kv_start: int) -> tuple[Node, int]:
-        """Cache ``tokens`` whose KV for ``tokens[kv_start:]`` is ``kv`` (``[L, 2, H, n, D]``).
+    def insert(self, tokens: list[int], runs: list[Run], kv_start: int) -> tuple[Node, int]:
+        """Cache ``tokens``, whose KV for ``tokens[kv_start:]`` sits in pool ``runs``.
 
-        Returns the deepest node now covering a prefix of ``tokens`` and its
-        length; that is all of ``tokens`` unless the budget could not make room.
+        The tree takes the slots of tokens it did not hold; the slots of tokens
+        it already held are returned to the pool. Either way the caller no
+        longer owns ``runs``. Returns the node ending at ``len(tokens)``.
         """
+        assert self.enabled and sum(n for _, n in runs) == len(tokens) - kv_start
         node, pos = self.match_prefix(tokens)
-        if pos >= len(tokens) or not self.enabled:
-            return node, pos
         if pos < kv_start:
             raise ValueError(f"insert needs KV from token {pos}, but it starts at {kv_start}")
-        new = len(tokens) - pos
-        need = new * self.bytes_per_token
-        if self.used_bytes + need > self.max_bytes:
-            self.lock(node)  # never evict the node we are about to extend
-            self.evict(self.used_bytes + need - self.max_bytes)
-            self.unlock(node)
-            if self.used_bytes + need > self.max_bytes:
-                return node, pos
-        child = Node(tokens=tuple(tokens[pos:]), kv=kv[:, :, :, pos - kv_start :].clone(), parent=node,
-                     last_access=next(self._clock))
-        node.children[child.tokens[0]] = child
-        self.used_bytes += child.nbytes
-        return child, len(tokens)
+        dup, runs = split_runs(runs, pos - kv_start)
+        self.pool.free(dup)
+        now = next(self._clock)
+        for start, length in runs:
+            child = Node(tokens=tuple(tokens[pos : pos + length]), start=start, parent=node, last_access=now)
+            node.children[child.tokens[0]] = child
+            self.cached_tokens += length
+            node, pos = child, pos + length
+        if node.parent is not None and not node.children:
+            self._push(node)
+        return node, pos
 
     # -- locking and eviction ---------------------------------------------
     def lock(self, node: Node) -> None:
         """Protect ``node`` and its ancestors from eviction."""
         while node.parent is not None:
+            if node.lock_ref == 0:
+                self.locked_tokens += len(node.tokens)
             node.lock_ref += 1
             node = node.parent
 
     def unlock(self, node: Node) -> None:
+        leaf = node
         while node.parent is not None:
+            assert node.lock_ref > 0, "unlock without lock"
             node.lock_ref -= 1
-            assert node.lock_ref >= 0, "unlock without lock"
+            if node.lock_ref == 0:
+                self.locked_tokens -= len(node.tokens)
             node = node.parent
+        if leaf.parent is not None and not leaf.children and leaf.lock_ref == 0:
+            self._push(leaf)
 
-    def evict(self, nbytes: int) -> int:
-        """Free at least ``nbytes`` from unlocked leaves, least recently used first."""
+    def _push(self, leaf: Node) -> None:
+        heapq.heappush(self._heap, (leaf.last_access, next(self._seq), leaf))
+
+    def evict(self, tokens: int) -> int:
+        """Free at least ``tokens`` slots from unlocked leaves, least recently used first."""
         freed = 0
-        while freed < nbytes:
-            leaves = [n for n in self._nodes() if not n.children and n.lock_ref == 0]
-            if not leaves:
-                break
-            leaf = min(leaves, key=lambda n: n.last_access)
-            freed += leaf.nbytes
-            self.used_bytes -= leaf.nbytes
+        while freed < tokens and self._heap:
+            t, _, leaf = heapq.heappop(self._heap)
+            if leaf.parent is None or leaf.children or leaf.lock_ref:
+                continue  # gone, grew children or locked since it was pushed
+            if leaf.last_access != t:
+                self._push(leaf)  # used since: back in the queue at its new time
+                continue
+            parent = leaf.parent
+            del parent.children[leaf.tokens[0]]
+            leaf.parent = None
+            self.pool.free([leaf.run])
+            self.cached_tokens -= len(leaf.tokens)
+            freed += len(leaf.tokens)
             self.stats.evictions += 1
             self.stats.evicted_tokens += len(leaf.tokens)
-            del leaf.parent.children[leaf.tokens[0]]  # type: ignore[union-attr]
-            leaf.parent, leaf.kv = None, None
+            if parent.parent is not None and not parent.children and parent.lock_ref == 0:
+                self._push(parent)
         return freed
 
     def clear(self) -> None:
         """Drop every unlocked node."""
-        self.evict(self.used_bytes + 1)
+        self.evict(self.cached_tokens + 1)
 
     # -- reporting ---------------------------------------------------------
-    def _nodes(self) -> list[Node]:
+    def nodes(self) -> list[Node]:
         out, stack = [], list(self.root.children.values())
         while stack:
             n = stack.pop()
@@ -179,21 +198,19 @@ class RadixCache:
         return out
 
     def size_info(self) -> dict[str, int]:
-        nodes = self._nodes()
-        locked = sum(n.nbytes for n in nodes if n.lock_ref > 0)
-        return {"nodes": len(nodes), "tokens": sum(len(n.tokens) for n in nodes), "bytes": self.used_bytes,
-                "locked_bytes": locked, "evictable_bytes": self.used_bytes - locked, "max_bytes": self.max_bytes}
+        bpt = self.pool.bytes_per_token
+        return {"nodes": len(self.nodes()), "tokens": self.cached_tokens, "bytes": self.cached_tokens * bpt,
+                "locked_bytes": self.locked_tokens * bpt, "evictable_bytes": self.evictable_tokens * bpt}
 
     def check_integrity(self) -> None:
         """Raise AssertionError if the tree's invariants do not hold."""
-        total = 0
-        for n in self._nodes():
+        total = locked = 0
+        for n in self.nodes():
             assert n.parent is not None and n.parent.children.get(n.tokens[0]) is n, "broken parent link"
-            assert n.kv is not None and n.kv.shape[3] == len(n.tokens) > 0, "KV length differs from edge"
+            assert len(n.tokens) > 0 and 0 <= n.start and n.start + len(n.tokens) <= self.pool.capacity, "bad run"
             assert n.lock_ref >= 0, "negative lock count"
             assert all(c.lock_ref <= n.lock_ref for c in n.children.values()), "child locked more than parent"
-            keys = [c.tokens[0] for c in n.children.values()]
-            assert len(keys) == len(set(keys)), "two children start with the same token"
-            total += n.nbytes
-        assert total == self.used_bytes, f"byte count drifted: {total} != {self.used_bytes}"
-        assert self.used_bytes <= max(self.max_bytes, 0), "cache exceeds its budget"
+            total += len(n.tokens)
+            locked += len(n.tokens) if n.lock_ref else 0
+        assert total == self.cached_tokens, f"token count drifted: {total} != {self.cached_tokens}"
+        assert locked == self.locked_tokens, f"locked count drifted: {locked} != {self.locked_tokens}"

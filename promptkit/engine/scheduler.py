@@ -1,14 +1,232 @@
-"""Cache-aware ordering: find the prefixes a batch shares and prefill each once.
+"""Admission, planning and retiring: which requests run, on which KV slots, in which forward.
 
-Requests are sorted by their token ids, so requests sharing a prefix become
-neighbours; the longest prefix each shares with a neighbour is prefilled once
-as a prefix job before the requests themselves are admitted (BatchLLM's
-global prefix sharing); nested prefixes build on each other, one level per forward.
+Admission takes waiting requests while the KV pool has slots for their
+uncached prompt (evicting unused cached prefixes to make room). Planning
+packs one token per decoding request and then prefill chunks of the others
+into one forward of at most ``max_batch_tokens``; a request that needs a slot
+the pool cannot give preempts the youngest running request, which frees its
+slots and waits to be recomputed. Retiring hands a request's KV to the prefix
+cache (or frees it) and releases its locks, on every path.
+
+Cache-aware ordering: requests arriving together are sorted by token ids, so
+requests sharing a prefix become neighbours, and each prefix two of them share
+is prefilled once as a prefix job before they are admitted (BatchLLM's global
+prefix sharing); nested prefixes build on each other, one level per forward.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections import deque
 
+from .config import EngineConfig
+from .kv_pool import KVPool, split_runs
+from .prepack import first_fit_decreasing
+from .radix_cache import Node, RadixCache
+from .request import Request
+
+
+class Scheduler:
+    """Queues of waiting and running requests over one KV pool and its prefix tree."""
+
+    def __init__(self, pool: KVPool, cache: RadixCache, config: EngineConfig) -> None:
+        self.pool, self.cache, self.config = pool, cache, config
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.preemptions = 0
+        self.stalled: list[Request] = []  # running requests the pool cannot give one more slot
+        self._admission = itertools.count()
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- admission ---------------------------------------------------------------------
+    def window(self) -> list[Request]:
+        """The waiting requests the next admission may take (as many as there is room to run)."""
+        room = self.config.max_running - len(self.running)
+        return list(itertools.islice(self.waiting, max(0, room)))
+
+    def admit(self) -> tuple[list[Request], list[tuple[Request, Exception]]]:
+        """Move waiting requests into ``running`` while their KV fits. Returns those admitted and
+        those whose admission raised (taken out of the queue, their KV released).
+
+        Requests recomputing after a preemption go first; among the others the
+        longest cached prefix goes first (cheapest, and it keeps that prefix hot).
+        """
+        window = self.window()
+        if not window:
+            return [], []
+        matches = {id(r): self.cache.match_prefix(r.tokens, self._match_limit(r)) for r in window}
+        order = sorted(window, key=lambda r: (r.preemptions == 0, -matches[id(r)][1]))
+        admitted, failed = [], []
+        for r in order:
+            try:
+                if not self._admit_one(r, *matches[id(r)]):
+                    break  # keep arrival order: later requests wait for this one
+                admitted.append(r)
+            except Exception as e:
+                self.retire(r, keep=False)
+                failed.append((r, e))
+        return admitted, failed
+
+    def _admit_one(self, r: Request, node: Node, n: int) -> bool:
+        if node.parent is None and n:  # evicted since it was matched (making room for another)
+            node, n = self.cache.match_prefix(r.tokens, self._match_limit(r))
+        need = len(r.tokens) - n
+        reserve = min(self.config.decode_reserve, r.params.max_tokens) if r.kind == "generate" else 0
+        if not self._make_room(need + reserve, protect=node):
+            if self.running or not self._make_room(need, protect=node):
+                return False
+            reserve = 0  # alone: it takes slots for its output as it goes
+        need += reserve
+        self.cache.lock(node)
+        r.node, r.cached_len, r.own_len = node, n, 0
+        r.runs = self.pool.alloc(need) or []
+        self.waiting.remove(r)
+        self.running.append(r)
+        r.admitted_seq = next(self._admission)
+        if r.preemptions == 0:
+            r.matched_len = n
+            self.cache.stats.tokens_requested += r.prompt_len
+            self.cache.stats.tokens_cached += n
+        return True
+
+    @staticmethod
+    def _match_limit(r: Request) -> int:
+        # Leave at least one token to compute: its logits are what the request needs.
+        return r.score_from - 1 if r.kind == "score" else len(r.tokens) - 1
+
+    def _make_room(self, need: int, protect: Node | None = None) -> bool:
+        """Evict unused cached prefixes until ``need`` slots are free (never ``protect``'s path)."""
+        if self.pool.free_slots >= need:
+            return True
+        if protect is not None:
+            self.cache.lock(protect)
+        self.cache.evict(need - self.pool.free_slots)
+        if protect is not None:
+            self.cache.unlock(protect)
+        return self.pool.free_slots >= need
+
+    def start_prefix_jobs(self, prefixes: list[tuple[int, ...]]) -> list[Request]:
+        """Prefix jobs for ``prefixes`` not yet cached, admitted outside ``running`` (skipped when
+        the pool has no room for them: sharing is an optimisation, never a reason to preempt)."""
+        jobs = []
+        for p in prefixes:
+            r = Request(tokens=list(p), kind="prefix")
+            node, n = self.cache.match_prefix(r.tokens)
+            if n >= len(p) or not self._make_room(len(p) - n, protect=node):
+                continue
+            self.cache.lock(node)
+            r.node, r.cached_len, r.runs = node, n, self.pool.alloc(len(p) - n) or []
+            jobs.append(r)
+        return jobs
+
+    # -- planning ------------------------------------------------------------------------
+    def plan(self, jobs: list[Request] | None = None) -> list[tuple[Request, int]]:
+        """One forward: a token for every decoding request (oldest first), then the first
+        first-fit-decreasing bin of prefill work in the remaining budget (a prompt longer than
+        the budget is chunked). Every planned token has a KV slot when this returns.
+
+        ``jobs``: plan these internal requests (prefix jobs) instead of the running ones.
+        """
+        internal = jobs is not None
+        reqs = sorted((r for r in (jobs if internal else self.running) if r.pending > 0),
+                      key=lambda r: r.admitted_seq)
+        batch = [(r, 1) for r in reqs if r.pending == 1][: self.config.max_batch_tokens]
+        room = self.config.max_batch_tokens - len(batch)
+        prefilling = [r for r in reqs if r.pending > 1]
+        if prefilling and room > 0:
+            need = [r.pending for r in prefilling]
+            for i in first_fit_decreasing(need, room)[0]:
+                batch.append((prefilling[i], min(need[i], room)))
+        planned = []
+        for r, n in batch:
+            if not internal and r not in self.running:
+                continue  # preempted while making room for an earlier row
+            if self._reserve(r, n, internal):
+                planned.append((r, n))
+            elif not internal and r in self.running:
+                self.stalled.append(r)  # alone and out of room: the engine ends it
+        return [(r, n) for r, n in planned if internal or r in self.running]
+
+    def _reserve(self, r: Request, n: int, internal: bool) -> bool:
+        """Make sure ``r`` holds slots for ``n`` more tokens: grow its last run in place, else take
+        a new run, evicting cached prefixes and then preempting the youngest running request."""
+        while (short := r.own_len + n - r.capacity) > 0:
+            if r.runs:
+                start, length = r.runs[-1]
+                got = self.pool.extend(start + length, short)
+                if got:
+                    r.runs[-1] = (start, length + got)
+                    continue
+            if self._make_room(short):
+                r.runs.extend(self.pool.alloc(short) or [])
+                continue
+            if internal:
+                return False
+            victim = max(self.running, key=lambda x: x.admitted_seq)
+            if victim is r and len(self.running) == 1:
+                return False  # alone and out of room: the caller ends it
+            self.preempt(victim)
+            if victim is r:
+                return False
+        return True
+
+    def preempt(self, r: Request) -> None:
+        """Free ``r``'s KV and put it first in line; it recomputes its tokens when readmitted."""
+        self._release(r)
+        self.running.remove(r)
+        r.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(r)
+
+    # -- progress and retiring -------------------------------------------------------------
+    def advance(self, r: Request, n: int) -> None:
+        """``n`` more of ``r``'s tokens now have KV."""
+        if r.computed < r.prompt_len:
+            self.cache.stats.tokens_prefilled += min(n, r.prompt_len - r.computed)
+        r.own_len += n
+
+    def cache_prompt(self, r: Request, upto: int) -> None:
+        """Hand the KV of ``r.tokens[:upto]`` to the prefix tree and continue from that node."""
+        if not self.cache.enabled or upto <= r.cached_len:
+            return
+        done = upto - r.cached_len
+        head, r.runs = split_runs(r.runs, done)
+        node, _ = self.cache.insert(r.tokens[:upto], head, r.cached_len)
+        self.cache.lock(node)
+        if r.node is not None:
+            self.cache.unlock(r.node)
+        r.node, r.cached_len, r.own_len = node, upto, r.own_len - done
+
+    def retire(self, r: Request, keep: bool) -> None:
+        """Take ``r`` out of the queues and release its KV; with ``keep``, cache its computed
+        tokens (generations: prompt and output; scores: the prompt) before freeing the rest."""
+        if keep and self.cache.enabled:
+            upto = r.score_from if r.kind == "score" else r.computed
+            self.cache_prompt(r, min(upto, r.computed))
+        self._release(r)
+        if r in self.running:
+            self.running.remove(r)
+        elif r in self.waiting:
+            self.waiting.remove(r)
+
+    def _release(self, r: Request) -> None:
+        self.pool.free(r.runs)
+        if r.node is not None:
+            self.cache.unlock(r.node)
+        r.runs, r.node, r.cached_len, r.own_len = [], None, 0, 0
+
+    def check(self) -> None:
+        """Raise AssertionError unless every pool slot is free, cached or owned by one request."""
+        self.pool.check()
+        self.cache.check_integrity()
+        owned = sum(r.capacity for r in self.running)
+        assert self.cache.cached_tokens + owned + self.pool.free_slots == self.pool.capacity, "slots leaked"
+        assert not any(r.runs or r.node for r in self.waiting), "a waiting request holds KV"
+
+
+# -- cache-aware ordering ------------------------------------------------------------------
 def common_prefix_length(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -46,8 +264,3 @@ def prefix_job_steps(prefixes: list[tuple[int, ...]]) -> list[list[tuple[int, ..
     for p, d in depth.items():
         steps[d].append(p)
     return steps
-
-
-def longest_prefix_first(matched: list[int]) -> list[int]:
-    """Admission order: requests with the longest cached prefix first (they are cheapest and keep it hot)."""
-    return sorted(range(len(matched)), key=lambda i: -matched[i])

@@ -1,0 +1,86 @@
+"""EngineConfig: every engine setting in one validated place.
+
+The engine, the local backend, ``LM(...)`` keyword options and the CLI all
+build one of these, so a setting is named, defaulted and checked once.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .sparse import SparseConfig
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+
+
+def parse_bytes(value: int | str) -> int:
+    """``64MB``, ``2GiB``, ``1_000_000`` or an int -> bytes."""
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*([\d_.]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a size: {value!r} (use bytes, or a number with KB, MB, GB, KiB, MiB or GiB)")
+    return int(float(m.group(1).replace("_", "")) * _UNITS[m.group(2).lower()])
+
+
+class EngineConfig(BaseModel):
+    """Settings of the local engine.
+
+    ``max_kv_bytes`` bounds *all* KV memory: the prefix cache and the requests
+    running. Under pressure the engine evicts unused cached prefixes first,
+    then preempts the youngest running request (it is recomputed later).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_kv_bytes: int = Field(2 << 30, gt=0, description="bytes of KV memory for the cache and running requests "
+                              "together (accepts '64MB', '2GiB')")
+    prefix_cache: bool = Field(True, description="keep finished prompts' KV to reuse their prefixes")
+    max_batch_tokens: int = Field(2048, gt=0, description="tokens per forward: bounds activation memory; "
+                                  "longer prefills are chunked")
+    max_running: int = Field(64, gt=0, description="requests decoded together")
+    share_min_tokens: int = Field(16, ge=1, description="shortest prefix that requests arriving together "
+                                  "share to be prefilled once, ahead of them")
+    decode_reserve: int = Field(16, ge=1, description="KV slots reserved per request at admission for the "
+                                "tokens it will generate (more are taken as it goes)")
+    sparse: SparseConfig | None = Field(None, description="sparse prefill for long prompts (True: defaults)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_cache_bytes" in data:
+            data = dict(data)
+            old = parse_bytes(data.pop("max_cache_bytes"))
+            warnings.warn("max_cache_bytes is deprecated: use max_kv_bytes (one budget for all KV) and "
+                          "prefix_cache=False to turn the cache off", DeprecationWarning, stacklevel=4)
+            if old <= 0:
+                data.setdefault("prefix_cache", False)
+            else:
+                data.setdefault("max_kv_bytes", old)
+        return data
+
+    @field_validator("max_kv_bytes", mode="before")
+    @classmethod
+    def _bytes(cls, v: Any) -> int:
+        return parse_bytes(v)
+
+    @field_validator("sparse", mode="before")
+    @classmethod
+    def _sparse(cls, v: Any) -> Any:
+        if v is True:
+            return SparseConfig()
+        if v is False:
+            return None
+        return v
+
+    @classmethod
+    def split(cls, options: dict[str, Any]) -> tuple[EngineConfig, dict[str, Any]]:
+        """Pick this config's fields (and the ``max_cache_bytes`` alias) out of keyword options."""
+        names = set(cls.model_fields) | {"max_cache_bytes"}
+        mine = {k: v for k, v in options.items() if k in names}
+        rest = {k: v for k, v in options.items() if k not in names}
+        return cls(**mine), rest

@@ -1,0 +1,99 @@
+"""The model families the engine runs exactly, and the refusal of everything else.
+
+The engine replaces a model's attention with its own (packed, cached, paged
+over the KV pool), so it is exact only for architectures whose attention it
+reproduces: causal self-attention through transformers' attention interface,
+with RoPE or learned positions that depend on the position alone, optionally
+a sliding window and softcapped scores. Anything else is refused at load with
+the reason, never run with a silently different result; ``backend="hf"``
+runs any model transformers can.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# model_type -> what the engine reproduces for it (tested token for token against transformers)
+SUPPORTED: dict[str, str] = {
+    "llama": "RoPE (incl. llama3 scaling), GQA",
+    "mistral": "RoPE, GQA, sliding window",
+    "qwen2": "RoPE, GQA, attention bias, sliding window on some layers",
+    "qwen3": "RoPE, GQA, q/k norms, sliding window on some layers",
+    "gemma2": "RoPE, GQA, sliding and global layers, attention and final-logit softcapping",
+    "gemma3_text": "RoPE (local and global bases), GQA, q/k norms, sliding and global layers",
+    "phi3": "RoPE, fused qkv, sliding window",
+    "gpt2": "learned absolute positions, multi-head attention",
+}
+
+# RoPE variants whose frequencies depend on the longest sequence in the batch, not on the
+# position alone: a packed batch would change every request's result.
+_BATCH_DEPENDENT_ROPE = {"dynamic", "longrope"}
+
+
+class UnsupportedModelError(ValueError):
+    """A model the engine cannot run exactly."""
+
+
+def check_supported(config: Any) -> None:
+    """Raise :class:`UnsupportedModelError` naming the model type and the feature the engine
+    does not reproduce; return quietly for a supported model."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    kind = getattr(cfg, "model_type", "?")
+
+    def refuse(feature: str) -> None:
+        raise UnsupportedModelError(
+            f"the promptkit engine cannot run model type {kind!r} exactly: {feature}. "
+            "backend='hf' (plain transformers) runs it")
+
+    if kind not in SUPPORTED:
+        refuse(f"its architecture is not among those the engine reproduces ({', '.join(sorted(SUPPORTED))})")
+    rope = getattr(cfg, "rope_scaling", None) or getattr(cfg, "rope_parameters", None) or {}
+    for params in (rope.values() if rope and all(isinstance(v, dict) for v in rope.values()) else [rope]):
+        kind_of_rope = (params or {}).get("rope_type") or (params or {}).get("type")
+        if kind_of_rope in _BATCH_DEPENDENT_ROPE:
+            refuse(f"{kind_of_rope!r} RoPE scaling depends on the sequence length of the whole batch")
+    if getattr(cfg, "attention_chunk_size", None):
+        refuse("chunked local attention (attention_chunk_size)")
+    if getattr(cfg, "use_bidirectional_attention", False):
+        refuse("bidirectional attention")
+    if getattr(cfg, "add_cross_attention", False):
+        refuse("cross-attention")
+
+
+# A small random model of each family, with the features that set it apart turned on at a scale
+# short prompts reach (sliding windows of 8-16 keys, softcapping, q/k norms, mixed layer types):
+# what the tests and `bench/gpu_check.py` compare with transformers.
+_SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
+TINY: dict[str, tuple[str, str, dict]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 16}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 12,
+                                                  "max_window_layers": 1}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "sliding_window": 12,
+                                                     "attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0,
+                                                     "query_pre_attn_scalar": 16}),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "sliding_window": 8,
+                                                              "layer_types": ["sliding_attention", "full_attention"],
+                                                              "query_pre_attn_scalar": 16}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"sliding_window": 16, "pad_token_id": 0}),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 512}),
+}
+
+
+def tiny_model(family: str, vocab: int = 512, seed: int = 0) -> Any:
+    """A small random-weight model of ``family`` (a key of :data:`TINY`), the same for the same seed."""
+    import torch
+    import transformers
+
+    config_name, model_name, extra = TINY[family]
+    kw = {**({} if family == "gpt2" else _SMALL), **extra}
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(getattr(transformers, config_name)(vocab_size=vocab, **kw)).eval()
+    with torch.no_grad():  # norms away from their initial constants, so that every part matters
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_" in name:
+                p.normal_(0.0 if family.startswith("gemma") else 1.0, 0.2)  # gemma norms scale by 1 + w
+    model.generation_config.pad_token_id = 0
+    return model

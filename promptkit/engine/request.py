@@ -1,0 +1,77 @@
+"""A request: one generation, scoring or prefix-prefill job, and its progress.
+
+Its tokens are the prompt followed by what it has generated. ``computed``
+tokens have KV: the first ``cached_len`` in the radix tree (the locked path
+ending at ``node``), the rest in the request's own pool ``runs``. The engine
+loop alone changes a request; callers wait on ``future`` (or read ``events``
+when streaming).
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..backends.base import SamplingParams
+from .kv_pool import Run
+from .radix_cache import Node
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Request:
+    """One job for the engine. ``tokens`` is copied: the caller's list is never changed."""
+
+    tokens: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    kind: str = "generate"  # "generate" | "score" | "prefix"
+    score_from: int = 0  # score: first token whose log-probability is wanted
+    stop_check: Callable[[list[int]], bool] | None = None  # called with the generated tokens after each one
+    processors: list[Any] = field(default_factory=list)  # per-request logits processors (see sampler.py)
+    id: int = field(default_factory=lambda: next(_ids))
+    prompt_len: int = 0
+    # KV state, owned by the engine loop
+    node: Node | None = None  # end of the locked tree path
+    cached_len: int = 0  # tokens covered by that path
+    runs: list[Run] = field(default_factory=list)  # own pool slots, for tokens from cached_len on
+    own_len: int = 0  # own tokens whose KV is computed
+    admitted_seq: int = -1  # admission order (the youngest is preempted first)
+    # results
+    matched_len: int = 0  # prompt tokens served from the cache at first admission
+    generated: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # (token id, logprob) per step
+    finished: bool = False
+    finish_reason: str = ""
+    error: BaseException | None = None
+    aborted: bool = False
+    preemptions: int = 0
+    seed: int = 0  # sampling seed (drawn at submit when the params give none)
+    started: float = field(default_factory=time.perf_counter)
+    seconds: float = 0.0
+    future: Future = field(default_factory=Future)
+    events: queue.SimpleQueue | None = None  # streaming: token ids, then None (done) or an exception
+
+    def __post_init__(self) -> None:
+        self.tokens = list(self.tokens)
+        self.prompt_len = len(self.tokens)
+
+    @property
+    def computed(self) -> int:
+        return self.cached_len + self.own_len
+
+    @property
+    def capacity(self) -> int:
+        """Own slots held (computed or reserved)."""
+        return sum(n for _, n in self.runs)
+
+    @property
+    def pending(self) -> int:
+        """Tokens whose KV the next forwards must compute before the request can sample or finish."""
+        return len(self.tokens) - self.computed

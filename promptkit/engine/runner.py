@@ -1,0 +1,134 @@
+"""One forward of the model over a planned batch, and the logits it must produce.
+
+The batch's new tokens go end to end into one sequence (position ids restart
+at each request's cached length). Attention (``attention.py``) reads and
+writes the KV pool through the layout built here. Logits come from the
+model's own head (``logits_to_keep`` picks the rows), so whatever the model
+does after its last layer (final softcapping, logit scales) is applied.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .attention import ATTN_NAME, BatchLayout, SegmentLayout, StopForward, register, set_layout
+from .kv_pool import KVPool, merge_runs, run_slots, split_runs
+from .prepack import packed_positions
+from .radix_cache import RadixCache
+from .request import Request
+from .sparse import SparseConfig, SparseStats, sparse_attention
+
+SPARSE_MIN_CHUNK = 128  # a prefill chunk shorter than this gains nothing from sparse attention
+
+
+class ModelRunner:
+    """Runs a transformers causal LM whose attention goes through the engine's KV pool."""
+
+    def __init__(self, model: Any, pool: KVPool, cache: RadixCache, sparse: SparseConfig | None = None) -> None:
+        register()
+        model.set_attn_implementation(ATTN_NAME)
+        self.model, self.pool, self.cache = model, pool, cache
+        self.device = pool.kv.device
+        self.sparse_config = sparse if sparse is not None and sparse.enabled else None
+        self.sparse_stats = SparseStats() if self.sparse_config is not None else None
+
+    def _sparse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, layer: int) -> torch.Tensor:
+        out, info = sparse_attention(q, k, v, self.sparse_config, scale=scale)
+        self.sparse_stats.record(layer, info)  # type: ignore[union-attr]
+        return out
+
+    def _use_sparse(self, r: Request, n: int) -> bool:
+        """Sparse attention pays only for a long prefill chunk over a long context."""
+        cfg = self.sparse_config
+        return cfg is not None and n >= SPARSE_MIN_CHUNK and r.computed + n >= cfg.min_length
+
+    @torch.inference_mode()
+    def forward(self, batch: list[tuple[Request, int]]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Run ``batch`` (request, new tokens); return the logits rows it needs ([R, V], float32) and
+        each request's ``(first, end)`` slice of them (the rows of :func:`logit_rows`)."""
+        ids, starts, segs, writes = [], [], [], []
+        paths = [r.node.path() if r.node is not None and r.cached_len else [] for r, _ in batch]
+        sparse = [self._use_sparse(r, n) for r, n in batch]
+        # A cached node is attended to once for all the segments that share it (cascade); a node
+        # only one segment uses is part of that segment's own keys, read in the same product.
+        users: dict[int, int] = {}
+        for path, sp in zip(paths, sparse):
+            for node in path if not sp else ():
+                users[id(node)] = users.get(id(node), 0) + 1
+        groups: dict[int, tuple[Any, list[torch.Tensor]]] = {}
+        offset = 0
+        for (r, n), path, sp in zip(batch, paths, sparse):
+            own, _ = split_runs(r.runs, r.own_len + n)
+            writes.append(split_runs(own, r.own_len)[1])
+            shared = [] if sp else [node for node in path if users[id(node)] > 1]
+            for node in shared:
+                groups.setdefault(id(node), (node.run, []))[1].append(torch.arange(offset, offset + n))
+            segs.append(SegmentLayout(offset, n, own, r.own_len, prefix=merge_runs([p.run for p in path]),
+                                      prefix_len=r.cached_len, shared_len=sum(len(p.tokens) for p in shared),
+                                      keys=merge_runs([p.run for p in path[len(shared):]] + own), sparse=sp))
+            ids.extend(r.tokens[r.computed : r.computed + n])
+            starts.append(r.computed)
+            offset += n
+        layout = BatchLayout(segs, self._prefix_groups(groups), pool=self.pool,
+                             write_slots=run_slots([w for ws in writes for w in ws], self.device),
+                             sparse=self._sparse if self.sparse_config is not None else None)
+        rows, spans = [], []
+        offset = 0
+        for r, n in batch:
+            lo, hi = logit_rows(r, n)
+            spans.append((len(rows), len(rows) + hi - lo))
+            rows.extend(range(offset + lo, offset + hi))
+            offset += n
+        keep = torch.tensor(rows or [0], device=self.device)  # an empty tensor would mean "every row"
+        set_layout(layout)
+        try:
+            out = self.model(input_ids=torch.tensor([ids], device=self.device),
+                             position_ids=packed_positions(starts, [n for _, n in batch], self.device)[None],
+                             use_cache=False, logits_to_keep=keep)
+        finally:
+            set_layout(None)
+        return out.logits[0].float(), spans
+
+    @staticmethod
+    def _prefix_groups(groups: dict[int, tuple[Any, list[torch.Tensor]]]) -> list[tuple[list, torch.Tensor]]:
+        """Nodes seen by exactly the same rows are attended to as one (fewer, larger products)."""
+        merged: dict[tuple, tuple[list, list[torch.Tensor]]] = {}
+        for run, rows in groups.values():
+            key = tuple((int(r[0]), len(r)) for r in rows)
+            merged.setdefault(key, ([], rows))[0].append(run)
+        return [(merge_runs(runs), torch.cat(rows)) for runs, rows in merged.values()]
+
+    @torch.inference_mode()
+    def attention_to(self, tokens: list[int], query_from: int, num_layers: int, first_layer: int = 0) -> torch.Tensor:
+        """Attention each token receives from the tokens at ``query_from`` onward, averaged over
+        heads, those queries and layers ``first_layer .. num_layers - 1`` (the layers after
+        those are not run)."""
+        if not 0 < query_from < len(tokens):
+            raise ValueError("query_from must split the tokens into a non-empty context and query")
+        n = len(tokens)
+        layout = BatchLayout([], probe=torch.zeros(n, device=self.device), probe_from=query_from,
+                             probe_layers=range(first_layer, num_layers))
+        set_layout(layout)
+        try:
+            self.model(input_ids=torch.tensor([tokens], device=self.device),
+                       position_ids=torch.arange(n, device=self.device)[None], use_cache=False,
+                       logits_to_keep=torch.tensor([0], device=self.device))
+        except StopForward:
+            pass
+        finally:
+            set_layout(None)
+        return layout.probe / max(1, num_layers - first_layer)
+
+
+def logit_rows(r: Request, n: int) -> tuple[int, int]:
+    """Rows (relative to the request's segment) whose logits a forward of ``n`` tokens must produce:
+    scored tokens, or the last token when the request samples next."""
+    first, end = r.computed, r.computed + n
+    if r.kind == "score":
+        lo, hi = max(first, r.score_from - 1), min(end, r.prompt_len - 1)
+        return (lo - first, hi - first) if hi > lo else (0, 0)
+    if r.kind == "generate" and end == len(r.tokens):
+        return n - 1, n
+    return 0, 0
