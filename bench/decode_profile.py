@@ -104,8 +104,9 @@ def matmul_ms(model: torch.nn.Module, repeats: int = 5) -> float:
 def profile(lm: LM, tokens: int) -> dict:
     decode_steps(lm, 4)  # warm-up
     n, secs = decode_steps(lm, tokens)
+    every_thread = torch._C._profiler._ExperimentalConfig(profile_all_threads=True)  # the engine steps on its own
     with attention_labelled(lm.backend.model), torch.profiler.profile(
-            activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            activities=[torch.profiler.ProfilerActivity.CPU], experimental_config=every_thread) as prof:
         pn, _ = decode_steps(lm, min(tokens, PROFILED_STEPS))
     ops = top_level_ops(prof)
     count = {k: sum(kind == k for _, kind in ops) for k in ("matmul", "attention", "other")}
