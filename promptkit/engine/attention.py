@@ -28,6 +28,7 @@ from .kv_pool import Run, merge_runs, split_runs
 ATTN_NAME = "promptkit"
 _MAX_SCORE_ELEMENTS = 1 << 25  # bound the score matrix of one block (~128 MB in float32)
 SHORT_SEGMENT = 64  # segments up to this long (with a cached past) share one padded product
+PAD_KEYS = 4096  # ... while their keys together are this few (copying more every layer costs more than it saves)
 
 
 @dataclass
@@ -63,16 +64,14 @@ class SegmentLayout:
 
 @dataclass
 class ShortPlan:
-    """Short segments (decode steps, questions after a cached prefix) batched into one padded
-    product; built once per forward, used by every layer."""
+    """Short segments (decode steps, questions after a cached prefix) whose keys are few enough
+    to be copied into one padded product; built once per forward, used by every layer."""
 
     rows: torch.Tensor  # [R] packed rows, segment order
     key_idx: torch.Tensor  # [B, N] pool slot of each key (padded with slot 0)
     query_idx: torch.Tensor  # [B, M] packed row of each query (padded with row 0)
-    allowed: torch.Tensor  # [B, M, N] which keys each query sees
+    bias: torch.Tensor  # [B, 1, M, N] 0 where a query sees a key, -inf elsewhere
     valid: torch.Tensor  # [B, M] real (not padding) queries
-    view: Run | None = None  # one segment whose keys are one run: read in place, no padding
-    past: int = 0
 
 
 @dataclass
@@ -88,26 +87,25 @@ class BatchLayout:
     probe: torch.Tensor | None = None  # [T] accumulates attention paid to each key by rows >= probe_from
     probe_from: int = 0
     probe_layers: range = range(0)  # layers whose attention is accumulated
-    _short: ShortPlan | None = None
-    _short_built: bool = False
+    _short: tuple[ShortPlan | None, list[SegmentLayout]] | None = None
 
-    def short_plan(self, device: torch.device) -> ShortPlan | None:
-        """The plan of the short segments (None if there are none), built on first use."""
-        if not self._short_built:
-            self._short, self._short_built = _plan_short(self.short_segments(), device), True
+    def short_plan(self, device: torch.device, dtype: torch.dtype) -> tuple[ShortPlan | None, list[SegmentLayout]]:
+        """Short segments: the padded plan of those batched together, and those attended one by one
+        (a lone segment, or keys too many to copy every layer). Built on first use."""
+        if self._short is None:
+            short = [s for s in self.segments if is_short(s)]
+            if len(short) > 1 and sum(s.past + s.length for s in short) <= PAD_KEYS:
+                self._short = (_plan_short(short, device, dtype), [])
+            else:
+                self._short = (None, short)
         return self._short
-
-    def short_segments(self) -> list[SegmentLayout]:
-        return [s for s in self.segments if is_short(s)]
 
 
 def is_short(seg: SegmentLayout) -> bool:
     return seg.length <= SHORT_SEGMENT and seg.past > 0 and not seg.sparse
 
 
-def _plan_short(segs: list[SegmentLayout], device: torch.device) -> ShortPlan | None:
-    if not segs:
-        return None
+def _plan_short(segs: list[SegmentLayout], device: torch.device, dtype: torch.dtype) -> ShortPlan:
     lengths = [s.length for s in segs]
     n_keys = [s.past + s.length for s in segs]
     m, n = max(lengths), max(n_keys)
@@ -119,10 +117,9 @@ def _plan_short(segs: list[SegmentLayout], device: torch.device) -> ShortPlan | 
         key_idx[i, : n_keys[i]] = torch.cat([torch.arange(a, a + k) for a, k in s.keys])
     past = torch.tensor([s.past for s in segs])
     allowed = torch.arange(n)[None, None, :] <= (past[:, None] + torch.arange(m)[None, :])[..., None]
+    bias = torch.zeros(len(segs), 1, m, n, dtype=dtype).masked_fill_(~allowed[:, None], float("-inf"))
     valid = torch.arange(m)[None, :] < torch.tensor(lengths)[:, None]
-    view = segs[0].keys[0] if len(segs) == 1 and len(segs[0].keys) == 1 else None
-    return ShortPlan(rows.to(device), key_idx.to(device), query_idx.to(device), allowed.to(device),
-                     valid.to(device), view, segs[0].past)
+    return ShortPlan(rows.to(device), key_idx.to(device), query_idx.to(device), bias.to(device), valid.to(device))
 
 
 def gather_kv(pool_kv: torch.Tensor, runs: list[Run]) -> torch.Tensor:
@@ -278,15 +275,11 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, rows: torch.Tensor, o: torch.Te
     lse[:, rows] = new_l
 
 
-def _short_attention(q: torch.Tensor, plan: ShortPlan, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The short segments over their keys. Returns out [H, rows, D] and lse [H, rows], rows in
-    segment order."""
+def _short_batch(q: torch.Tensor, plan: ShortPlan, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Short segments over their keys, copied into one padded product. Returns out [H, rows, D]
+    and lse [H, rows], rows in segment order."""
     h, d = q.shape[0], q.shape[2]
-    if plan.view is not None:  # one segment, its keys one run: no gather, no padding
-        a, n = plan.view
-        return attend_lse(q[:, plan.rows], k_pool[:, a : a + n], v_pool[:, a : a + n], scale,
-                          causal_offset=plan.past if len(plan.rows) > 1 else None)
     b, m = plan.query_idx.shape
     hkv = k_pool.shape[0]
     g = h // hkv
@@ -294,18 +287,34 @@ def _short_attention(q: torch.Tensor, plan: ShortPlan, k_pool: torch.Tensor, v_p
     ks = k_pool[:, plan.key_idx].transpose(0, 1)  # [B, Hkv, N, D]
     vs = v_pool[:, plan.key_idx].transpose(0, 1)
     if _FLASH_CPU is not None and q.device.type == "cpu" and q.dtype == ks.dtype:
-        bias = torch.zeros(plan.allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~plan.allowed, float("-inf"))
-        bias = bias[:, None].repeat(1, 1, g, 1).view(b, 1, g * m, -1)
+        bias = plan.bias.expand(b, g, m, -1).reshape(b, 1, g * m, -1) if g > 1 else plan.bias
         o, l = _FLASH_CPU(qb, ks, vs, attn_mask=bias, scale=scale)[:2]
         out, lse = o.float().view(b, hkv, g, m, d), l.float().view(b, hkv, g, m)
     else:
         sc = torch.matmul(qb.float(), ks.transpose(-1, -2).float()) * scale  # [B, Hkv, g*M, N]
-        sc = sc.view(b, hkv, g, m, -1).masked_fill(~plan.allowed[:, None, None], float("-inf"))
+        sc = sc.view(b, hkv, g, m, -1) + plan.bias[:, None].float()
         lse = torch.logsumexp(sc, dim=-1)  # [B, Hkv, g, M]
         out = torch.matmul(torch.exp(sc - lse[..., None]), vs.float().unsqueeze(2))  # [B, Hkv, g, M, D]
     out = out.reshape(b, h, m, d).permute(0, 2, 1, 3)[plan.valid]  # [rows, H, D]
     lse = lse.reshape(b, h, m).permute(0, 2, 1)[plan.valid]  # [rows, H]
     return out.transpose(0, 1), lse.transpose(0, 1)
+
+
+def _segment_attention(q: torch.Tensor, seg: SegmentLayout, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One segment over its keys read in place, a run at a time, merged by log-sum-exp: the keys
+    before its new tokens are seen whole; the new tokens' own keys causally."""
+    qs = q[:, seg.start : seg.start + seg.length]
+    before, new = split_runs(seg.keys, seg.past) if seg.length > 1 else (seg.keys, [])
+    parts = [attend_lse(qs, k_pool[:, a : a + n], v_pool[:, a : a + n], scale, None) for a, n in before]
+    if new:
+        parts.append(attend_lse(qs, gather_kv(k_pool, new), gather_kv(v_pool, new), scale, causal_offset=0))
+    out, lse = parts[0]
+    for o, l in parts[1:]:
+        new_l = torch.logaddexp(lse, l)
+        out = out * torch.exp(lse - new_l)[..., None] + o * torch.exp(l - new_l)[..., None]
+        lse = new_l
+    return out, lse
 
 
 def _windowed_attention(q: torch.Tensor, layout: BatchLayout, k_pool: torch.Tensor, v_pool: torch.Tensor,
@@ -374,15 +383,23 @@ def engine_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         if lse is not None:
             lse[:, s:e] = l
 
-    plan = layout.short_plan(q.device)
+    plan, singles = layout.short_plan(q.device, q.dtype)
     if plan is not None:
-        o, l = _short_attention(q, plan, k_pool, v_pool, scale)
+        o, l = _short_batch(q, plan, k_pool, v_pool, scale)
         if len(plan.rows) == t:
             out = o
         else:
             out.index_copy_(1, plan.rows, o)
         if lse is not None:
             lse.index_copy_(1, plan.rows, l)
+    for seg in singles:
+        o, l = _segment_attention(q, seg, k_pool, v_pool, scale)
+        if seg.length == t:
+            out = o
+        else:
+            out[:, seg.start : seg.start + seg.length] = o
+        if lse is not None:
+            lse[:, seg.start : seg.start + seg.length] = l
 
     for runs, rows in layout.prefix_groups:
         o, l = attend_lse(q[:, rows], gather_kv(k_pool, runs), gather_kv(v_pool, runs), scale, causal_offset=None)

@@ -71,7 +71,7 @@ class Engine:
         self.pool = KVPool(cfg.num_hidden_layers, kv_heads, head_dim, dtype, p.device, self.config.max_kv_bytes)
         self.cache = RadixCache(self.pool, enabled=self.config.prefix_cache)
         self.scheduler = Scheduler(self.pool, self.cache, self.config)
-        self.runner = ModelRunner(model, self.pool, self.cache, self.config.sparse)
+        self.runner = ModelRunner(model, self.pool, self.cache, self.config.sparse, self.config.lean_forward)
         self.steps = 0
         self._lock = threading.RLock()  # held by the loop for each step, and by side passes (exclusive())
         self._wake = threading.Condition()

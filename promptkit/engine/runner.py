@@ -15,6 +15,8 @@ import torch
 
 from .attention import ATTN_NAME, BatchLayout, SegmentLayout, StopForward, register, set_layout
 from .kv_pool import KVPool, merge_runs, run_slots, split_runs
+from .lean import LeanForward
+from .lean import supports as lean_supports
 from .prepack import packed_positions
 from .radix_cache import RadixCache
 from .request import Request
@@ -26,10 +28,12 @@ SPARSE_MIN_CHUNK = 128  # a prefill chunk shorter than this gains nothing from s
 class ModelRunner:
     """Runs a transformers causal LM whose attention goes through the engine's KV pool."""
 
-    def __init__(self, model: Any, pool: KVPool, cache: RadixCache, sparse: SparseConfig | None = None) -> None:
+    def __init__(self, model: Any, pool: KVPool, cache: RadixCache, sparse: SparseConfig | None = None,
+                 lean: bool = True) -> None:
         register()
         model.set_attn_implementation(ATTN_NAME)
         self.model, self.pool, self.cache = model, pool, cache
+        self.lean = LeanForward(model) if lean and lean_supports(model) else None
         self.device = pool.kv.device
         self.sparse_config = sparse if sparse is not None and sparse.enabled else None
         self.sparse_stats = SparseStats() if self.sparse_config is not None else None
@@ -82,14 +86,18 @@ class ModelRunner:
             rows.extend(range(offset + lo, offset + hi))
             offset += n
         keep = torch.tensor(rows or [0], device=self.device)  # an empty tensor would mean "every row"
+        input_ids = torch.tensor([ids], device=self.device)
+        positions = packed_positions(starts, [n for _, n in batch], self.device)[None]
         set_layout(layout)
         try:
-            out = self.model(input_ids=torch.tensor([ids], device=self.device),
-                             position_ids=packed_positions(starts, [n for _, n in batch], self.device)[None],
-                             use_cache=False, logits_to_keep=keep)
+            if self.lean is not None:
+                logits = self.lean(input_ids, positions, keep)
+            else:
+                logits = self.model(input_ids=input_ids, position_ids=positions, use_cache=False,
+                                    logits_to_keep=keep).logits
         finally:
             set_layout(None)
-        return out.logits[0].float(), spans
+        return logits[0].float(), spans
 
     @staticmethod
     def _prefix_groups(groups: dict[int, tuple[Any, list[torch.Tensor]]]) -> list[tuple[list, torch.Tensor]]:
