@@ -8,8 +8,9 @@ queries and keys together, and calls the engine's attention directly: about
 fifteen operations a layer instead of a few hundred, with results equal to
 transformers' ``LlamaForCausalLM`` bit for bit in float32.
 
-Used for ``llama`` and ``mistral`` models whose projections are plain linear
-layers; any other model runs through its own transformers modules.
+Used for ``llama`` and ``mistral`` models in any weight format (the fused
+projections keep the format of the ones they join); any other model runs
+through its own transformers modules.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import engine_attention
+from .weights import fuse_linears
 
 LEAN_FAMILIES = {"llama", "mistral"}
 
@@ -29,12 +31,11 @@ LEAN_FAMILIES = {"llama", "mistral"}
 class _Layer:
     attn: Any  # the transformers attention module (its layer_idx and scaling)
     ln1: torch.Tensor
-    qkv: torch.Tensor  # [(H + 2 Hkv) * D, hidden]
-    qkv_bias: torch.Tensor | None
-    o: Any  # o_proj module
+    qkv: Any  # q, k and v projections as one module: [(H + 2 Hkv) * D] outputs
+    o: Any  # o_proj
     ln2: torch.Tensor
-    gate_up: torch.Tensor  # [2 * I, hidden]
-    down: Any  # down_proj module
+    gate_up: Any  # gate and up projections as one module: [2 * I] outputs
+    down: Any  # down_proj
     eps: float
 
 
@@ -48,9 +49,12 @@ def supports(model: Any) -> bool:
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not layers:
         return False
-    linear = [m for layer in layers for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
-                                              layer.mlp.gate_proj, layer.mlp.up_proj)]
-    return all(type(m) is torch.nn.Linear for m in linear)
+    return all(fuse_linears(group) is not None for layer in layers[:1] for group in _groups(layer))
+
+
+def _groups(layer: Any) -> tuple[list, list]:
+    a, m = layer.self_attn, layer.mlp
+    return [a.q_proj, a.k_proj, a.v_proj], [m.gate_proj, m.up_proj]
 
 
 class LeanForward:
@@ -67,13 +71,9 @@ class LeanForward:
 
     @staticmethod
     def _bind(layer: Any) -> _Layer:
-        a, m = layer.self_attn, layer.mlp
-        qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
-        bias = None
-        if a.q_proj.bias is not None:
-            bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
-        return _Layer(a, layer.input_layernorm.weight, qkv, bias, a.o_proj, layer.post_attention_layernorm.weight,
-                      torch.cat([m.gate_proj.weight, m.up_proj.weight]), m.down_proj,
+        qkv, gate_up = (fuse_linears(group) for group in _groups(layer))
+        return _Layer(layer.self_attn, layer.input_layernorm.weight, qkv, layer.self_attn.o_proj,
+                      layer.post_attention_layernorm.weight, gate_up, layer.mlp.down_proj,
                       layer.input_layernorm.variance_epsilon)
 
     @torch.inference_mode()
@@ -85,7 +85,7 @@ class LeanForward:
         dim = h.shape[-1]
         for lay in self.layers:
             x = F.rms_norm(h, (dim,), lay.ln1, lay.eps)
-            qkv = F.linear(x, lay.qkv, lay.qkv_bias).view(h.shape[0], hq + 2 * hkv, -1)  # [T, heads, D]
+            qkv = lay.qkv(x).view(h.shape[0], hq + 2 * hkv, -1)  # [T, heads, D]
             qk, v = qkv[:, : hq + hkv], qkv[:, hq + hkv :]
             half = qk.shape[-1] // 2
             qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
@@ -94,7 +94,7 @@ class LeanForward:
                                       sliding_window=self.window)
             h = h + lay.o(out[0].reshape(h.shape[0], -1))
             x = F.rms_norm(h, (dim,), lay.ln2, lay.eps)
-            gate, up = F.linear(x, lay.gate_up).chunk(2, dim=-1)
+            gate, up = lay.gate_up(x).chunk(2, dim=-1)
             h = h + lay.down(F.silu(gate) * up)
         h = self.base.norm(h[keep])
         return self.model.lm_head(h)[None]

@@ -203,12 +203,46 @@ class Int4Linear(nn.Module):
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
+    def codes_scales_minimums(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The codes [out, in], scales and minimums [out, in / 32] this module was built from."""
+        n, k = self.out_features, self.in_features
+        codes = _nibbles(self.packed)[self.order].reshape(n, k)
+        scale, zero = self.scale_zero.float().transpose(0, 1).unbind(-1)
+        return codes.to(torch.uint8), scale, zero - 8 * scale
+
     def dequantize(self) -> torch.Tensor:
         """The float32 weight ``(code - 8) * scale + zero``, [out, in]."""
         n, k = self.out_features, self.in_features
         codes = _nibbles(self.packed)[self.order].reshape(n, k // GROUP, GROUP).float()
         scale, zero = self.scale_zero.float().transpose(0, 1).unbind(-1)
         return ((codes - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
+
+
+def fuse_linears(linears: list[nn.Module]) -> nn.Module | None:
+    """One module computing ``cat([lin(x) for lin in linears], -1)`` (for q/k/v, or gate/up), in the
+    linears' own format: their output rows side by side, so no number changes. None if they differ
+    in format or cannot be joined."""
+    kinds = {type(m) for m in linears}
+    if len(kinds) != 1:
+        return None
+    kind = kinds.pop()
+    biases = [m.bias for m in linears]
+    if any(b is None for b in biases) and any(b is not None for b in biases):
+        return None
+    bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+    if kind is nn.Linear:
+        w = torch.cat([m.weight.detach() for m in linears])
+        fused = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=w.dtype)
+        fused.weight.data = w
+        if bias is not None:
+            fused.bias.data = bias
+        return fused
+    if kind is Int8Linear:
+        return Int8Linear(torch.cat([m.qweight for m in linears]), torch.cat([m.scales for m in linears]), bias)
+    if kind is Int4Linear and all(m.order is not None for m in linears):
+        parts = [m.codes_scales_minimums() for m in linears]
+        return Int4Linear(*(torch.cat(x) for x in zip(*parts)), dtype=linears[0].scale_zero.dtype, bias=bias)
+    return None
 
 
 def _pack_int4(codes: torch.Tensor) -> torch.Tensor:
