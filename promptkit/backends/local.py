@@ -9,7 +9,7 @@ import torch
 
 from ..engine.engine import Engine, Request
 from ..types import Generation, TokenLogprobs, Usage
-from .base import SamplingParams, StreamEvent, truncate_at_stop
+from .base import PromptInput, SamplingParams, StreamEvent, truncate_at_stop
 from .hf import TransformersBase
 
 DEFAULT_CACHE_BYTES = 2 << 30
@@ -36,11 +36,11 @@ class LocalBackend(TransformersBase):
         self.sparse_config = sparse
 
     # -- generation --------------------------------------------------------------
-    def _request(self, text: str, params: SamplingParams) -> Request:
-        ids = self.check_length(self.encode(text), params.max_tokens, params.truncate)
+    def _request(self, prompt: PromptInput, params: SamplingParams) -> Request:
+        ids, params = self.prompt_ids(prompt, params)
         stop = params.stop
         check = (lambda gen: any(s in self.decode(gen) for s in stop)) if stop else None
-        return Request(tokens=ids, params=params, stop_check=check)
+        return Request(tokens=ids, params=params, stop_check=check, processor=self.processor(params))
 
     def _generation(self, r: Request) -> Generation:
         text, stopped = truncate_at_stop(self.decode(r.generated), r.params.stop)
@@ -51,11 +51,11 @@ class LocalBackend(TransformersBase):
                         completion_tokens=len(r.generated), seconds=r.seconds),
         )
 
-    def generate(self, texts: list[str], params: SamplingParams) -> list[Generation]:
+    def generate(self, texts: list[PromptInput], params: SamplingParams) -> list[Generation]:
         reqs = [self._request(t, params) for t in texts]
         return [self._generation(r) for r in self.engine.run(reqs)]
 
-    def generate_stream(self, text: str, params: SamplingParams) -> Iterator[StreamEvent]:
+    def generate_stream(self, text: PromptInput, params: SamplingParams) -> Iterator[StreamEvent]:
         req = self._request(text, params)
         shown, sent = "", 0  # text shown and tokens accounted for so far
         tokens = self.engine.stream(req)
@@ -94,15 +94,17 @@ class LocalBackend(TransformersBase):
         it = iter(reqs)
         return [[sum(next(it).logprobs) for _ in opts] for opts in choices]
 
-    def token_logprobs(self, texts: list[str]) -> list[TokenLogprobs]:
-        encs = [self.tokenizer(t, return_offsets_mapping=True) for t in texts]
-        reqs = [Request(tokens=self.check_length(list(e["input_ids"]), 0), kind="score", score_from=1)
-                for e in encs]
+    def token_logprobs(self, texts: list[PromptInput], top_logprobs: int = 0) -> list[TokenLogprobs]:
+        encs = [self.encode_with_offsets(t) for t in texts]
+        top = SamplingParams(top_logprobs=top_logprobs)
+        reqs = [Request(tokens=self.check_length(ids, 0), kind="score", score_from=1, params=top) for ids, _ in encs]
         ok = [r for r in reqs if r.prompt_len > 1]
         self.engine.run(ok)
         return [TokenLogprobs(token_ids=r.tokens, tokens=self.tokenizer.convert_ids_to_tokens(r.tokens),
-                              logprobs=[None] + r.logprobs, offsets=[tuple(o) for o in e["offset_mapping"]])
-                for r, e in zip(reqs, encs)]
+                              logprobs=[None] + r.logprobs, offsets=offs,
+                              top_logprobs=[None] + [{self.decode([t]): lp for t, lp in step} for step in r.top_logprobs]
+                              if top_logprobs else None)
+                for r, (_, offs) in zip(reqs, encs)]
 
     # -- cache ------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 from ..backends.base import SamplingParams
+from ..structured import accept_tokens, process_logits
 from .attention import ATTN_NAME, BatchLayout, SegmentLayout, register, set_layout
 from .prepack import first_fit_decreasing, packed_positions
 from .radix_cache import CacheBudgetError, Node, RadixCache
@@ -38,6 +39,7 @@ class Request:
     kind: str = "generate"  # "generate" | "score" | "prefix"
     score_from: int = 0  # score: first token whose log-probability is wanted
     stop_check: Callable[[list[int]], bool] | None = None
+    processor: Any = None  # a promptkit.structured.LogitsProcessor: grammar mask, penalties, logit bias
     id: int = field(default_factory=lambda: next(_ids))
     prompt_len: int = 0
     last_node: Node | None = None
@@ -329,7 +331,11 @@ class Engine:
             if logits is not None and len(logits):
                 lo = max(first, r.score_from - 1)
                 target = torch.tensor(r.tokens[lo + 1 : lo + 1 + len(logits)], device=logits.device)
-                r.logprobs.extend(torch.log_softmax(logits, -1).gather(-1, target[:, None])[:, 0].tolist())
+                logp = torch.log_softmax(logits, -1)
+                r.logprobs.extend(logp.gather(-1, target[:, None])[:, 0].tolist())
+                if r.params.top_logprobs:
+                    vals, ids = logp.topk(r.params.top_logprobs)
+                    r.top_logprobs.extend(list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist()))
         if r.in_prefill:
             return
         if r.kind == "prefix":
@@ -341,7 +347,12 @@ class Engine:
         if len(r.generated) == 0:
             self._cache_prompt(r, r.prompt_len)
         assert logits is not None
-        tok = sample(logits[-1], r.params.temperature, r.params.top_p, r.generator)
+        row = logits[-1]
+        if r.processor is not None:  # the logprobs below stay those of the raw logits
+            row = row[None].clone()
+            process_logits(row, [r.processor], [r.generated])
+            row = row[0]
+        tok = sample(row, r.params.temperature, r.params.top_p, r.generator)
         if r.params.logprobs or r.params.top_logprobs:
             logp = torch.log_softmax(logits[-1], -1)
             r.logprobs.append(float(logp[tok]))
@@ -352,6 +363,10 @@ class Engine:
             return self._retire(r, "stop")
         r.tokens.append(tok)
         r.generated.append(tok)
+        if r.processor is not None:
+            accept_tokens([r.processor], [tok])
+            if r.processor.finished:  # the grammar is complete: only EOS could follow
+                return self._retire(r, "stop")
         if r.stop_check is not None and r.stop_check(r.generated):
             return self._retire(r, "stop")
         if len(r.generated) >= r.params.max_tokens or r.aborted:
