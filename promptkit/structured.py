@@ -116,6 +116,13 @@ def closed_objects(schema: Any) -> Any:
     return out
 
 
+def lark_json(schema: dict[str, Any]) -> str:
+    """``schema`` as an inline Lark rule body (llguidance's ``%json``), with the same JSON
+    layout and closed objects as a ``json_schema`` constraint."""
+    closed = closed_objects(schema)
+    return "%json " + json.dumps({**closed, "x-guidance": {**JSON_DEFAULTS, **closed.get("x-guidance", {})}})
+
+
 def schema_of(schema: Any) -> dict[str, Any]:
     """A JSON schema dict from a dict, a JSON string or a pydantic model class."""
     if isinstance(schema, type) and issubclass(schema, BaseModel):

@@ -30,6 +30,10 @@ class ContextLengthError(ValueError):
         self.prompt_tokens, self.new_tokens, self.context = prompt_tokens, new_tokens, context
 
 
+class GenerationError(RuntimeError):
+    """A generation failed inside the backend (not the request's fault)."""
+
+
 class StreamEvent(BaseModel):
     """One step of a streamed generation: new text, and on the last event the whole Generation.
 

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 
 from ..engine.engine import Engine, Request
+from ..engine.radix_cache import CacheBudgetError
 from ..types import Generation, TokenLogprobs, Usage
-from .base import PromptInput, SamplingParams, StreamEvent, truncate_at_stop
+from .base import GenerationError, PromptInput, SamplingParams, StreamEvent, truncate_at_stop
 from .hf import TransformersBase
 
 DEFAULT_CACHE_BYTES = 2 << 30
@@ -60,11 +61,18 @@ class LocalBackend(TransformersBase):
         shown, sent = "", 0  # text shown and tokens accounted for so far
         tokens = self.engine.stream(req)
         try:
-            for _ in tokens:
-                full, _ = truncate_at_stop(self.decode(req.generated), params.stop)
-                if len(full) > len(shown) and not full.endswith("\ufffd"):  # wait for whole characters
-                    yield StreamEvent(text=full[len(shown):], **self._step_logprobs(req, sent))
-                    shown, sent = full, len(req.generated)
+            try:
+                for _ in tokens:
+                    full, _ = truncate_at_stop(self.decode(req.generated), params.stop)
+                    if len(full) > len(shown) and not full.endswith("\ufffd"):  # wait for whole characters
+                        yield StreamEvent(text=full[len(shown):], **self._step_logprobs(req, sent))
+                        shown, sent = full, len(req.generated)
+            except CacheBudgetError:
+                raise
+            except Exception as e:
+                raise GenerationError(f"the generation failed in the engine: {type(e).__name__}: {e}") from e
+            if req.error is not None:  # the step that failed ran in another caller's thread
+                raise GenerationError(f"the generation failed in the engine: {req.error}") from req.error
             gen = self._generation(req)
             yield StreamEvent(text=gen.text[len(shown):], generation=gen, **self._step_logprobs(req, sent))
         finally:
