@@ -296,10 +296,9 @@ def apply_masks(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
         shifts = _shifts[dev] = torch.arange(32, dtype=torch.int32, device=dev)
     mask = bitmask[: logits.shape[0]].to(dev, non_blocking=True)
     bits = ((mask.unsqueeze(-1) >> shifts) & 1).flatten(1)  # [B, 32 * W]
-    vocab = logits.shape[1]
-    if bits.shape[1] < vocab:
-        logits[:, bits.shape[1]:] = float("-inf")
-    logits.masked_fill_(bits[:, :vocab] == 0, float("-inf"))
+    covered = min(logits.shape[1], bits.shape[1])
+    logits[:, covered:] = float("-inf")
+    logits[:, :covered].masked_fill_(bits[:, :covered] == 0, float("-inf"))
 
 
 # -- penalties and bias --------------------------------------------------------------------
