@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import string
 import time
@@ -46,9 +47,14 @@ class Extraction(BaseModel):
 
 def load_squad_dev(n: int, max_context_chars: int = 900) -> list[dict]:
     """The first ``n`` questions (one per paragraph) whose paragraph fits ``max_context_chars``."""
-    from datasets import fetch_archive, read_member
+    from datasets import cache_dir, fetch_archive, read_member
 
-    data = json.loads(read_member(fetch_archive("bigbench", "1.0.0"), SQUAD_MEMBER))
+    cached = os.path.join(cache_dir(), "squaddev_v1.1.json")  # the tarball is 358 MB: read the member once
+    if not os.path.exists(cached):
+        with open(cached, "wb") as f:
+            f.write(read_member(fetch_archive("bigbench", "1.0.0"), SQUAD_MEMBER))
+    with open(cached, encoding="utf-8") as f:
+        data = json.load(f)
     items = []
     for article in data["data"]:
         for para in article["paragraphs"]:
