@@ -164,7 +164,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="16 prompts")
     ap.add_argument("--n", type=int, default=None)
     ap.add_argument("--max-tokens", type=int, default=160)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 keeps a busy machine from thrashing)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     n = args.n or (16 if args.quick else 200)
     result: dict = {"bench": "structured", "n": n, "machine": machine()}
     with stage(f"load {n} SQuAD v1.1 dev questions"):
