@@ -238,6 +238,11 @@ def create_app(lm: LM, api_key: str | None = None, max_queue: int = 64, max_work
         jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(body.n)]
         per = [params if params.seed is None or body.n == 1 else params.model_copy(update={"seed": params.seed + k})
                for k in range(len(jobs))]
+        if not body.stream and all(pp == params for pp in per):  # one batch through the batch API
+            with counters.slot():
+                gens = await _in_thread(limiter, lambda: backend.generate([p for _, p in jobs], params))
+            counters.bump("ok")
+            return _reply(body, jobs, gens, params, chat, echoes)
         slot = counters.slot()
         slot.__enter__()
         streams = [backend.generate_stream(p, pp) for (_, p), pp in zip(jobs, per)]
@@ -256,21 +261,28 @@ def create_app(lm: LM, api_key: str | None = None, max_queue: int = 64, max_work
                 _close_all(streams)
                 slot.__exit__(None, None, None)
             counters.bump("ok")
-            usage = _usage_of(gens[:: body.n], gens)
-            if chat:
-                return _chat(name, rid, [_chat_choice(k, g, backend, tools) for k, g in enumerate(gens)], usage)
-            choices = []
-            for k, ((i, _), g) in enumerate(zip(jobs, gens)):
-                echo = echoes[i] if echoes else None
-                lp = _legacy_logprobs(backend, g, len(echo.text) if echo else 0) if params.logprobs else None
-                if echo and lp is not None:
-                    lp = _join_logprobs(echo.logprobs(), lp)
-                choices.append(_completion_choice(k, (echo.text if echo else "") + g.text, g.finish_reason, lp))
-            return _completion(name, choices, usage, rid)
+            return _reply(body, jobs, gens, params, chat, echoes, rid)
         counters.bump("streams")
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_sse(rid, firsts, streams, slot, chat, params.logprobs, tools, include_usage,
                                       body.n), media_type="text/event-stream")
+
+    def _reply(body: Body, jobs: list, gens: list[Generation], params: SamplingParams, chat: bool,
+               echoes: list[_Echo] | None, rid: str | None = None) -> dict[str, Any]:
+        """The whole (non-streamed) response for ``gens``, one per job."""
+        rid = rid or ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        usage = _usage_of(gens[:: body.n], gens)
+        if chat:
+            tools = bool(body.tool_mode())  # type: ignore[attr-defined]
+            return _chat(name, rid, [_chat_choice(k, g, backend, tools) for k, g in enumerate(gens)], usage)
+        choices = []
+        for k, ((i, _), g) in enumerate(zip(jobs, gens)):
+            echo = echoes[i] if echoes else None
+            lp = _legacy_logprobs(backend, g, len(echo.text) if echo else 0) if params.logprobs else None
+            if echo and lp is not None:
+                lp = _join_logprobs(echo.logprobs(), lp)
+            choices.append(_completion_choice(k, (echo.text if echo else "") + g.text, g.finish_reason, lp))
+        return _completion(name, choices, usage, rid)
 
     async def _sse(rid: str, firsts: list[StreamEvent], streams: list[Iterator[StreamEvent]], slot: Any,
                    chat: bool, logprobs: bool, tools: bool, include_usage: bool, n: int) -> AsyncIterator[str]:

@@ -54,7 +54,13 @@ class LocalBackend(TransformersBase):
 
     def generate(self, texts: list[PromptInput], params: SamplingParams) -> list[Generation]:
         reqs = [self._request(t, params) for t in texts]
-        return [self._generation(r) for r in self.engine.run(reqs)]
+        try:
+            done = self.engine.run(reqs)
+        except CacheBudgetError:
+            raise
+        except Exception as e:
+            raise GenerationError(f"the generation failed in the engine: {type(e).__name__}: {e}") from e
+        return [self._generation(r) for r in done]
 
     def generate_stream(self, text: PromptInput, params: SamplingParams) -> Iterator[StreamEvent]:
         req = self._request(text, params)
