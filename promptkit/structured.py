@@ -337,17 +337,35 @@ def apply_logit_bias(logits: torch.Tensor, biases: Sequence[dict[int, float] | N
 # -- one request's processors, and a batch of them ---------------------------------------------
 @dataclass(eq=False)
 class LogitsProcessor:
-    """Everything one request changes about its next-token logits."""
+    """Everything one request changes about its next-token logits.
+
+    Batched use: :func:`process_logits` before sampling, :func:`accept_tokens` after. It is also
+    a per-row callable, ``processor(row [V], generated) -> row``, which first feeds the grammar
+    any generated tokens it has not seen (so an engine that only calls it still stays in step).
+    """
 
     state: GrammarState | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
+    seen: int = 0  # generated tokens already fed to the grammar
 
     @property
     def finished(self) -> bool:
         """The grammar is complete: end the request now (finish_reason "stop")."""
         return self.state is not None and self.state.is_finished()
+
+    def sync(self, generated: Sequence[int]) -> None:
+        """Feed the grammar the generated tokens it has not seen yet."""
+        if self.state is not None:
+            for t in generated[self.seen:]:
+                self.state.consume(t)
+        self.seen = max(self.seen, len(generated))
+
+    def __call__(self, row: torch.Tensor, generated: Sequence[int]) -> torch.Tensor:
+        out = row[None].clone()
+        process_logits(out, [self], [generated])
+        return out[0]
 
 
 def processor_for(params: Any, tokenizer: Any, vocab_size: int | None = None,
@@ -373,6 +391,8 @@ def process_logits(logits: torch.Tensor, processors: Sequence[LogitsProcessor | 
     live = [i for i, p in enumerate(processors) if p is not None]
     if not live:
         return
+    for i in live:
+        processors[i].sync(generated[i])  # type: ignore[union-attr]
     procs = [processors[i] for i in live]
     pen = [k for k, p in enumerate(procs) if p.presence_penalty or p.frequency_penalty]  # type: ignore[union-attr]
     if pen:
@@ -394,5 +414,7 @@ def process_logits(logits: torch.Tensor, processors: Sequence[LogitsProcessor | 
 def accept_tokens(processors: Sequence[LogitsProcessor | None], tokens: Sequence[int]) -> None:
     """Feed each row's sampled token to its grammar state."""
     for p, t in zip(processors, tokens):
-        if p is not None and p.state is not None:
-            p.state.consume(t)
+        if p is not None:
+            if p.state is not None:
+                p.state.consume(t)
+            p.seen += 1

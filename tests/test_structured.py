@@ -294,3 +294,15 @@ def test_hf_backend_applies_the_same_masks(real_lm, hf_lm):
     hf = hf_lm.generate(prompt, json_schema=Pet, max_tokens=30)[0]
     assert hf.finish_reason == local.finish_reason == "stop"
     assert hf.text == local.text and Pet.model_validate_json(hf.text).kind == "dog"
+
+
+def test_a_processor_called_per_row_keeps_its_grammar_in_step(tok):
+    """An engine that only calls processor(row, generated) (no accept_tokens) still gets the right masks."""
+    proc = processor_for(SamplingParams(constraint=Constraint(regex=r"[0-9]{2}x")), tok)
+    vocab = len(tok)
+    digit = tok.encode("4", add_special_tokens=False)[0]
+    first = proc(torch.zeros(vocab), [])
+    assert torch.isfinite(first[digit])
+    third = proc(torch.zeros(vocab), [digit, digit])  # two digits in: only "x" may follow
+    assert {tok.decode([t]) for t in torch.isfinite(third).nonzero().flatten().tolist()} == {"x"}
+    assert proc.seen == 2
