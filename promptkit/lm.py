@@ -11,6 +11,7 @@ from typing import Any
 from .backends.base import Backend, SamplingParams
 from .engine.models import DEFAULT_LLM
 from .prompt import render
+from .structured import Constraint
 from .types import Generation, Prompt, TokenLogprobs
 
 PromptLike = str | Prompt
@@ -86,7 +87,7 @@ class LM:
     def generate(
         self,
         prompts: PromptLike | Sequence[PromptLike],
-        max_tokens: int = 64,
+        max_tokens: int | None = 64,
         temperature: float = 0.0,
         top_p: float = 1.0,
         stop: str | Sequence[str] | None = None,
@@ -95,14 +96,32 @@ class LM:
         logprobs: bool = False,
         truncate: bool = False,
         top_logprobs: int = 0,
+        json_schema: Any = None,
+        regex: str | None = None,
+        grammar: str | None = None,
+        choices: Sequence[str] | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        logit_bias: dict[int, float] | None = None,
     ) -> list[Generation]:
         """Generate a completion for each prompt (one batch). Greedy when ``temperature == 0``.
 
-        ``logprobs`` returns each generated token's log-probability; ``top_logprobs=k`` also the
-        ``k`` most likely tokens at every step (local backend).
+        ``max_tokens=None`` runs until EOS or the context limit. ``logprobs`` returns each generated
+        token's log-probability; ``top_logprobs=k`` also the ``k`` most likely tokens at every step
+        (local backend).
+
+        Constrained decoding (at most one): ``json_schema`` (a dict, a JSON string or a pydantic model
+        class), ``regex``, ``grammar`` (Lark or GBNF) or ``choices`` (the output is exactly one of them).
+        ``presence_penalty``, ``frequency_penalty`` and ``logit_bias`` work as OpenAI's do.
+
+        >>> lm.generate("Is the sky blue?", choices=["yes", "no"])[0].text
+        'yes'
         """
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop,
-                                seed=seed, logprobs=logprobs, truncate=truncate, top_logprobs=top_logprobs)
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed, logprobs=logprobs,
+            truncate=truncate, top_logprobs=top_logprobs,
+            constraint=Constraint.of(json_schema=json_schema, regex=regex, grammar=grammar, choices=choices),
+            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias or {})
         return self.backend.generate(self._texts(prompts, chat), params)
 
     def score(self, prompt: PromptLike, choices: Sequence[str], chat: bool | None = None) -> list[float]:
@@ -122,9 +141,13 @@ class LM:
                 raise ValueError("score needs at least one choice")
         return self.backend.score(texts, [list(c) for c in choices])
 
-    def token_logprobs(self, texts: str | Sequence[str]) -> list[TokenLogprobs]:
-        """Log-probability of every token of each raw text (no chat template)."""
-        return self.backend.token_logprobs([texts] if isinstance(texts, str) else list(texts))
+    def token_logprobs(self, texts: str | Sequence[str], top_logprobs: int = 0) -> list[TokenLogprobs]:
+        """Log-probability of every token of each raw text (no chat template); ``top_logprobs=k``
+        also the ``k`` most likely tokens at each position."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if top_logprobs:
+            return self.backend.token_logprobs(texts, top_logprobs=top_logprobs)  # type: ignore[arg-type]
+        return self.backend.token_logprobs(texts)  # type: ignore[arg-type]
 
     def stats(self) -> dict[str, Any]:
         """Backend counters (for the local engine: tokens prefilled vs served from cache)."""

@@ -37,6 +37,7 @@ class Record(BaseModel):
     exemplars: list[Example] = Field(default_factory=list)
     prompt: Prompt | None = None
     output: Any = None
+    reasoning: str | None = None  # free-text reasoning written before a structured output
     generation: Generation | None = None
     label_scores: dict[str, float] | None = None
     trace: list[TraceStep] = Field(default_factory=list)

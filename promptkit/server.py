@@ -1,8 +1,11 @@
 """An OpenAI-compatible HTTP server over an :class:`~promptkit.lm.LM` (``promptkit serve``).
 
-Endpoints: ``/v1/models``, ``/v1/completions`` (with ``echo`` and prompt
-logprobs, so remote clients can ``score``), ``/v1/chat/completions`` (with
-``stream`` as server-sent events), ``/stats`` and ``/health``.
+Endpoints: ``/v1/models``, ``/v1/completions`` (lists of prompts, token-id prompts, ``echo``
+with prompt logprobs and top_logprobs, so remote clients and lm-eval can score),
+``/v1/chat/completions`` (``response_format``, ``tools``/``tool_choice``, ``stream`` as
+server-sent events with ``stream_options.include_usage``), ``/stats`` and ``/health``.
+Both take ``n``, penalties, ``logit_bias`` and vLLM's ``guided_*`` constraints; the
+accepted fields are declared in :mod:`promptkit.wire`, and any other is refused by name.
 
 Each request runs the backend's ``generate_stream`` in a worker thread; the
 local engine batches concurrent requests between decode steps. Requests
@@ -20,20 +23,21 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException
 
-from .backends.base import ContextLengthError, SamplingParams, StreamEvent
+from .backends.base import ContextLengthError, GenerationError, SamplingParams, StreamEvent
 from .lm import LM
-from .types import Generation
+from .structured import Constraint
+from .types import Generation, TokenLogprobs
+from .wire import Body, ChatBody, CompletionBody, PromptInput, chat_messages, parse_tool_calls, tool_grammar
 
-MAX_STOP = 4
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default on /v1/completions; chat runs to EOS or the context's end
 
 
 class APIError(Exception):
@@ -47,89 +51,6 @@ class APIError(Exception):
     def response(self) -> JSONResponse:
         body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status)
-
-
-# -- request bodies -------------------------------------------------------------
-class _Body(BaseModel):
-    """Fields shared by both endpoints; anything unknown is refused by name."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str
-    max_tokens: int | None = Field(default=None, ge=0)
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = 1
-    stream: bool = False
-    user: str | None = None  # accepted and ignored, as OpenAI clients often send it
-
-    @field_validator("n")
-    @classmethod
-    def _one(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError("only n=1 is supported")
-        return v
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, list) and len(v) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop sequences")
-        return v
-
-
-class CompletionBody(_Body):
-    prompt: str | list[str]
-    echo: bool = False
-    logprobs: int | None = Field(default=None, ge=0, le=5)
-
-    @field_validator("prompt")
-    @classmethod
-    def _single(cls, v: str | list[str]) -> str:
-        if isinstance(v, list):
-            if len(v) != 1:
-                raise ValueError("send one prompt per request (a list of exactly one string)")
-            v = v[0]
-        if not v.strip():
-            raise ValueError("prompt is empty")
-        return v
-
-    @model_validator(mode="after")
-    def _zero_needs_echo(self) -> CompletionBody:
-        if self.max_tokens == 0 and not self.echo:
-            raise ValueError("max_tokens=0 is only allowed with echo=true (prompt logprobs)")
-        if self.max_tokens == 0 and self.stream:
-            raise ValueError("max_tokens=0 cannot be streamed")
-        return self
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    role: Literal["system", "user", "assistant"]
-    content: str
-    name: str | None = None
-
-
-class ChatBody(_Body):
-    messages: list[Message] = Field(min_length=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
-
-    @model_validator(mode="after")
-    def _top_needs_logprobs(self) -> ChatBody:
-        if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs=true")
-        return self
-
-    @field_validator("max_tokens")
-    @classmethod
-    def _positive(cls, v: int | None) -> int | None:
-        if v == 0:
-            raise ValueError("max_tokens must be at least 1")
-        return v
 
 
 # -- admission --------------------------------------------------------------------
@@ -230,43 +151,69 @@ def create_app(lm: LM, api_key: str | None = None, max_queue: int = 64, max_work
     async def stats() -> dict[str, Any]:
         return {**_jsonable(lm.stats()), "server": counters.snapshot(), "max_queue": max_queue}
 
-    def check_model(body: _Body) -> None:
+    def check_model(body: Body) -> None:
         if body.model != name and body.model not in pipelines:
             known = ", ".join(repr(m) for m in [name, *pipelines])
             raise APIError(404, f"the model {body.model!r} does not exist; this server serves {known}",
                            param="model", code="model_not_found")
 
-    def params_of(body: _Body, logprobs: bool, top: int = 0) -> SamplingParams:
-        return SamplingParams(max_tokens=body.max_tokens or 16, temperature=body.temperature, top_p=body.top_p,
-                              stop=body.stop, seed=body.seed, logprobs=logprobs, top_logprobs=top)
+    def params_of(body: Body, limit: int | None, logprobs: bool, top: int, constraint: Constraint | None
+                  ) -> SamplingParams:
+        if limit is not None and limit > backend.max_context:
+            raise APIError(400, f"max_tokens={limit} exceeds the model's context of {backend.max_context} tokens",
+                           param="max_tokens")
+        try:
+            return SamplingParams(
+                max_tokens=limit, temperature=body.temperature or 0.0, top_p=body.top_p or 1.0, stop=body.stop,
+                seed=body.seed, logprobs=logprobs, top_logprobs=top, constraint=constraint,
+                presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+                logit_bias=body.logit_bias or {})
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
 
     @app.post("/v1/completions", dependencies=[Depends(guard)])
     async def completions(body: CompletionBody, request: Request) -> Any:
         check_model(body)
+        prompts = body.prompts()
         if body.model in pipelines:
-            return await _pipeline(body, body.prompt, chat=False)  # type: ignore[arg-type]
-        want_lp = body.logprobs is not None
-        text = body.prompt  # type: ignore[assignment]
-        if body.max_tokens == 0:  # echo only: the prompt's own logprobs (what remote score() uses)
+            if len(prompts) != 1 or not isinstance(prompts[0], str) or body.n != 1:
+                raise APIError(400, "a pipeline model takes one text prompt and n=1", param="prompt")
+            return await _pipeline(body, prompts[0], chat=False)
+        limit = COMPLETIONS_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+        want_lp, top = body.logprobs is not None, body.logprobs or 0
+        params = params_of(body, limit or None, want_lp, top, _constraint(body))
+        echoes = None
+        if body.echo:  # the prompts' own tokens and logprobs come first
             with counters.slot():
-                tl = await _in_thread(limiter, lambda: lm.token_logprobs(text)[0])
-            lp = _prompt_logprobs(text, tl) if want_lp else None
-            counters.bump("ok")
-            return _completion(name, text, "length", lp, _usage(len(tl.token_ids), 0, 0))
-        return await _serve(request, body, params_of(body, want_lp, body.logprobs or 0), text, chat=False)
+                tls = await _in_thread(limiter, lambda: backend.token_logprobs(prompts, top_logprobs=top) if top
+                                       else backend.token_logprobs(prompts))
+            echoes = [_Echo(backend, p, tl) for p, tl in zip(prompts, tls)]
+            if limit == 0:
+                counters.bump("ok")
+                choices = [_completion_choice(k, e.text, "length", e.logprobs() if want_lp else None)
+                           for k, e in enumerate(echoes) for _ in range(body.n)]
+                usage = _usage(sum(len(e.tl.token_ids) for e in echoes), 0, 0)
+                return _completion(name, choices, usage)
+        return await _serve(request, body, prompts, params, chat=False, echoes=echoes)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(guard)])
     async def chat_completions(body: ChatBody, request: Request) -> Any:
         check_model(body)
         if body.model in pipelines:
-            users = [m.content for m in body.messages if m.role == "user"]
+            users = [m.text() for m in body.messages if m.role == "user"]
             if not users:
                 raise APIError(400, "a pipeline model needs a user message (its input)", param="messages")
+            if body.n != 1 or body.tool_mode() or body.response_format is not None:
+                raise APIError(400, "a pipeline model takes n=1, no tools and no response_format")
             return await _pipeline(body, users[-1], chat=True)
-        text = backend.apply_chat_template([m.model_dump(include={"role", "content"}) for m in body.messages])
-        return await _serve(request, body, params_of(body, body.logprobs, body.top_logprobs or 0), text, chat=True)
+        constraint = _constraint(body)
+        if body.tool_mode():
+            constraint = Constraint(grammar=tool_grammar(body, constraint))
+        text = backend.apply_chat_template(chat_messages(body))
+        params = params_of(body, body.token_limit(), bool(body.logprobs), body.top_logprobs or 0, constraint)
+        return await _serve(request, body, [text], params, chat=True)
 
-    async def _pipeline(body: _Body, text: str, chat: bool) -> Any:
+    async def _pipeline(body: Body, text: str, chat: bool) -> Any:
         """Run a served pipeline on one input; streamed as a single chunk when asked to stream."""
         with counters.slot():
             record = await _in_thread(limiter, lambda: pipelines[body.model](text))
@@ -276,72 +223,124 @@ def create_app(lm: LM, api_key: str | None = None, max_queue: int = 64, max_work
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         counters.bump("ok")
         if body.stream:
-            events = [_chunk(body.model, rid, g.text, g.finish_reason, chat, usage=_usage_of(g))]
+            events = [_chunk(body.model, rid, g.text, g.finish_reason, chat, usage=_usage_of([g]))]
             if chat:
                 events.insert(0, _chunk(body.model, rid, {"role": "assistant", "content": ""}, None, chat=True))
             lines = [_event(e) for e in events] + ["data: [DONE]\n\n"]
             return StreamingResponse(iter(lines), media_type="text/event-stream")
         if chat:
-            return {**_chat(body.model, rid, g, backend)}
-        return _completion(body.model, g.text, g.finish_reason, None, _usage_of(g), rid)
+            return _chat(body.model, rid, [_chat_choice(0, g, backend, False)], _usage_of([g]))
+        return _completion(body.model, [_completion_choice(0, g.text, g.finish_reason, None)], _usage_of([g]), rid)
 
-    async def _serve(request: Request, body: _Body, params: SamplingParams, text: str, chat: bool) -> Any:
-        if params.max_tokens > backend.max_context:
-            raise APIError(400, f"max_tokens={params.max_tokens} exceeds the model's context of "
-                                f"{backend.max_context} tokens", param="max_tokens")
+    async def _serve(request: Request, body: Body, prompts: list[PromptInput], params: SamplingParams, chat: bool,
+                     echoes: list[_Echo] | None = None) -> Any:
+        """Generate ``body.n`` choices per prompt (all in the engine's batch), answered whole or streamed."""
+        jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(body.n)]
+        per = [params if params.seed is None or body.n == 1 else params.model_copy(update={"seed": params.seed + k})
+               for k in range(len(jobs))]
+        if not body.stream and all(pp == params for pp in per):  # one batch through the batch API
+            with counters.slot():
+                gens = await _in_thread(limiter, lambda: backend.generate([p for _, p in jobs], params))
+            counters.bump("ok")
+            return _reply(body, jobs, gens, params, chat, echoes)
         slot = counters.slot()
         slot.__enter__()
-        try:
-            events = backend.generate_stream(text, params)
-            first = await _first(limiter, events)  # errors such as a too-long prompt surface here, as 400
+        streams = [backend.generate_stream(p, pp) for (_, p), pp in zip(jobs, per)]
+        try:  # request errors (a prompt too long, a bad constraint) surface here, as 4xx
+            firsts = await _in_thread(limiter, lambda: [_first(s) for s in streams])
         except BaseException:
+            _close_all(streams)
             slot.__exit__(None, None, None)
             raise
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        tools = chat and bool(body.tool_mode())  # type: ignore[attr-defined]
         if not body.stream:
             try:
-                gen = await _in_thread(limiter, lambda: _drain(first, events))
+                gens = await _in_thread(limiter, lambda: _drain_all(firsts, streams))
             finally:
-                events.close()
+                _close_all(streams)
                 slot.__exit__(None, None, None)
             counters.bump("ok")
-            echo = text if getattr(body, "echo", False) else ""
-            return _chat(name, rid, gen, backend) if chat else _completion(
-                name, echo + gen.text, gen.finish_reason, _legacy_logprobs(backend, gen, len(echo)) if
-                params.logprobs else None, _usage_of(gen), rid)
+            return _reply(body, jobs, gens, params, chat, echoes, rid)
         counters.bump("streams")
-        return StreamingResponse(_sse(request, rid, first, events, slot, chat, params.logprobs),
-                                 media_type="text/event-stream")
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_sse(rid, firsts, streams, slot, chat, params.logprobs, tools, include_usage,
+                                      body.n), media_type="text/event-stream")
 
-    async def _sse(request: Request, rid: str, first: StreamEvent, events: Iterator[StreamEvent], slot: Any,
-                   chat: bool, logprobs: bool) -> AsyncIterator[str]:
-        done, offset = False, 0
+    def _reply(body: Body, jobs: list, gens: list[Generation], params: SamplingParams, chat: bool,
+               echoes: list[_Echo] | None, rid: str | None = None) -> dict[str, Any]:
+        """The whole (non-streamed) response for ``gens``, one per job."""
+        rid = rid or ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        usage = _usage_of(gens[:: body.n], gens)
+        if chat:
+            tools = bool(body.tool_mode())  # type: ignore[attr-defined]
+            return _chat(name, rid, [_chat_choice(k, g, backend, tools) for k, g in enumerate(gens)], usage)
+        choices = []
+        for k, ((i, _), g) in enumerate(zip(jobs, gens)):
+            echo = echoes[i] if echoes else None
+            lp = _legacy_logprobs(backend, g, len(echo.text) if echo else 0) if params.logprobs else None
+            if echo and lp is not None:
+                lp = _join_logprobs(echo.logprobs(), lp)
+            choices.append(_completion_choice(k, (echo.text if echo else "") + g.text, g.finish_reason, lp))
+        return _completion(name, choices, usage, rid)
+
+    async def _sse(rid: str, firsts: list[StreamEvent], streams: list[Iterator[StreamEvent]], slot: Any,
+                   chat: bool, logprobs: bool, tools: bool, include_usage: bool, n: int) -> AsyncIterator[str]:
+        done = False
+        offsets = [0] * len(streams)
+        finals: list[Generation | None] = [None] * len(streams)
         try:
             if chat:
-                yield _event(_chunk(name, rid, {"role": "assistant", "content": ""}, None, chat=True))
-            ev: StreamEvent | None = first
-            while ev is not None:
-                lp = None
-                if logprobs and ev.logprobs is not None:  # the logprobs of the tokens behind this chunk
-                    lp = _chat_logprobs(backend, ev) if chat else _legacy_logprobs(backend, ev, offset)
-                offset += len(ev.text)
-                if ev.generation is not None:
+                for k in range(len(streams)):
+                    yield _event(_chunk(name, rid, {"role": "assistant", "content": ""}, None, chat=True, index=k))
+            evs: list[StreamEvent | None] = list(firsts)
+            while True:
+                for k, ev in enumerate(evs):
+                    if ev is None or finals[k] is not None:
+                        continue
+                    lp = None
+                    if logprobs and ev.logprobs is not None:  # the logprobs of the tokens behind this chunk
+                        lp = _chat_logprobs(backend, ev) if chat else _legacy_logprobs(backend, ev, offsets[k])
+                    offsets[k] += len(ev.text)
                     g = ev.generation
-                    yield _event(_chunk(name, rid, ev.text, g.finish_reason, chat, usage=_usage_of(g), logprobs=lp))
+                    if tools:  # a tool-call reply is sent whole, once it can be parsed
+                        if g is not None:
+                            yield _event(_chunk(name, rid, _tool_delta(g), _finish(g, True), chat, index=k,
+                                                usage=None if include_usage else _usage_of([g]), logprobs=lp))
+                    elif g is not None:
+                        yield _event(_chunk(name, rid, ev.text, g.finish_reason, chat, index=k, logprobs=lp,
+                                            usage=None if include_usage else _usage_of([g])))
+                    elif ev.text or lp:
+                        yield _event(_chunk(name, rid, ev.text, None, chat, index=k, logprobs=lp))
+                    finals[k] = g
+                live = [k for k, g in enumerate(finals) if g is None]
+                if not live:
                     break
-                if ev.text or lp:
-                    yield _event(_chunk(name, rid, ev.text, None, chat, logprobs=lp))
-                ev = await _in_thread(limiter, lambda: next(events, None))
+                evs = await _in_thread(limiter, lambda: _advance(streams, live))
+            if include_usage:
+                gens = [g for g in finals if g is not None]
+                yield _event({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                              "created": int(time.time()), "model": name, "choices": [],
+                              "usage": _usage_of(gens[::n], gens)})
             yield "data: [DONE]\n\n"
             done = True
             counters.bump("ok")
+        except APIError as e:  # after the first chunk the status is sent: the error goes in the stream
+            done = True
+            counters.bump("client_errors" if e.status < 500 else "server_errors")
+            yield _event({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
+        except Exception as e:
+            done = True
+            counters.bump("server_errors")
+            yield _event({"error": {"message": f"the generation failed: {e}", "type": "server_error",
+                                    "param": None, "code": None}})
         finally:
             if not done:
                 counters.bump("cancelled")
-            # Closing the generator aborts the request in the engine and frees its batch slot;
+            # Closing the generators aborts the requests in the engine and frees their batch slots;
             # shielded so that it runs even when the client's disconnect cancelled us.
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(events.close)
+                await anyio.to_thread.run_sync(lambda: _close_all(streams))
             slot.__exit__(None, None, None)
 
     return app
@@ -352,25 +351,61 @@ async def _in_thread(limiter: anyio.CapacityLimiter, fn: Any) -> Any:
     try:
         return await anyio.to_thread.run_sync(fn, limiter=limiter)
     except ContextLengthError as e:
-        raise APIError(400, str(e), param="prompt", code="context_length_exceeded") from None
+        raise APIError(400, _context_message(e), code="context_length_exceeded") from None
+    except GenerationError as e:
+        raise APIError(500, str(e), type="server_error") from None
     except ValueError as e:
         raise APIError(400, str(e)) from None
 
 
-async def _first(limiter: anyio.CapacityLimiter, events: Iterator[StreamEvent]) -> StreamEvent:
-    ev = await _in_thread(limiter, lambda: next(events, None))
+def _context_message(e: ContextLengthError) -> str:
+    """The context-length error in terms of what this server accepts (no library-only options)."""
+    if getattr(e, "context", None) is None:
+        return str(e)
+    return (f"This model's maximum context length is {e.context} tokens, but the prompt has {e.prompt_tokens} tokens "
+            f"and {e.new_tokens} more were asked for. Shorten the prompt or lower max_tokens "
+            "(on /v1/chat/completions, leaving max_tokens out uses whatever room the prompt leaves).")
+
+
+def _constraint(body: Body) -> Constraint | None:
+    try:
+        return body.constraint()
+    except ValueError as e:
+        raise APIError(400, str(e), param="response_format") from None
+
+
+def _first(events: Iterator[StreamEvent]) -> StreamEvent:
+    ev = next(events, None)
     if ev is None:
-        raise APIError(500, "the backend produced no output", type="server_error")
+        raise GenerationError("the backend produced no output")
     return ev
 
 
-def _drain(first: StreamEvent, events: Iterator[StreamEvent]) -> Generation:
-    ev: StreamEvent | None = first
-    while ev is not None and ev.generation is None:
-        ev = next(events, None)
-    if ev is None or ev.generation is None:
-        raise RuntimeError("the backend's stream ended without a final generation")
-    return ev.generation
+def _advance(streams: list[Iterator[StreamEvent]], live: list[int]) -> list[StreamEvent | None]:
+    """The next event of each live stream (one round, so all of them stay in the engine's batch)."""
+    out: list[StreamEvent | None] = [None] * len(streams)
+    for k in live:
+        ev = next(streams[k], None)
+        if ev is None:
+            raise GenerationError("the backend's stream ended without a final generation")
+        out[k] = ev
+    return out
+
+
+def _drain_all(firsts: list[StreamEvent], streams: list[Iterator[StreamEvent]]) -> list[Generation]:
+    evs: list[StreamEvent | None] = list(firsts)
+    while True:
+        live = [k for k, ev in enumerate(evs) if ev is not None and ev.generation is None]
+        if not live:
+            return [ev.generation for ev in evs]  # type: ignore[union-attr, misc]
+        for k, ev in enumerate(_advance(streams, live)):
+            if ev is not None:
+                evs[k] = ev
+
+
+def _close_all(streams: list[Iterator[StreamEvent]]) -> None:
+    for s in streams:
+        s.close()  # type: ignore[attr-defined]
 
 
 def _usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
@@ -378,31 +413,58 @@ def _usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-def _usage_of(g: Generation) -> dict[str, Any]:
-    return _usage(g.usage.prompt_tokens, g.usage.completion_tokens, g.usage.cached_tokens)
+def _usage_of(per_prompt: list[Generation], gens: list[Generation] | None = None) -> dict[str, Any]:
+    """Usage of a reply: each prompt counted once (``per_prompt``), every choice's completion (``gens``)."""
+    gens = per_prompt if gens is None else gens
+    return _usage(sum(g.usage.prompt_tokens for g in per_prompt), sum(g.usage.completion_tokens for g in gens),
+                  sum(g.usage.cached_tokens for g in per_prompt))
 
 
-def _completion(model: str, text: str, finish: str, logprobs: Any, usage: dict[str, Any],
+def _completion_choice(index: int, text: str, finish: str, logprobs: Any) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+
+def _completion(model: str, choices: list[dict[str, Any]], usage: dict[str, Any],
                 rid: str | None = None) -> dict[str, Any]:
     return {"id": rid or "cmpl-" + uuid.uuid4().hex[:24], "object": "text_completion", "created": int(time.time()),
-            "model": model, "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
-            "usage": usage}
+            "model": model, "choices": choices, "usage": usage}
 
 
-def _chat(model: str, rid: str, g: Generation, backend: Any) -> dict[str, Any]:
+def _finish(g: Generation, tools: bool) -> str:
+    return "tool_calls" if tools and parse_tool_calls(g.text) else g.finish_reason
+
+
+def _message(g: Generation, tools: bool) -> dict[str, Any]:
+    calls = parse_tool_calls(g.text) if tools else None
+    if calls:
+        return {"role": "assistant", "content": None, "tool_calls": calls}
+    return {"role": "assistant", "content": g.text}
+
+
+def _tool_delta(g: Generation) -> dict[str, Any]:
+    msg = _message(g, True)
+    if "tool_calls" in msg:
+        return {"tool_calls": [{"index": i, **c} for i, c in enumerate(msg["tool_calls"])]}
+    return {"content": msg["content"]}
+
+
+def _chat_choice(index: int, g: Generation, backend: Any, tools: bool) -> dict[str, Any]:
     lp = _chat_logprobs(backend, g) if g.logprobs is not None else None
+    return {"index": index, "message": _message(g, tools), "logprobs": lp, "finish_reason": _finish(g, tools)}
+
+
+def _chat(model: str, rid: str, choices: list[dict[str, Any]], usage: dict[str, Any]) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": g.text}, "logprobs": lp,
-                         "finish_reason": g.finish_reason}], "usage": _usage_of(g)}
+            "choices": choices, "usage": usage}
 
 
-def _chunk(model: str, rid: str, delta: Any, finish: str | None, chat: bool,
+def _chunk(model: str, rid: str, delta: Any, finish: str | None, chat: bool, index: int = 0,
            usage: dict[str, Any] | None = None, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     if chat:
         d = delta if isinstance(delta, dict) else ({"content": delta} if delta else {})
-        choice = {"index": 0, "delta": d, "logprobs": logprobs, "finish_reason": finish}
+        choice = {"index": index, "delta": d, "logprobs": logprobs, "finish_reason": finish}
     else:
-        choice = {"index": 0, "text": delta, "logprobs": logprobs, "finish_reason": finish}
+        choice = {"index": index, "text": delta, "logprobs": logprobs, "finish_reason": finish}
     out = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
            "created": int(time.time()), "model": model, "choices": [choice]}
     if usage is not None:
@@ -414,12 +476,29 @@ def _event(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def _prompt_logprobs(text: str, tl: Any) -> dict[str, Any]:
-    """OpenAI's legacy logprobs object for the prompt's tokens (first token has none)."""
-    offsets = [o[0] for o in tl.offsets] if tl.offsets else [0] * len(tl.token_ids)
-    return {"tokens": [text[a:b] for a, b in tl.offsets] if tl.offsets else tl.tokens,
-            "token_logprobs": tl.logprobs, "top_logprobs": None, "text_offset": offsets,
-            "token_ids": tl.token_ids}
+class _Echo:
+    """A prompt as echoed back: its text and the logprobs object of its tokens."""
+
+    def __init__(self, backend: Any, prompt: PromptInput, tl: TokenLogprobs) -> None:
+        self.tl = tl
+        self.text = prompt if isinstance(prompt, str) else "".join(_pieces(backend, tl.token_ids))
+
+    def logprobs(self) -> dict[str, Any]:
+        """OpenAI's legacy logprobs object for the prompt's tokens (the first token has none)."""
+        tl = self.tl
+        offsets = [o[0] for o in tl.offsets] if tl.offsets else [0] * len(tl.token_ids)
+        return {"tokens": [self.text[a:b] for a, b in tl.offsets] if tl.offsets else tl.tokens,
+                "token_logprobs": tl.logprobs, "top_logprobs": tl.top_logprobs, "text_offset": offsets,
+                "token_ids": tl.token_ids}
+
+
+def _join_logprobs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two legacy logprobs objects, one after the other (the prompt's, then the generated tokens')."""
+    tops_a = a["top_logprobs"] or [None] * len(a["tokens"])
+    tops_b = b["top_logprobs"] or [None] * len(b["tokens"])
+    out = {k: a[k] + b[k] for k in ("tokens", "token_logprobs", "text_offset", "token_ids")}
+    out["top_logprobs"] = tops_a + tops_b if a["top_logprobs"] or b["top_logprobs"] else None
+    return out
 
 
 def _pieces(backend: Any, token_ids: list[int]) -> list[str]:

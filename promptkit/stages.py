@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
 from .engine.models import DEFAULT_LLM
 from .lm import LM, get_lm
 from .pipeline import Record, Stage
 from .prompt import PromptTemplate
 from .registry import register_stage
-from .types import Example
+from .signature import Signature, output_model, resolve_schema, schema_path
+from .types import Example, Prompt, SegmentKind
 
 
 class LMStage(Stage):
@@ -45,30 +47,132 @@ class BuildPrompt(PromptTemplate, Stage):
         return records
 
 
-def _ensure_prompt(r: Record) -> None:
-    if r.prompt is None:
+def _ensure_prompt(r: Record, signature: str | None = None) -> None:
+    """The default prompt for a record without one; a signature's inputs each get a line."""
+    if r.prompt is not None:
+        return
+    if signature is None:
         r.prompt = PromptTemplate().build(r.inputs)
+        return
+    sig = Signature.parse(signature)
+    missing = [k for k in sig.inputs if k not in r.inputs]
+    if missing:
+        raise ValueError(f"signature {signature!r} needs inputs {missing}; the record has {sorted(r.inputs)}")
+    lines = "\n".join(f"{k.replace('_', ' ').capitalize()}: {r.inputs[k]}" for k in sig.inputs)
+    fields = ", ".join(f"{k} ({v})" for k, v in sig.outputs.items())
+    r.prompt = Prompt.from_parts(question=f"{lines}\n\nAnswer with {fields}.")
 
 
 @register_stage("generate")
 class Generate(LMStage):
-    """Generate the output text for each record's prompt, as one batch."""
+    """Generate the output for each record's prompt, as one batch.
 
-    max_tokens: int = Field(default=64, ge=1)
+    Structured output (at most one of these): ``schema`` (a pydantic model, a JSON schema, or in a
+    recipe a dotted import path such as ``mypkg.models:Answer``), ``signature`` (typed outputs,
+    ``"question -> answer: str, confidence: float"``), ``regex``, ``grammar`` (Lark or GBNF) or
+    ``choices``. The generation is constrained to match, and ``record.output`` is the parsed,
+    validated object (a model instance for a pydantic schema or a signature, a dict for a JSON
+    schema, the matched text otherwise); it is None only when ``max_tokens`` cut the output short.
+
+    ``reason_first``: write free-text reasoning (up to ``reasoning_tokens``) before filling the
+    schema; it is kept on ``record.reasoning``. ``max_tokens`` defaults to 64 for free text and
+    512 for structured output.
+    """
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=0.0, ge=0.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: list[str] = Field(default_factory=list)
     seed: int | None = None
+    output_schema: Any = Field(default=None, alias="schema")
+    signature: str | None = None
+    regex: str | None = None
+    grammar: str | None = None
+    choices: list[str] | None = None
+    reason_first: bool = False
+    reasoning_tokens: int = Field(default=256, ge=1)
+    reasoning_prompt: str = "Let's think step by step."
+
+    @field_validator("output_schema", mode="before")
+    @classmethod
+    def _resolve(cls, v: Any) -> Any:
+        return None if v is None else resolve_schema(v)
+
+    @field_validator("signature")
+    @classmethod
+    def _parse_signature(cls, v: str | None) -> str | None:
+        if v is not None:
+            output_model(v)  # fails early, naming what it cannot read
+        return v
+
+    @field_serializer("output_schema")
+    def _dump_schema(self, v: Any) -> Any:
+        if isinstance(v, type) and issubclass(v, BaseModel):
+            return schema_path(v) or v.model_json_schema()
+        return v
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> Generate:
+        given = [k for k in ("output_schema", "signature", "regex", "grammar", "choices") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of schema, signature, regex, grammar, choices; got {given}")
+        if self.reason_first and not given:
+            raise ValueError("reason_first needs something to fill afterwards: schema, signature, regex, grammar or choices")
+        return self
+
+    def config(self) -> dict[str, Any]:
+        out = super().config()
+        schema = out.pop("output_schema", None)
+        return {**out, "schema": schema} if schema is not None else out
+
+    def target(self) -> Any:
+        """The pydantic model or JSON schema the output must match, or None."""
+        if self.signature is not None:
+            return output_model(self.signature)
+        return self.output_schema
+
+    @property
+    def structured(self) -> bool:
+        return any(getattr(self, k) is not None for k in ("output_schema", "signature", "regex", "grammar", "choices"))
 
     def process(self, records: list[Record]) -> list[Record]:
         for r in records:
-            _ensure_prompt(r)
-        gens = self.lm().generate([r.prompt for r in records], max_tokens=self.max_tokens,  # type: ignore[misc]
-                                  temperature=self.temperature, top_p=self.top_p, stop=self.stop,
-                                  seed=self.seed, chat=self.chat)
+            _ensure_prompt(r, self.signature)
+        lm, target = self.lm(), self.target()
+        prompts: list[Prompt] = [r.prompt for r in records]  # type: ignore[misc]
+        if self.reason_first:
+            thoughts = lm.generate([_extend_answer(p, self.reasoning_prompt) for p in prompts],
+                                   max_tokens=self.reasoning_tokens, temperature=self.temperature,
+                                   top_p=self.top_p, seed=self.seed, chat=self.chat)
+            for r, t in zip(records, thoughts):
+                r.reasoning = t.text.strip()
+            prompts = [_extend_answer(p, f"{self.reasoning_prompt} {r.reasoning}\n\nSo the answer is:")
+                       for p, r in zip(prompts, records)]
+        gens = lm.generate(prompts, max_tokens=self.max_tokens or (512 if self.structured else 64),
+                           temperature=self.temperature, top_p=self.top_p, stop=self.stop, seed=self.seed,
+                           chat=self.chat, json_schema=target, regex=self.regex, grammar=self.grammar,
+                           choices=self.choices)
         for r, g in zip(records, gens):
-            r.generation, r.output = g, g.text.strip()
+            r.generation = g
+            r.output = _parse(g.text, target) if target is not None else g.text if self.structured else g.text.strip()
         return records
+
+
+def _extend_answer(prompt: Prompt, text: str) -> Prompt:
+    """The prompt with ``text`` added to its answer prefix (what the model continues)."""
+    prefix = prompt.get(SegmentKind.answer_prefix)
+    return prompt.with_segment(SegmentKind.answer_prefix, f"{prefix} {text}" if prefix else text)
+
+
+def _parse(text: str, target: Any) -> Any:
+    """The generated JSON as the target's object (None if it was cut short)."""
+    try:
+        data = json.loads(text)
+        return target.model_validate(data) if isinstance(target, type) else data
+    except (json.JSONDecodeError, ValidationError):
+        return None
 
 
 @register_stage("classify")

@@ -155,3 +155,4 @@ class TokenLogprobs(BaseModel):
     tokens: list[str]
     logprobs: list[float | None]
     offsets: list[tuple[int, int]] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] | None = None  # per token, when asked for (first has none)

@@ -89,3 +89,19 @@ def test_sparse_long_context(real_lm):
     row = rows[0]
     assert row["prompt_tokens"] > 2048 and row["sparsity"] > 0.05  # long enough to go sparse, and some layers did
     assert "1911" in row["dense_answer"] and "1911" in row["answer"]
+
+
+def test_typed_extraction(real_lm):
+    from pydantic import BaseModel
+
+    (landmark,) = example("typed_extraction/extract.py")["main"]()
+    assert isinstance(landmark, BaseModel) and landmark.name and landmark.place
+    record = load_recipe(COOKBOOK / "typed_extraction" / "recipe.yaml")(
+        {"text": "The Eiffel Tower was finished in Paris in 1889."})
+    assert set(type(record.output).model_fields) == {"name", "place", "year"}
+
+
+def test_dspy_served(real_lm):
+    first, second = example("dspy_served/dspy_program.py")["main"](("France", "Japan"))
+    assert isinstance(first.capital, str) and first.capital and isinstance(first.confident, bool)
+    assert isinstance(second.confident, bool)

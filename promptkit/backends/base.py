@@ -11,11 +11,27 @@ from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field, field_validator
 
+from ..structured import Constraint
 from ..types import Generation, TokenLogprobs
+
+PromptInput = str | list[int]  # rendered text, or token ids taken exactly as given
 
 
 class ContextLengthError(ValueError):
-    """A prompt (plus the tokens asked for) does not fit the model's context."""
+    """A prompt (plus the tokens asked for) does not fit the model's context.
+
+    ``prompt_tokens``, ``new_tokens`` and ``context`` say by how much (when known), so a
+    caller such as the server can word its own advice.
+    """
+
+    def __init__(self, message: str, prompt_tokens: int | None = None, new_tokens: int | None = None,
+                 context: int | None = None) -> None:
+        super().__init__(message)
+        self.prompt_tokens, self.new_tokens, self.context = prompt_tokens, new_tokens, context
+
+
+class GenerationError(RuntimeError):
+    """A generation failed inside the backend (not the request's fault)."""
 
 
 class StreamEvent(BaseModel):
@@ -34,9 +50,14 @@ class StreamEvent(BaseModel):
 
 
 class SamplingParams(BaseModel):
-    """Decoding settings shared by every backend. ``temperature == 0`` is greedy."""
+    """Decoding settings shared by every backend. ``temperature == 0`` is greedy.
 
-    max_tokens: int = Field(default=64, ge=1)
+    ``max_tokens=None`` generates until EOS or the context limit. ``constraint`` forces the
+    output to match a JSON schema, regex, grammar or choice list. ``presence_penalty``,
+    ``frequency_penalty`` and ``logit_bias`` (token id -> added logit) work as OpenAI's do.
+    """
+
+    max_tokens: int | None = Field(default=64, ge=1)
     temperature: float = Field(default=0.0, ge=0.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: list[str] = Field(default_factory=list)
@@ -44,6 +65,22 @@ class SamplingParams(BaseModel):
     logprobs: bool = False
     top_logprobs: int = Field(default=0, ge=0, le=20, description="also return this many most likely tokens per step")
     truncate: bool = False
+    constraint: Constraint | None = None
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[int, float] = Field(default_factory=dict)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, v: dict[int, float]) -> dict[int, float]:
+        bad = {t: b for t, b in v.items() if not -100 <= b <= 100}
+        if bad:
+            raise ValueError(f"logit_bias values must lie in [-100, 100]; got {bad}")
+        return v
+
+    def tokens_for(self, prompt_len: int, context: int) -> int:
+        """The new-token budget: ``max_tokens``, or all the context left after the prompt when it is None."""
+        return self.max_tokens if self.max_tokens is not None else max(1, context - prompt_len)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -67,15 +104,20 @@ class Backend(Protocol):
 
     def count_tokens(self, text: str) -> int: ...
 
-    def generate(self, texts: list[str], params: SamplingParams) -> list[Generation]: ...
+    def generate(self, texts: list[PromptInput], params: SamplingParams) -> list[Generation]:
+        """One generation per prompt; a list of ints is a prompt of token ids, used as is."""
+        ...
 
     def score(self, texts: list[str], choices: list[list[str]]) -> list[list[float]]:
         """Total log-likelihood of each choice as a continuation of its text."""
         ...
 
-    def token_logprobs(self, texts: list[str]) -> list[TokenLogprobs]: ...
+    def token_logprobs(self, texts: list[PromptInput], top_logprobs: int = 0) -> list[TokenLogprobs]:
+        """Log-probability of every token of each prompt; with ``top_logprobs=k``, the ``k`` most
+        likely tokens at each position too."""
+        ...
 
-    def generate_stream(self, text: str, params: SamplingParams) -> Iterator[StreamEvent]:
+    def generate_stream(self, text: PromptInput, params: SamplingParams) -> Iterator[StreamEvent]:
         """Yield text as it is generated; the last event carries the Generation.
 
         Safe to call from many threads at once; closing the iterator early

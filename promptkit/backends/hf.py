@@ -12,11 +12,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..engine.models import gguf_source, resolve_llm
 from ..engine.weights import activation_dtype, apply_format, gguf_cache_file, resolve_format
+from ..structured import accept_tokens, process_logits, processor_for
 from ..types import Generation, TokenLogprobs, Usage
-from .base import ContextLengthError, SamplingParams, StreamEvent, truncate_at_stop
+from .base import ContextLengthError, PromptInput, SamplingParams, StreamEvent, truncate_at_stop
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -83,6 +85,7 @@ class TransformersBase:
         self.max_context = int(getattr(self.config, "max_position_embeddings", 2048))
         self.is_chat = bool(getattr(tokenizer, "chat_template", None))
         self.eos_ids = self._eos_ids()
+        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])  # the logits' width
 
     def _eos_ids(self) -> set[int]:
         ids = set()
@@ -112,6 +115,37 @@ class TransformersBase:
     def count_tokens(self, text: str) -> int:
         return len(self.encode(text))
 
+    def valid_ids(self, ids: list[int]) -> list[int]:
+        """Token ids given as a prompt, checked against the vocabulary."""
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size}); got {bad[:5]}")
+        return list(ids)
+
+    def prompt_ids(self, prompt: PromptInput, params: SamplingParams) -> tuple[list[int], SamplingParams]:
+        """The prompt's token ids (token-id prompts as given, after a range check), checked against
+        the context, and ``params`` with ``max_tokens`` resolved (None: the rest of the context)."""
+        ids = self.encode(prompt) if isinstance(prompt, str) else self.valid_ids(prompt)
+        ids = self.check_length(ids, params.tokens_for(len(ids), self.max_context), params.truncate)
+        return ids, params.model_copy(update={"max_tokens": params.tokens_for(len(ids), self.max_context)})
+
+    def processor(self, params: SamplingParams) -> Any:
+        """The request's :class:`promptkit.structured.LogitsProcessor` (constraint, penalties, bias), or None."""
+        return processor_for(params, self.tokenizer, self.vocab_size, sorted(self.eos_ids))
+
+    def encode_with_offsets(self, prompt: PromptInput) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids and each token's character span: in the text, or for token ids in the
+        concatenation of their decoded pieces."""
+        if isinstance(prompt, str):
+            enc = self.tokenizer(prompt, return_offsets_mapping=True)
+            return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+        ids, spans, pos = self.valid_ids(prompt), [], 0
+        for t in ids:
+            n = len(self.decode([t]))
+            spans.append((pos, pos + n))
+            pos += n
+        return ids, spans
+
     def check_length(self, ids: list[int], new_tokens: int, truncate: bool = False) -> list[int]:
         """Return ``ids`` if they fit the context with ``new_tokens`` more, else raise (or left-truncate)."""
         if not ids:
@@ -123,7 +157,8 @@ class TransformersBase:
             return ids[-room:]
         raise ContextLengthError(
             f"prompt has {len(ids)} tokens and {new_tokens} more were asked for, but the model's context is "
-            f"{self.max_context} tokens; shorten or compress the prompt, or pass truncate=True"
+            f"{self.max_context} tokens; shorten or compress the prompt, or pass truncate=True",
+            prompt_tokens=len(ids), new_tokens=new_tokens, context=self.max_context,
         )
 
     def stats(self) -> dict[str, Any]:
@@ -140,26 +175,30 @@ class HFBackend(TransformersBase):
         self.batch_size = batch_size
 
     @torch.inference_mode()
-    def generate(self, texts: list[str], params: SamplingParams) -> list[Generation]:
+    def generate(self, texts: list[PromptInput], params: SamplingParams) -> list[Generation]:
         out: list[Generation] = []
         for i in range(0, len(texts), self.batch_size):
             out.extend(self._generate_batch(texts[i : i + self.batch_size], params))
         return out
 
-    def _generate_batch(self, texts: list[str], params: SamplingParams) -> list[Generation]:
+    def _generate_batch(self, texts: list[PromptInput], params: SamplingParams) -> list[Generation]:
         t0 = time.perf_counter()
-        seqs = [self.check_length(self.encode(t), params.max_tokens, params.truncate) for t in texts]
+        prepared = [self.prompt_ids(t, params) for t in texts]
+        seqs = [ids for ids, _ in prepared]
         width = max(map(len, seqs))
+        budget = min(p.max_tokens for _, p in prepared)  # type: ignore[type-var]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=self.device)
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=self.device)
         sample = params.temperature > 0
         if params.seed is not None:
             torch.manual_seed(params.seed)
+        procs = [self.processor(params) for _ in seqs]
+        extra = {"logits_processor": LogitsProcessorList([_RowProcessors(procs, width)])} if any(procs) else {}
         gen = self.model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=params.max_tokens, do_sample=sample,
+            input_ids=ids, attention_mask=mask, max_new_tokens=budget, do_sample=sample,
             temperature=params.temperature if sample else None, top_p=params.top_p if sample else None,
-            top_k=None, pad_token_id=pad, output_scores=params.logprobs, return_dict_in_generate=True,
+            top_k=None, pad_token_id=pad, output_logits=params.logprobs, return_dict_in_generate=True, **extra,
         )
         seconds = time.perf_counter() - t0
         results = []
@@ -170,9 +209,11 @@ class HFBackend(TransformersBase):
                 if tok in self.eos_ids:
                     new, finish = new[:j], "stop"
                     break
+            if procs[row] is not None and procs[row].finished:  # type: ignore[union-attr]
+                finish = "stop"
             lps = None
-            if params.logprobs:
-                lps = [float(torch.log_softmax(gen.scores[j][row].float(), -1)[t]) for j, t in enumerate(new)]
+            if params.logprobs:  # of the raw logits, as the local engine reports them
+                lps = [float(torch.log_softmax(gen.logits[j][row].float(), -1)[t]) for j, t in enumerate(new)]
             text, stopped = truncate_at_stop(self.decode(new), params.stop)
             results.append(Generation(
                 text=text, token_ids=new, logprobs=lps, finish_reason="stop" if stopped else finish,
@@ -180,7 +221,7 @@ class HFBackend(TransformersBase):
             ))
         return results
 
-    def generate_stream(self, text: str, params: SamplingParams) -> Iterator[StreamEvent]:
+    def generate_stream(self, text: PromptInput, params: SamplingParams) -> Iterator[StreamEvent]:
         """No incremental decoding here: one event with the whole generation."""
         gen = self.generate([text], params)[0]
         yield StreamEvent(text=gen.text, generation=gen, token_ids=gen.token_ids, logprobs=gen.logprobs,
@@ -205,15 +246,33 @@ class HFBackend(TransformersBase):
         return out
 
     @torch.inference_mode()
-    def token_logprobs(self, texts: list[str]) -> list[TokenLogprobs]:
+    def token_logprobs(self, texts: list[PromptInput], top_logprobs: int = 0) -> list[TokenLogprobs]:
         out = []
         for text in texts:
-            enc = self.tokenizer(text, return_offsets_mapping=True)
-            ids = self.check_length(list(enc["input_ids"]), 0)
+            ids, offsets = self.encode_with_offsets(text)
+            ids = self.check_length(ids, 0)
             logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0].float()
-            lp = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(ids[1:], device=self.device)[:, None])
-            out.append(TokenLogprobs(
-                token_ids=ids, tokens=self.tokenizer.convert_ids_to_tokens(ids),
-                logprobs=[None] + lp[:, 0].tolist(), offsets=[tuple(o) for o in enc["offset_mapping"]],
-            ))
+            logp = torch.log_softmax(logits[:-1], -1)
+            lp = logp.gather(-1, torch.tensor(ids[1:], device=self.device)[:, None])
+            tops = None
+            if top_logprobs:
+                vals, idx = logp.topk(top_logprobs)
+                tops = [None] + [{self.decode([t]): v for t, v in zip(i, vs)}
+                                 for i, vs in zip(idx.tolist(), vals.tolist())]
+            out.append(TokenLogprobs(token_ids=ids, tokens=self.tokenizer.convert_ids_to_tokens(ids),
+                                     logprobs=[None] + lp[:, 0].tolist(), offsets=offsets, top_logprobs=tops))
         return out
+
+
+class _RowProcessors(LogitsProcessor):
+    """promptkit's per-row processors (grammar masks, penalties, bias) inside ``model.generate``."""
+
+    def __init__(self, procs: list[Any], prompt_width: int) -> None:
+        self.procs, self.width = procs, prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        generated = input_ids[:, self.width:]
+        if generated.shape[1]:
+            accept_tokens(self.procs, generated[:, -1].tolist())
+        process_logits(scores, self.procs, generated.tolist())
+        return scores

@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-
 from ..engine.config import EngineConfig
 from ..engine.engine import Engine, Request
+from ..engine.kv_pool import KVBudgetError
 from ..types import Generation, TokenLogprobs, Usage
-from .base import SamplingParams, StreamEvent, truncate_at_stop
+from .base import GenerationError, PromptInput, SamplingParams, StreamEvent, truncate_at_stop
 from .hf import TransformersBase
+
 
 class LocalBackend(TransformersBase):
     """Runs a transformers causal LM on the promptkit engine.
@@ -34,9 +35,10 @@ class LocalBackend(TransformersBase):
         self.sparse_stats = self.engine.sparse_stats
 
     # -- generation --------------------------------------------------------------
-    def _request(self, text: str, params: SamplingParams) -> Request:
-        ids = self.check_length(self.encode(text), params.max_tokens, params.truncate)
-        return Request(tokens=ids, params=params, stop_check=stop_checker(params.stop, self.decode))
+    def _request(self, prompt: PromptInput, params: SamplingParams) -> Request:
+        ids, params = self.prompt_ids(prompt, params)
+        return Request(tokens=ids, params=params, stop_check=stop_checker(params.stop, self.decode),
+                       processor=self.processor(params))
 
     def _generation(self, r: Request) -> Generation:
         text, stopped = truncate_at_stop(self.decode(r.generated), r.params.stop)
@@ -47,22 +49,33 @@ class LocalBackend(TransformersBase):
                         completion_tokens=len(r.generated), seconds=r.seconds),
         )
 
-    def generate(self, texts: list[str], params: SamplingParams) -> list[Generation]:
+    def generate(self, texts: list[PromptInput], params: SamplingParams) -> list[Generation]:
         reqs = [self._request(t, params) for t in texts]
-        return [self._generation(r) for r in self.engine.run(reqs)]
+        try:
+            done = self.engine.run(reqs)
+        except KVBudgetError:
+            raise
+        except Exception as e:
+            raise GenerationError(f"the generation failed in the engine: {type(e).__name__}: {e}") from e
+        return [self._generation(r) for r in done]
 
-    def generate_stream(self, text: str, params: SamplingParams) -> Iterator[StreamEvent]:
+    def generate_stream(self, text: PromptInput, params: SamplingParams) -> Iterator[StreamEvent]:
         req = self._request(text, params)
         shown, sent = "", 0  # text shown and tokens accounted for so far
         tokens = self.engine.stream(req)
         try:
-            for count, _ in enumerate(tokens, 1):
-                full, stopped = truncate_at_stop(self.decode(req.generated[:count]), params.stop)
-                if not stopped:  # hold back a tail that may be the start of a stop string
-                    full = full[: len(full) - _stop_prefix_len(full, params.stop)]
-                if len(full) > len(shown) and not full.endswith("\ufffd"):  # wait for whole characters
-                    yield StreamEvent(text=full[len(shown):], **self._step_logprobs(req, sent, count))
-                    shown, sent = full, count
+            try:
+                for count, _ in enumerate(tokens, 1):
+                    full, stopped = truncate_at_stop(self.decode(req.generated[:count]), params.stop)
+                    if not stopped:  # hold back a tail that may be the start of a stop string
+                        full = full[: len(full) - _stop_prefix_len(full, params.stop)]
+                    if len(full) > len(shown) and not full.endswith("\ufffd"):  # wait for whole characters
+                        yield StreamEvent(text=full[len(shown):], **self._step_logprobs(req, sent, count))
+                        shown, sent = full, count
+            except KVBudgetError:
+                raise
+            except Exception as e:
+                raise GenerationError(f"the generation failed in the engine: {type(e).__name__}: {e}") from e
             gen = self._generation(req)
             yield StreamEvent(text=gen.text[len(shown):], generation=gen,
                               **self._step_logprobs(req, sent, len(req.generated)))
@@ -92,15 +105,17 @@ class LocalBackend(TransformersBase):
         it = iter(reqs)
         return [[sum(next(it).logprobs) for _ in opts] for opts in choices]
 
-    def token_logprobs(self, texts: list[str]) -> list[TokenLogprobs]:
-        encs = [self.tokenizer(t, return_offsets_mapping=True) for t in texts]
-        reqs = [Request(tokens=self.check_length(list(e["input_ids"]), 0), kind="score", score_from=1)
-                for e in encs]
+    def token_logprobs(self, texts: list[PromptInput], top_logprobs: int = 0) -> list[TokenLogprobs]:
+        encs = [self.encode_with_offsets(t) for t in texts]
+        top = SamplingParams(top_logprobs=top_logprobs)
+        reqs = [Request(tokens=self.check_length(ids, 0), kind="score", score_from=1, params=top) for ids, _ in encs]
         ok = [r for r in reqs if r.prompt_len > 1]
         self.engine.run(ok)
         return [TokenLogprobs(token_ids=r.tokens, tokens=self.tokenizer.convert_ids_to_tokens(r.tokens),
-                              logprobs=[None] + r.logprobs, offsets=[tuple(o) for o in e["offset_mapping"]])
-                for r, e in zip(reqs, encs)]
+                              logprobs=[None] + r.logprobs, offsets=offs,
+                              top_logprobs=[None] + [{self.decode([t]): lp for t, lp in step} for step in r.top_logprobs]
+                              if top_logprobs else None)
+                for r, (_, offs) in zip(reqs, encs)]
 
     # -- cache ------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

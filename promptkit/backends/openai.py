@@ -26,8 +26,9 @@ from typing import Any
 
 import httpx
 
+from ..structured import Constraint
 from ..types import Generation, TokenLogprobs, Usage
-from .base import ContextLengthError, SamplingParams, StreamEvent
+from .base import ContextLengthError, PromptInput, SamplingParams, StreamEvent
 
 RETRIES_429 = 5
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
@@ -50,11 +51,18 @@ class OpenAIBackend:
     ``api_key``: sent as a Bearer token (default ``$PROMPTKIT_API_KEY`` or ``$OPENAI_API_KEY``). ``tokenizer``: see the module
     docstring. ``max_concurrency``: requests in flight at once for a batch (the
     server batches them). ``max_context``: overrides what the server reports.
+    ``constraint_fields``: how constraints travel. A JSON schema always goes as
+    ``response_format`` json_schema; a regex, grammar or choice list as vLLM's
+    ``guided_regex``/``guided_grammar``/``guided_choice`` (``"guided"``: vLLM before
+    0.12 and ``promptkit serve``) or inside ``structured_outputs`` (vLLM 0.11 on).
     """
 
     def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None,
                  timeout: float = 120.0, tokenizer: Any = None, max_concurrency: int = 8,
-                 max_context: int | None = None) -> None:
+                 max_context: int | None = None, constraint_fields: str = "guided") -> None:
+        if constraint_fields not in ("guided", "structured_outputs"):
+            raise ValueError("constraint_fields must be 'guided' or 'structured_outputs'")
+        self.constraint_fields = constraint_fields
         self.model_name = model
         base_url = base_url or os.environ.get("PROMPTKIT_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
         self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
@@ -119,18 +127,46 @@ class OpenAIBackend:
                 f"/tokenize; {self.base_url} has neither") from None
 
     # -- generation ------------------------------------------------------------------
-    def _body(self, text: str, params: SamplingParams, **extra: Any) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": self.model_name, "prompt": text, "max_tokens": params.max_tokens,
-                                "temperature": params.temperature, "top_p": params.top_p, **extra}
+    def _body(self, text: PromptInput, params: SamplingParams, **extra: Any) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.model_name, "prompt": text, "temperature": params.temperature,
+                                "top_p": params.top_p, **extra}
+        if params.max_tokens is not None:
+            body["max_tokens"] = params.max_tokens
+        elif self.max_context:  # completions default to 16 tokens: ask for the rest of the context instead
+            body["max_tokens"] = max(1, self.max_context - self._prompt_tokens(text))
         if params.stop:
             body["stop"] = params.stop
         if params.seed is not None:
             body["seed"] = params.seed
         if params.logprobs:
-            body["logprobs"] = 1
+            body["logprobs"] = max(1, params.top_logprobs)
+        if params.presence_penalty:
+            body["presence_penalty"] = params.presence_penalty
+        if params.frequency_penalty:
+            body["frequency_penalty"] = params.frequency_penalty
+        if params.logit_bias:
+            body["logit_bias"] = {str(t): b for t, b in params.logit_bias.items()}
+        body.update(self._constraint_fields(params.constraint))
         return body
 
-    def _generate_one(self, text: str, params: SamplingParams) -> Generation:
+    def _constraint_fields(self, c: Constraint | None) -> dict[str, Any]:
+        if c is None:
+            return {}
+        if c.json_schema is not None:
+            return {"response_format": {"type": "json_schema", "json_schema": {"name": "output", "schema": c.json_schema}}}
+        if self.constraint_fields == "structured_outputs":
+            key = "regex" if c.regex is not None else "grammar" if c.grammar is not None else "choice"
+            return {"structured_outputs": {key: c.regex or c.grammar or c.choices}}
+        if c.regex is not None:
+            return {"guided_regex": c.regex}
+        if c.grammar is not None:
+            return {"guided_grammar": c.grammar}
+        return {"guided_choice": c.choices}
+
+    def _prompt_tokens(self, text: PromptInput) -> int:
+        return len(text) if isinstance(text, list) else self.count_tokens(text)
+
+    def _generate_one(self, text: PromptInput, params: SamplingParams) -> Generation:
         t0 = time.perf_counter()
         data = self._post("/completions", self._body(text, params))
         choice = data["choices"][0]
@@ -138,18 +174,19 @@ class OpenAIBackend:
         return Generation(
             text=choice.get("text") or "", token_ids=list(lp.get("token_ids") or []),
             logprobs=lp.get("token_logprobs") if params.logprobs else None,
+            top_logprobs=lp.get("top_logprobs") if params.logprobs and params.top_logprobs else None,
             finish_reason=choice.get("finish_reason") or "length",
             usage=_usage(data.get("usage") or {}, time.perf_counter() - t0),
         )
 
-    def generate(self, texts: list[str], params: SamplingParams) -> list[Generation]:
+    def generate(self, texts: list[PromptInput], params: SamplingParams) -> list[Generation]:
         if len(texts) == 1:
             return [self._generate_one(texts[0], params)]
         # One request per prompt, several in flight: the server batches them (continuous batching).
         with ThreadPoolExecutor(min(self.max_concurrency, len(texts))) as pool:
             return list(pool.map(lambda t: self._generate_one(t, params), texts))
 
-    def generate_stream(self, text: str, params: SamplingParams) -> Iterator[StreamEvent]:
+    def generate_stream(self, text: PromptInput, params: SamplingParams) -> Iterator[StreamEvent]:
         """Stream over server-sent events; closing the iterator closes the connection (the server cancels)."""
         import json
 
@@ -178,10 +215,10 @@ class OpenAIBackend:
         yield StreamEvent(generation=gen)
 
     # -- scoring ----------------------------------------------------------------------
-    def _prompt_logprobs(self, text: str) -> dict[str, Any]:
+    def _prompt_logprobs(self, text: PromptInput, top_logprobs: int = 0) -> dict[str, Any]:
         """Per-token logprobs of ``text`` itself (echo, no new tokens)."""
-        body = {"model": self.model_name, "prompt": text, "max_tokens": 0, "echo": True, "logprobs": 1,
-                "temperature": 0.0}
+        body = {"model": self.model_name, "prompt": text, "max_tokens": 0, "echo": True,
+                "logprobs": max(1, top_logprobs), "temperature": 0.0}
         try:
             data = self._post("/completions", body)
         except ServerError as e:
@@ -212,15 +249,18 @@ class OpenAIBackend:
             flat = iter(list(pool.map(one, jobs)))
         return [[next(flat) for _ in opts] for opts in choices]
 
-    def token_logprobs(self, texts: list[str]) -> list[TokenLogprobs]:
+    def token_logprobs(self, texts: list[PromptInput], top_logprobs: int = 0) -> list[TokenLogprobs]:
         out = []
         for text in texts:
-            lp = self._prompt_logprobs(text)
+            lp = self._prompt_logprobs(text, top_logprobs)
             tokens, offs = list(lp.get("tokens") or []), list(lp["text_offset"])
-            ends = offs[1:] + [len(text)]
-            ids = lp.get("token_ids") or (self.tokenizer(text)["input_ids"] if self.tokenizer is not None else [])
+            ends = offs[1:] + [offs[-1] + len(tokens[-1]) if tokens else 0] if isinstance(text, list) else \
+                offs[1:] + [len(text)]
+            ids = lp.get("token_ids") or (text if isinstance(text, list) else
+                                          self.tokenizer(text)["input_ids"] if self.tokenizer is not None else [])
             out.append(TokenLogprobs(token_ids=list(ids), tokens=tokens, logprobs=list(lp["token_logprobs"]),
-                                     offsets=list(zip(offs, ends))))
+                                     offsets=list(zip(offs, ends)),
+                                     top_logprobs=lp.get("top_logprobs") if top_logprobs else None))
         return out
 
     def stats(self) -> dict[str, Any]:

@@ -47,6 +47,8 @@ class EngineConfig(BaseModel):
                                   "share to be prefilled once, ahead of them")
     decode_reserve: int = Field(16, ge=1, description="KV slots reserved per request at admission for the "
                                 "tokens it will generate (more are taken as it goes)")
+    fast_forward: bool = Field(True, description="under a grammar, emit a token the grammar allows alone "
+                               "without sampling it (computed with the next token in one forward)")
     lean_forward: bool = Field(True, description="run llama-style models through the engine's lean forward "
                                "(fused weights, same numbers as transformers, far fewer operations)")
     sparse: SparseConfig | None = Field(None, description="sparse prefill for long prompts (True: defaults)")

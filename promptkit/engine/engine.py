@@ -26,6 +26,7 @@ import weakref
 
 import torch
 
+from ..structured import accept_tokens, process_logits
 from .config import EngineConfig
 from .families import check_supported
 from .kv_pool import KVBudgetError, KVPool
@@ -72,7 +73,10 @@ class Engine:
         self.cache = RadixCache(self.pool, enabled=self.config.prefix_cache)
         self.scheduler = Scheduler(self.pool, self.cache, self.config)
         self.runner = ModelRunner(model, self.pool, self.cache, self.config.sparse, self.config.lean_forward)
+        self.vocab_size = model.get_output_embeddings().out_features if model.get_output_embeddings() is not None \
+            else model.config.vocab_size
         self.steps = 0
+        self.fast_forwarded = 0  # tokens appended without a forward because the grammar allowed nothing else
         self._lock = threading.RLock()  # held by the loop for each step, and by side passes (exclusive())
         self._wake = threading.Condition()
         self._inbox: list[Request] = []
@@ -181,6 +185,7 @@ class Engine:
             return {"tokens_requested": s.tokens_requested, "tokens_cached": s.tokens_cached,
                     "tokens_prefilled": s.tokens_prefilled, "evictions": s.evictions,
                     "evicted_tokens": s.evicted_tokens, "preemptions": sched.preemptions, "steps": self.steps,
+                    "fast_forwarded_tokens": self.fast_forwarded,
                     "running": len(sched.running), "waiting": len(sched.waiting) + len(self._inbox),
                     "kv_budget_bytes": pool.capacity * bpt, "kv_used_bytes": pool.used * bpt,
                     "kv_high_water_bytes": pool.high_water * bpt,
@@ -308,27 +313,34 @@ class Engine:
         if not owners:
             return
         dev = logits.device
-        values = token_logprobs(logits[torch.cat(rows).to(dev)], torch.tensor(targets, device=dev))[0].tolist()
+        top = max(r.params.top_logprobs for r, _ in owners)
+        values, vals, ids = token_logprobs(logits[torch.cat(rows).to(dev)], torch.tensor(targets, device=dev), top)
+        values = values.tolist()
+        vals, ids = (vals.tolist(), ids.tolist()) if top else (None, None)
         at = 0
         for r, n in owners:
             r.logprobs.extend(values[at : at + n])
+            if r.params.top_logprobs:  # the likeliest tokens at each scored position (prompt top_logprobs)
+                k = r.params.top_logprobs
+                r.top_logprobs.extend(list(zip(i[:k], v[:k])) for i, v in zip(ids[at : at + n], vals[at : at + n]))
             at += n
 
     def _sample(self, rows: list[tuple[Request, int]], logits: torch.Tensor) -> None:
         reqs = [r for r, _ in rows]
         try:
-            x = logits[torch.tensor([i for _, i in rows], device=logits.device)]
-            for j, r in enumerate(reqs):
-                for proc in r.processors:  # per-request logits processors (constraints, penalties)
-                    x[j] = proc(x[j], r.generated)
+            dev = logits.device
+            index = torch.tensor([i for _, i in rows], device=dev)
+            x = logits[index]
+            procs = [r.processor for r in reqs]
+            if any(p is not None for p in procs):  # constraints, penalties, bias; logprobs stay the raw ones
+                process_logits(x, procs, [r.generated for r in reqs])
             toks = sample(x, [r.params.temperature for r in reqs], [r.params.top_p for r in reqs],
                           [r.seed for r in reqs], [len(r.generated) for r in reqs])
-            dev = x.device
             want = [r.params.logprobs or r.params.top_logprobs > 0 for r in reqs]
             top = max(r.params.top_logprobs for r in reqs)
             lp = vals = ids = None
             if any(want):
-                lp, vals, ids = token_logprobs(logits[torch.tensor([i for _, i in rows], device=dev)], toks, top)
+                lp, vals, ids = token_logprobs(logits[index], toks, top)
                 lp, vals, ids = lp.tolist(), vals.tolist() if top else None, ids.tolist() if top else None
             toks = toks.tolist()
         except Exception as e:
@@ -353,12 +365,37 @@ class Engine:
         r.generated.append(tok)
         if r.events is not None:
             r.events.put(tok)
+        if r.processor is not None:
+            accept_tokens([r.processor], [tok])
+            if r.processor.finished:  # the grammar is complete: only EOS could follow
+                return self._finish(r, "stop")
         if r.stop_check is not None and r.stop_check(r.generated):
             return self._finish(r, "stop")
         if len(r.generated) >= r.params.max_tokens:
             return self._finish(r, "length")
         if r.aborted:
             return self._finish(r, "abort")
+        if r.processor is not None and r.processor.state is not None and not r.params.logprobs and \
+                not r.params.top_logprobs and self.config.fast_forward:
+            self._fast_forward(r)
+
+    def _fast_forward(self, r: Request) -> None:
+        """Append the tokens the grammar allows alone, without sampling: the next forward computes
+        them with the token after them, as one chunk (jump-forward decoding)."""
+        state, vocab = r.processor.state, self.vocab_size
+        while len(r.generated) < r.params.max_tokens and (tok := state.only_token(vocab)) is not None:
+            state.consume_forced([tok])
+            r.processor.seen += 1
+            r.tokens.append(tok)
+            r.generated.append(tok)
+            r.fast_forwarded += 1
+            self.fast_forwarded += 1
+            if r.events is not None:
+                r.events.put(tok)
+            if r.processor.finished or (r.stop_check is not None and r.stop_check(r.generated)):
+                return self._finish(r, "stop")
+        if len(r.generated) >= r.params.max_tokens:
+            self._finish(r, "length")
 
     # -- retiring --------------------------------------------------------------------
     def _finish(self, r: Request, reason: str) -> None:

@@ -33,7 +33,7 @@ class Request:
     kind: str = "generate"  # "generate" | "score" | "prefix"
     score_from: int = 0  # score: first token whose log-probability is wanted
     stop_check: Callable[[list[int]], bool] | None = None  # called with the generated tokens after each one
-    processors: list[Any] = field(default_factory=list)  # per-request logits processors (see sampler.py)
+    processor: Any = None  # a promptkit.structured.LogitsProcessor: grammar mask, penalties, logit bias
     id: int = field(default_factory=lambda: next(_ids))
     prompt_len: int = 0
     # KV state, owned by the engine loop
@@ -52,6 +52,7 @@ class Request:
     error: BaseException | None = None
     aborted: bool = False
     preemptions: int = 0
+    fast_forwarded: int = 0  # generated tokens the grammar forced, appended without sampling
     seed: int = 0  # sampling seed (drawn at submit when the params give none)
     started: float = field(default_factory=time.perf_counter)
     seconds: float = 0.0
