@@ -85,7 +85,7 @@ class TransformersBase:
         self.max_context = int(getattr(self.config, "max_position_embeddings", 2048))
         self.is_chat = bool(getattr(tokenizer, "chat_template", None))
         self.eos_ids = self._eos_ids()
-        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])  # the logits' width
+        self.vocab_size = int(self.model.get_output_embeddings().out_features)  # the logits' width (any weight format)
 
     def _eos_ids(self) -> set[int]:
         ids = set()
