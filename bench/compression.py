@@ -1,6 +1,7 @@
 """P5: prompt compression against the llmlingua package, on question answering over several documents.
 
-Each question comes with four Wikipedia paragraphs (its own and three from
+Questions are SQuAD v1.1 dev's (human-written, with human answers; bench/datasets.py
+``load_squad``). Each comes with four Wikipedia paragraphs (its own and three from
 other articles, in random order). At rates 0.5 and 0.33 every method
 compresses the context; the embedded LM then answers from the compressed
 prompt. Reported per method: the rate actually reached (model tokens of the
@@ -32,19 +33,20 @@ from promptkit import Prompt, get_lm
 from promptkit.engine.models import resolve_llm
 from promptkit.metrics import exact_match, mean, token_f1
 
-INSTRUCTION = "Read the context and answer the question with the year only."
+INSTRUCTION = "Read the context and answer the question with a few words from it."
+ANSWER_TOKENS = 16
 
 
 def build_items(n: int, seed: int = 0) -> list[dict]:
-    from datasets import load_qa
+    from datasets import load_squad
 
-    qa = load_qa()
+    qa = load_squad()
     rng = random.Random(seed)
     picked = rng.sample(range(len(qa)), n)
     items = []
     for i in picked:
-        others = [j for j in rng.sample(range(len(qa)), 12) if qa[j]["title"] != qa[i]["title"]][:3]
-        docs = [qa[i]["context"]] + [qa[j]["context"] for j in others]
+        others = [j for j in rng.sample(range(len(qa)), 12) if qa[j]["title"] != qa[i]["title"]]
+        docs = list(dict.fromkeys([qa[i]["context"]] + [qa[j]["context"] for j in others]))[:4]
         rng.shuffle(docs)
         items.append({"question": qa[i]["question"], "answers": qa[i]["answers"], "docs": docs})
     return items
@@ -60,7 +62,7 @@ def context_of(docs: list[str]) -> str:
 
 
 def answer_scores(lm, prompts: list[Prompt], items: list[dict]) -> tuple[float, float]:
-    gens = lm.generate(prompts, max_tokens=8, stop=["\n"])
+    gens = lm.generate(prompts, max_tokens=ANSWER_TOKENS, stop=["\n"])
     preds = [g.text.strip() for g in gens]
     return (mean([exact_match(p, it["answers"]) for p, it in zip(preds, items)]),
             mean([token_f1(p, it["answers"]) for p, it in zip(preds, items)]))
@@ -181,7 +183,7 @@ def main() -> None:
             "speedup_vs_llmlingua": round(theirs[best_theirs]["seconds"] / max(mine[best_ours]["seconds"], 1e-9), 2),
         })
         results.append(row)
-    emit({"bench": "compression", "dataset": "wikipedia-year-cloze (gensim enwiki)", "questions": n,
+    emit({"bench": "compression", "dataset": "SQuAD v1.1 dev (bigbench==1.0.0)", "questions": n,
           **machine(), "per_method": per_method, "results": results})
 
 
