@@ -294,8 +294,9 @@ def estimate_cost(sched: PrefixScheduler, pipeline: Pipeline, metric_calls: int,
         be = sched.lm.backend
         ids = [be.encode(sched.lm.render(r.prompt, chat=stage.chat)) for r in records]
         shared = len(ids[0])
-        for other in ids[1:]:
-            shared = next((j for j, (a, b) in enumerate(zip(ids[0], other)) if a != b), min(shared, len(other)))
+        for other in ids[1:]:  # the prefix every sampled prompt shares
+            common = next((j for j, (a, b) in enumerate(zip(ids[0], other)) if a != b), min(len(ids[0]), len(other)))
+            shared = min(shared, common)
         per_call = sum(map(len, ids)) / len(ids)
         if isinstance(stage, Classify):  # each label is scored as a continuation of the prompt
             per_call += sum(len(be.encode_continuation(w)) for w in stage.words())

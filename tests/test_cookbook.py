@@ -75,11 +75,11 @@ def test_prompt_optimization(real_lm, tmp_path):
     from promptkit.evaluate import evaluate
 
     main = example("prompt_optimization/optimize.py")
-    out = main["main"](tmp_path / "optimized.yaml", n_train=60, n_val=24, n_test=24, instructions=0, sets=1)
+    out = main["main"](tmp_path / "optimized.yaml", n_train=60, n_val=16, n_test=16, instructions=0, sets=0)
     assert out["val_optimized"] >= out["val_zero_shot"]
     # The saved recipe is the chosen pipeline: it scores what the search reported on the validation set.
     saved = load_recipe(out["saved"])
-    _, val, test = main["load_headlines"](60, 24, 24)
+    _, val, test = main["load_headlines"](60, 16, 16)
     assert evaluate(saved, val, "accuracy").score == pytest.approx(out["val_optimized"])
     assert evaluate(saved, test, "accuracy").score == pytest.approx(out["test_optimized"])
     low, high = out["test_difference_ci"]

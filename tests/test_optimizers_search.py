@@ -72,7 +72,7 @@ def test_reflective_search_respects_max_metric_calls(real_lm, headlines, capsys)
     assert report.lm_calls == report.metric_calls + sum("proposal" in s for s in steps)
     est = report.extra["estimate"]
     assert est["metric_calls"] == 50 and est["proposals"] == (50 - 8) // 8
-    assert est["prefilled_tokens"] < est["prompt_tokens"]
+    assert 0 < est["shared_prefix_tokens"] and est["prefilled_tokens"] < est["prompt_tokens"]
     assert "budget 50 metric calls" in capsys.readouterr().err
     front = [c for c in report.candidates if c.n == len(val)]
     assert report.best_score == max(c.score for c in front)
@@ -92,13 +92,13 @@ def test_pareto_parents_keep_specialists_and_drop_dominated():
 def test_joint_search_is_seeded_and_reports_its_cost(real_lm, headlines):
     train, val, labels = headlines
     scorers = [{"calibrate": True}, {"calibrate": False}]
-    runs = [JointSearch(k=3, num_instructions=1, num_sets=1, scorers=scorers, racing=Racing(min_examples=8), seed=5)
+    runs = [JointSearch(k=3, num_instructions=1, num_sets=0, scorers=scorers, racing=Racing(min_examples=8), seed=5)
             .compile(classifier(labels), train, "accuracy", val) for _ in range(2)]
     (p1, r1), (p2, r2) = runs
     assert p1.config() == p2.config()
     assert [(c.name, c.n, c.scores) for c in r1.candidates] == [(c.name, c.n, c.scores) for c in r2.candidates]
     names = {c.name for c in r1.candidates}
-    assert {"i0-set0-calibrate1", "i0-knn-calibrate0", "i0-knn-calibrate1"} <= names and len(r1.extra["instructions"]) <= 2
+    assert {"i0-given-calibrate0", "i0-knn-calibrate0", "i0-knn-calibrate1"} <= names and len(r1.extra["instructions"]) <= 2
     assert r1.seed == 5 and r1.lm_calls > 0 and r1.seconds > 0 and r1.tokens_prefilled < r1.tokens_requested
     lo, hi = r1.best_ci
     assert lo <= r1.best_score <= hi

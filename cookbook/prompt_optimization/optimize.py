@@ -38,8 +38,9 @@ HERE = Path(__file__).parent
 DATASETS = HERE.parents[1] / "bench" / "datasets.py"
 
 
-def load_headlines(n_train: int, n_val: int, n_test: int, seed: int = 0) -> tuple[list[Example], ...]:
-    """Train pool, validation and held-out BBC headlines (the first line of each article), seeded."""
+def load_headlines(n_train: int | None, n_val: int, n_test: int, seed: int = 0) -> tuple[list[Example], ...]:
+    """Train pool (None: every training headline not in validation), validation and held-out BBC headlines
+    (the first line of each article), seeded."""
     spec = importlib.util.spec_from_file_location("promptkit_bench_datasets", DATASETS)
     datasets = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(datasets)
@@ -50,13 +51,13 @@ def load_headlines(n_train: int, n_val: int, n_test: int, seed: int = 0) -> tupl
     return pool[n_val:][:n_train], pool[:n_val], rows(test)[:n_test]
 
 
-def main(out: str | Path = HERE / "optimized.yaml", n_train: int = 400, n_val: int = 150, n_test: int = 300,
+def main(out: str | Path = HERE / "optimized.yaml", n_train: int | None = None, n_val: int = 150, n_test: int = 300,
          instructions: int = 2, sets: int = 2, seed: int = 0) -> dict:
     """Optimize the classifier, save the winner to ``out``; return validation and held-out scores and costs."""
     pipe = load_recipe(HERE / "recipe.yaml")
     train, val, test = load_headlines(n_train, n_val, n_test, seed)
-    searches = {"knn": KNNFewShot(k=4, seed=seed),
-                "joint": JointSearch(k=4, num_instructions=instructions, num_sets=sets, seed=seed)}
+    searches = {"knn": KNNFewShot(k=5, seed=seed),
+                "joint": JointSearch(k=5, num_instructions=instructions, num_sets=sets, seed=seed)}
     found = {}
     for name, opt in searches.items():
         found[name] = opt.compile(pipe, train, "accuracy", valset=val)
