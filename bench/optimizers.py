@@ -122,7 +122,8 @@ def run_set(name: str, args, quick: bool) -> dict:
         zs = evaluate(base, test, "accuracy", output_key="label")
     log(f"{name}: zero-shot held-out accuracy {format_ci(zs.score, zs.ci)}")
     per, found = {}, {}
-    for opt_name, opt in optimizers(quick, args.seed, len(val)).items():
+    searches = optimizers(quick, args.seed, len(val))
+    for opt_name, opt in ((k, v) for k, v in searches.items() if not args.optimizers or k in args.optimizers):
         with stage(f"{name}: {opt_name} on {len(train)} train / {len(val)} validation"):
             best, report = opt.compile(base, train, "accuracy", valset=val)
         log(report.summary())
@@ -195,6 +196,8 @@ def main() -> None:
     ap.add_argument("--backend", default="local", choices=["local", "hf"], help="hf: plain transformers")
     ap.add_argument("--chat", choices=["auto", "on", "off"], default="auto",
                     help="chat template (auto: when the model has one)")
+    ap.add_argument("--optimizers", default=None,
+                    help="comma-separated subset of knn_fewshot, random_fewshot, joint_search, reflective (all by default)")
     ap.add_argument("--threads", type=int, help="torch threads (fewer than the default helps on a busy machine)")
     args = ap.parse_args()
     if args.threads:
@@ -202,6 +205,7 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
     args.chat = {"auto": None, "on": True, "off": False}[args.chat]
+    args.optimizers = args.optimizers.split(",") if args.optimizers else None
     quick = args.quick
     sizes = (24, 16, 24) if quick else (0, 150, 300)  # 0: every training item not in validation
     args.n_train, args.n_val, args.n_test = (a or b for a, b in zip((args.n_train, args.n_val, args.n_test), sizes))
