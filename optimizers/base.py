@@ -9,27 +9,32 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
-from promptkit.metrics import Metric, get_metric
+from promptkit.metrics import Metric, format_ci, get_metric
 from promptkit.pipeline import Pipeline, Stage
 from promptkit.stages import BuildPrompt
 from promptkit.types import Example
 
 from .errors import BudgetExhausted, OptimizerError
+from .racing import Racing, race
 from .schedule import CandidateScore, PrefixScheduler, split_pipeline
 
 Candidate = tuple[str, Pipeline, dict[str, Any]]
 
 
 class Report(BaseModel):
-    """What an optimizer tried and what it cost."""
+    """What an optimizer tried and what it cost: seed, calls, tokens, seconds, and the scores' 95 % intervals."""
 
     optimizer: str
     metric: str
+    seed: int = 0
     baseline_score: float | None = None
+    baseline_ci: tuple[float, float] | None = None
     best_score: float
+    best_ci: tuple[float, float] | None = None
     best: dict[str, Any] = Field(default_factory=dict)
     candidates: list[CandidateScore] = Field(default_factory=list)
     lm_calls: int = 0
+    metric_calls: int = 0  # examples scored by the metric (every candidate on every example it was run on)
     budget_exhausted: bool = False
     tokens_requested: int = 0  # engine: prompt tokens asked for (what the cache-off engine prefills)
     tokens_prefilled: int = 0  # engine: prompt tokens computed
@@ -47,10 +52,13 @@ class Report(BaseModel):
         return self.tokens_prefilled / naive if naive else 1.0
 
     def summary(self) -> str:
-        base = "?" if self.baseline_score is None else f"{self.baseline_score:.3f}"
-        return (f"{self.optimizer}: {self.metric} {base} -> {self.best_score:.3f} "
-                f"({len(self.candidates)} candidates, {self.lm_calls} LM calls, "
-                f"prefilled {self.tokens_prefilled}/{self.tokens_requested} tokens, {self.seconds:.1f} s)")
+        def fmt(score: float | None, ci: tuple[float, float] | None) -> str:
+            return "?" if score is None else format_ci(score, ci) if ci else f"{score:.3f}"
+
+        return (f"{self.optimizer} (seed {self.seed}): {self.metric} {fmt(self.baseline_score, self.baseline_ci)} -> "
+                f"{fmt(self.best_score, self.best_ci)} on validation (95 % CI); {len(self.candidates)} candidates, "
+                f"{self.lm_calls} LM calls, prefilled {self.tokens_prefilled} of {self.tokens_requested} prompt tokens, "
+                f"{self.seconds:.1f} s")
 
 
 class Optimizer(BaseModel):
@@ -60,16 +68,21 @@ class Optimizer(BaseModel):
     evaluates them with ``self._scheduler``; the baseline (the pipeline as given)
     is always evaluated first, so the result never scores below it on the
     validation set. Without a ``valset`` the trainset is split in two (seeded):
-    demonstrations come from one half, scores from the other.
+    demonstrations come from one half, scores from the other. With ``racing``,
+    a batch of candidates is raced (:mod:`optimizers.racing`) instead of each
+    being scored on the whole validation set; only candidates scored on the
+    whole set can be chosen. ``seed`` fixes every random choice.
     """
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
     seed: int = 0
     max_calls: int | None = None
+    racing: Racing | None = None
     _scheduler: Any = PrivateAttr(None)
     _rng: random.Random = PrivateAttr(default_factory=random.Random)
     _tried: list[CandidateScore] = PrivateAttr(default_factory=list)
     _exhausted: bool = PrivateAttr(False)
+    _best: CandidateScore | None = PrivateAttr(None)  # best on the whole validation set so far
     _info: dict[str, Any] = PrivateAttr(default_factory=dict)  # optimizer-specific findings for the report
 
     @field_validator("max_calls")
@@ -94,37 +107,50 @@ class Optimizer(BaseModel):
         self._tried, self._info = [], {}
         before, t0 = lm.stats(), time.perf_counter()
         self._exhausted = False
+        self.before_search(pipe, train, val)
         try:
             base = self.evaluate([("baseline", pipe, {})])[0]
         except BudgetExhausted:
             raise OptimizerError(f"max_calls={self.max_calls} cannot pay for one evaluation of "
                                  f"{len(val)} validation examples") from None
-        best_pipe, best = pipe, base
+        best_pipe, self._best = pipe, base
         try:
             for cand_pipe, res in self.search(pipe, train):
-                if res.key > best.key:
-                    best_pipe, best = cand_pipe, res
+                if res.n == len(val) and res.key > self._best.key:  # raced-out candidates saw fewer examples
+                    best_pipe, self._best = cand_pipe, res
         except BudgetExhausted:
             self._exhausted = True
+        best = self._best
         after = lm.stats()
         delta = {k: int(after.get(k, 0)) - int(before.get(k, 0))
                  for k in ("tokens_requested", "tokens_prefilled", "tokens_cached", "evictions")}
         sched = self._scheduler
-        report = Report(optimizer=type(self).__name__, metric=name, baseline_score=base.score,
-                        best_score=best.score, best={"name": best.name, **best.settings},
-                        candidates=self._tried, lm_calls=sched.calls, budget_exhausted=self._exhausted,
+        report = Report(optimizer=type(self).__name__, metric=name, seed=self.seed, baseline_score=base.score,
+                        baseline_ci=base.ci, best_score=best.score, best_ci=best.ci,
+                        best={"name": best.name, **best.settings}, candidates=self._tried, lm_calls=sched.calls,
+                        metric_calls=sched.metric_calls, budget_exhausted=self._exhausted,
                         expected_prefilled=sched.expected_prefilled if sched.tokenizes else None,
                         naive_tokens=sched.naive_tokens if sched.tokenizes else None,
                         seconds=time.perf_counter() - t0, extra=self.extra(), **delta)
         return best_pipe, report
 
+    def before_search(self, pipeline: Pipeline, train: list[Example], val: list[Example]) -> None:
+        """Called once the scheduler is ready, before any LM call (cost estimates go here)."""
+
     def search(self, pipeline: Pipeline, train: list[Example]) -> Iterator[tuple[Pipeline, CandidateScore]]:
-        """Yield ``(candidate pipeline, its score)`` pairs; the best is kept."""
+        """Yield ``(candidate pipeline, its score)`` pairs; the best scored on the whole validation set is kept."""
         raise NotImplementedError
 
     def extra(self) -> dict[str, Any]:
         """Optimizer-specific findings for the report."""
         return dict(self._info)
+
+    def room(self, n_examples: int) -> int:
+        """How many candidates the call budget can still score on ``n_examples`` examples."""
+        sched = self._scheduler
+        if sched.max_calls is None:
+            return 1 << 30
+        return max(0, (sched.max_calls - sched.calls) // max(1, n_examples))
 
     def evaluate(self, candidates: Sequence[Candidate]) -> list[CandidateScore]:
         """Score candidates on the validation set (prefix-aware order), recording them.
@@ -132,21 +158,30 @@ class Optimizer(BaseModel):
         When the budget cannot pay for all of them, the first ones that fit are
         scored (the result is shorter) and the search ends after this round.
         """
-        sched = self._scheduler
-        if sched.max_calls is not None:
-            room = (sched.max_calls - sched.calls) // len(sched.examples)
-            if room <= 0:
-                raise BudgetExhausted(f"budget of {sched.max_calls} LM calls spent")
-            if room < len(candidates):
-                candidates, self._exhausted = list(candidates)[:room], True
-        results = sched.evaluate(candidates)
+        room = self.room(len(self._scheduler.examples))
+        if room <= 0:
+            raise BudgetExhausted(f"budget of {self._scheduler.max_calls} LM calls spent")
+        if room < len(candidates):
+            candidates, self._exhausted = list(candidates)[:room], True
+        results = self._scheduler.evaluate(candidates)
         self._tried.extend(results)
         return results
 
     def evaluate_pipes(self, candidates: Sequence[Candidate]) -> Iterator[tuple[Pipeline, CandidateScore]]:
-        """:meth:`evaluate`, yielding each scored pipeline with its score."""
-        for (_, pipe, _), res in zip(candidates, self.evaluate(candidates)):
-            yield pipe, res
+        """Score candidates, yielding each scored pipeline with its result, in the given order.
+
+        With ``racing`` (and more than one candidate) they are raced: a result
+        may cover part of the validation set only (``res.n``).
+        """
+        if self.racing is None or len(candidates) < 2:
+            for (_, pipe, _), res in zip(candidates, self.evaluate(candidates)):
+                yield pipe, res
+            return
+        if self.room(min(self.racing.min_examples, len(self._scheduler.examples))) <= 0:
+            raise BudgetExhausted(f"budget of {self._scheduler.max_calls} LM calls spent")
+        results = race(self, candidates, self._best)
+        for i in sorted(results):
+            yield candidates[i][1], results[i]
 
 
 def split_data(trainset: Sequence[Example], valset: Sequence[Example] | None,
@@ -188,6 +223,14 @@ def with_prompt(pipeline: Pipeline, **updates: Any) -> Pipeline:
     i, stage = prompt_stage(pipeline)
     new = type(stage)(**{**stage.model_dump(), **updates})
     return replace_stage(pipeline, i, new)
+
+
+def with_scorer(pipeline: Pipeline, settings: dict[str, Any]) -> Pipeline:
+    """A copy of ``pipeline`` whose final LM stage has ``settings`` applied (``{"calibrate": False}``...)."""
+    if not settings:
+        return pipeline
+    stage = pipeline.stages[-1]
+    return replace_stage(pipeline, len(pipeline.stages) - 1, type(stage)(**{**stage.model_dump(), **settings}))
 
 
 def replace_stage(pipeline: Pipeline, i: int, stage: Stage, insert: bool = False) -> Pipeline:

@@ -10,7 +10,7 @@ from pydantic import Field
 from promptkit.pipeline import Pipeline
 from promptkit.types import Example
 
-from .base import Optimizer, as_demos, prompt_stage, replace_stage, sample_demos, with_prompt
+from .base import Optimizer, as_demos, prompt_stage, replace_stage, sample_demos, with_prompt, with_scorer
 from .schedule import CandidateScore
 from .stages import KNNExemplars
 
@@ -43,7 +43,12 @@ class RandomFewShot(Optimizer):
 
 
 class KNNFewShot(Optimizer):
-    """Per-query exemplars: the ``k`` training examples nearest to each input (``strategy="mmr"``: diverse)."""
+    """Per-query exemplars: the ``k`` training examples nearest to each input (``strategy="mmr"``: diverse).
+
+    A calibrated classifier measures its label bias on one prompt of a batch,
+    which does not hold for the next input's own exemplars; so when the
+    pipeline calibrates, the same selection is also tried uncalibrated.
+    """
 
     k: int = Field(default=4, ge=1)
     strategy: Literal["knn", "mmr"] = "knn"
@@ -57,4 +62,8 @@ class KNNFewShot(Optimizer):
         stage = KNNExemplars(pool=as_demos(train), k=self.k, input_key=key if key in keys else keys[0], output_key=train[0].output_key,
                              strategy=self.strategy, diversity=self.diversity)
         cand = replace_stage(pipeline, i, stage, insert=True)
-        yield from self.evaluate_pipes([(self.strategy, cand, {"strategy": self.strategy, "k": self.k})])
+        settings = {"strategy": self.strategy, "k": self.k}
+        cands = [(self.strategy, cand, settings)]
+        if getattr(cand.stages[-1], "calibrate", False):
+            cands.append((f"{self.strategy}-uncalibrated", with_scorer(cand, {"calibrate": False}), {**settings, "calibrate": False}))
+        yield from self.evaluate_pipes(cands)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,7 +13,7 @@ from promptkit.pipeline import Pipeline
 from promptkit.types import Example, Prompt
 
 from .base import Optimizer, prompt_stage, with_prompt
-from .schedule import CandidateScore, split_pipeline
+from .schedule import CandidateScore, PrefixScheduler, split_pipeline
 
 META_INSTRUCTION = (
     "Write one short instruction that tells a reader how to turn each input below into its output. "
@@ -46,12 +47,10 @@ class InstructionSearch(Optimizer):
         history: list[tuple[str, float]] = [(stage.instruction or "", self._tried[0].score)]
         seen = {stage.instruction or ""}
         for rnd in range(self.rounds):
-            meta = self._meta_prompt(train, history)
-            # One call per proposal: a shared seed would make a batch's samples identical.
-            gens = [self._scheduler.generate(meta, max_tokens=self.max_tokens, temperature=self.temperature,
-                                            stop=["\n"], seed=self.seed * 1000 + rnd * 100 + i)
-                    for i in range(self.proposals_per_round)]
-            props = [p for p in dict.fromkeys(clean_instruction(g.text) for g in gens) if p and p not in seen]
+            meta = meta_prompt(train, history, self._rng, self.examples_shown, self.history_shown)
+            props = [p for p in propose_instructions(self._scheduler, meta, self.proposals_per_round,
+                                                     self.seed * 1000 + rnd * 100, self.max_tokens, self.temperature)
+                     if p not in seen]
             seen.update(props)
             if not props:
                 continue
@@ -63,15 +62,26 @@ class InstructionSearch(Optimizer):
             if self._exhausted:
                 return
 
-    def _meta_prompt(self, train: list[Example], history: list[tuple[str, float]]) -> Prompt:
-        shown = self._rng.sample(train, min(self.examples_shown, len(train)))
-        demos = "\n".join(f"Input: {' | '.join(str(v) for v in ex.inputs.values())}\nOutput: {ex.output}"
-                          for ex in shown)
-        past = sorted((h for h in history if h[0]), key=lambda h: h[1])[-self.history_shown:] \
-            if self.history_shown else []
-        scored = "\n".join(f"Instruction: {i}\nScore: {round(100 * s)}" for i, s in past)
-        body = demos + ("\n\nPrevious instructions, worst to best:\n" + scored if scored else "")
-        return Prompt.from_parts(instruction=META_INSTRUCTION, question=body, answer_prefix="Instruction:")
+
+def meta_prompt(train: list[Example], history: list[tuple[str, float]], rng: random.Random, examples_shown: int,
+                history_shown: int) -> Prompt:
+    """OPRO's meta-prompt: a few training examples, then past instructions with their scores, worst to best."""
+    shown = rng.sample(train, min(examples_shown, len(train)))
+    demos = "\n".join(f"Input: {' | '.join(str(v) for v in ex.inputs.values())}\nOutput: {ex.output}"
+                      for ex in shown)
+    past = sorted((h for h in history if h[0]), key=lambda h: h[1])[-history_shown:] if history_shown else []
+    scored = "\n".join(f"Instruction: {i}\nScore: {round(100 * s)}" for i, s in past)
+    body = demos + ("\n\nPrevious instructions, worst to best:\n" + scored if scored else "")
+    return Prompt.from_parts(instruction=META_INSTRUCTION, question=body, answer_prefix="Instruction:")
+
+
+def propose_instructions(sched: PrefixScheduler, meta: Prompt, n: int, seed: int, max_tokens: int,
+                         temperature: float) -> list[str]:
+    """Up to ``n`` distinct instructions sampled from the LM for ``meta`` (one call each, charged to the budget)."""
+    # One call per proposal: a shared seed would make a batch's samples identical.
+    gens = [sched.generate(meta, max_tokens=max_tokens, temperature=temperature, stop=["\n"], seed=seed + i)
+            for i in range(n)]
+    return [p for p in dict.fromkeys(clean_instruction(g.text) for g in gens) if p]
 
 
 def word_tokens(tokenizer: Any, min_chars: int = 3) -> tuple[np.ndarray, list[str]]:

@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from promptkit.lm import LM
-from promptkit.metrics import Metric
+from promptkit.metrics import Metric, bootstrap_ci
 from promptkit.pipeline import Pipeline, Record, Stage
 from promptkit.stages import Classify, Generate, LMStage
 from promptkit.types import Example
@@ -33,7 +33,7 @@ from .errors import BudgetExhausted, OptimizerError
 
 
 class CandidateScore(BaseModel):
-    """One candidate's result on the evaluation set."""
+    """One candidate's result on (part of) the evaluation set."""
 
     name: str
     score: float  # mean metric
@@ -41,10 +41,32 @@ class CandidateScore(BaseModel):
     n: int
     seconds: float
     settings: dict[str, Any] = Field(default_factory=dict)
+    scores: list[float] = Field(default_factory=list, repr=False)  # per example, in the order of ``indices``
+    indices: list[int] = Field(default_factory=list, repr=False)  # positions in the evaluation set
 
     @property
     def key(self) -> tuple[float, float]:
         return (self.score, self.soft)
+
+    @property
+    def ci(self) -> tuple[float, float]:
+        """95 % bootstrap interval of the score (seeded)."""
+        return bootstrap_ci(self.scores) if self.scores else (self.score, self.score)
+
+    def on(self, indices: Sequence[int]) -> list[float]:
+        """This candidate's scores on the given evaluation-set positions (all of which it was scored on)."""
+        at = dict(zip(self.indices, self.scores))
+        return [at[i] for i in indices]
+
+    @classmethod
+    def merge(cls, parts: Sequence[CandidateScore]) -> CandidateScore:
+        """One result from a candidate's scores on disjoint parts of the evaluation set."""
+        n = sum(p.n for p in parts)
+        first = parts[0]
+        return cls(name=first.name, score=sum(p.score * p.n for p in parts) / n,
+                   soft=sum(p.soft * p.n for p in parts) / n, n=n, seconds=sum(p.seconds for p in parts),
+                   settings=first.settings, scores=[s for p in parts for s in p.scores],
+                   indices=[i for p in parts for i in p.indices])
 
 
 class PrefixTrie:
@@ -92,7 +114,8 @@ class PrefixScheduler:
 
     One LM call is one prompt sent to the model (a classified input with all its
     labels scored, or one generation). ``max_calls`` bounds the calls of all
-    evaluations and proposals together.
+    evaluations and proposals together. A metric call is one example scored by
+    the metric (``metric_calls``; GEPA's budget unit).
     """
 
     def __init__(self, examples: Sequence[Example], metric: Metric, lm: LM, max_calls: int | None = None,
@@ -104,6 +127,7 @@ class PrefixScheduler:
         self.lm = lm
         self.max_calls = max_calls
         self.calls = 0
+        self.metric_calls = 0
         self.trie = PrefixTrie()
         self.expected_prefilled = 0
         self.naive_tokens = 0
@@ -118,12 +142,19 @@ class PrefixScheduler:
 
     # -- evaluation -----------------------------------------------------------------
     def evaluate(self, candidates: Sequence[tuple[str, Pipeline, dict[str, Any]]],
-                 examples: Sequence[Example] | None = None) -> list[CandidateScore]:
+                 examples: Sequence[Example] | None = None,
+                 indices: Sequence[int] | None = None) -> list[CandidateScore]:
         """Score each ``(name, pipeline, settings)``; results come back in the given order.
 
+        On the evaluation set, or on its positions ``indices``, or on other ``examples``.
         Raises :class:`BudgetExhausted` (before any LM call) if the budget cannot pay for them all.
         """
-        exs = list(examples) if examples is not None else self.examples
+        if indices is not None:
+            exs, idx = [self.examples[i] for i in indices], list(indices)
+        elif examples is not None:
+            exs, idx = list(examples), []
+        else:
+            exs, idx = self.examples, list(range(len(self.examples)))
         if self.max_calls is not None and self.calls + len(exs) * len(candidates) > self.max_calls:
             raise BudgetExhausted(f"{len(candidates)} candidates on {len(exs)} examples exceed the budget "
                                   f"of {self.max_calls} LM calls ({self.calls} used)")
@@ -132,12 +163,22 @@ class PrefixScheduler:
         results: dict[int, CandidateScore] = {}
         for i, records, stage, _ in prepared:
             name, _, settings = candidates[i]
-            self.charge(len(records))
-            t0 = time.perf_counter()
-            records = self._run_lm(stage, records)
-            res = self._score(name, records, exs, settings, time.perf_counter() - t0)
-            results[i] = res
+            results[i] = self._evaluate_prepared(name, settings, records, stage, exs, idx)[1]
         return [results[i] for i in range(len(candidates))]
+
+    def trace(self, name: str, pipeline: Pipeline, examples: Sequence[Example],
+              settings: dict[str, Any] | None = None) -> tuple[list[Record], CandidateScore]:
+        """Run and score one pipeline on ``examples``, returning its records too (what it answered)."""
+        exs = list(examples)
+        records, stage, _ = self._prepare(pipeline, exs)
+        return self._evaluate_prepared(name, settings or {}, records, stage, exs, [])
+
+    def _evaluate_prepared(self, name: str, settings: dict[str, Any], records: list[Record], stage: LMStage,
+                           exs: list[Example], idx: list[int]) -> tuple[list[Record], CandidateScore]:
+        self.charge(len(records))
+        t0 = time.perf_counter()
+        records = self._run_lm(stage, records)
+        return records, self._score(name, records, exs, settings, time.perf_counter() - t0, idx)
 
     def run(self, pipeline: Pipeline, examples: Sequence[Example]) -> list[Record]:
         """Run one pipeline on ``examples`` (charged to the budget) and return the records."""
@@ -175,7 +216,7 @@ class PrefixScheduler:
         return out
 
     def _score(self, name: str, records: list[Record], exs: list[Example], settings: dict[str, Any],
-               seconds: float) -> CandidateScore:
+               seconds: float, indices: list[int]) -> CandidateScore:
         scores, soft = [], []
         for rec, ex in zip(records, exs):
             try:
@@ -188,8 +229,9 @@ class PrefixScheduler:
             scores.append(s)
             soft.append(gold_probability(rec, ex, s))
         n = len(scores)
+        self.metric_calls += n
         return CandidateScore(name=name, score=sum(scores) / n, soft=sum(soft) / n, n=n, seconds=seconds,
-                              settings=settings)
+                              settings=settings, scores=scores, indices=indices)
 
     # -- token accounting ---------------------------------------------------------------
     def _account(self, stage: LMStage, records: list[Record]) -> None:
@@ -199,12 +241,9 @@ class PrefixScheduler:
         be = self.lm.backend
         prompts = [r.prompt for r in records]
         if isinstance(stage, Classify):
-            if stage.calibrate and records:
-                prompts_cf = _content_free_prompts(stage, records[0])
-                self._account_scores(stage, prompts, be)
-                self._account_scores(stage, prompts_cf, be)
-                return
             self._account_scores(stage, prompts, be)
+            if stage.calibrate and records:
+                self._account_scores(stage, stage.content_free_prompts(records), be)
         elif isinstance(stage, Generate):
             reqs = sorted(be.encode(self.lm.render(p, chat=stage.chat)) for p in prompts)
             for ids in reqs:
@@ -222,12 +261,51 @@ class PrefixScheduler:
             self.expected_prefilled += self.trie.request(ids, n_ctx - 1, n_ctx)
 
 
-def _content_free_prompts(stage: Classify, probe: Record) -> list[Any]:
-    """The prompts :meth:`Classify.bias` scores (content-free inputs in the probe's layout)."""
-    question = probe.prompt.get("question") or ""  # type: ignore[union-attr]
-    text = str(probe.inputs.get(stage.input_key, ""))
-    return [probe.prompt.with_segment("question", question.replace(text, cf) if text else cf)  # type: ignore[union-attr]
-            for cf in stage.content_free]
+class CostEstimate(BaseModel):
+    """What a search will cost at most, from the budget and token counts of the prompts (before any LM call)."""
+
+    metric_calls: int  # examples scored, at most
+    lm_calls: int  # prompts sent to the model, at most (scored examples plus proposals)
+    proposals: int  # LM generations that propose candidates, at most
+    candidates: int  # candidate prompts scored, at most
+    prompt_tokens: int  # prompt tokens of all those calls (what the cache-off engine prefills)
+    shared_prefix_tokens: int  # tokens one candidate's prompts share (instruction, fixed exemplars)
+    prefilled_tokens: int  # expected with the prefix cache: each candidate's shared prefix once
+
+    def describe(self) -> str:
+        share = self.prefilled_tokens / max(1, self.prompt_tokens)
+        return (f"at most {self.lm_calls} LM calls ({self.metric_calls} scored examples, {self.proposals} proposals, "
+                f"{self.candidates} candidates); about {self.prompt_tokens:,} prompt tokens, of which each candidate's "
+                f"{self.shared_prefix_tokens} shared-prefix tokens are prefilled once: about "
+                f"{self.prefilled_tokens:,} tokens prefilled ({share:.0%})")
+
+
+def estimate_cost(sched: PrefixScheduler, pipeline: Pipeline, metric_calls: int, proposals: int, candidates: int,
+                  proposal_tokens: int = 0, sample: int = 16) -> CostEstimate:
+    """Cost of ``metric_calls`` scored examples over ``candidates`` candidates like ``pipeline``, plus
+    ``proposals`` generations of about ``proposal_tokens`` prompt tokens each.
+
+    Token counts come from the pipeline's prompts for the first ``sample`` evaluation examples (the
+    tokenizer only, no model call); without a tokenizer (a remote backend) they are 0.
+    """
+    records, stage, _ = sched._prepare(pipeline, sched.examples[:sample])
+    per_call, shared = 0.0, 0
+    if sched.tokenizes and records and records[0].prompt is not None:
+        be = sched.lm.backend
+        ids = [be.encode(sched.lm.render(r.prompt, chat=stage.chat)) for r in records]
+        shared = len(ids[0])
+        for other in ids[1:]:  # the prefix every sampled prompt shares
+            common = next((j for j, (a, b) in enumerate(zip(ids[0], other)) if a != b), min(len(ids[0]), len(other)))
+            shared = min(shared, common)
+        per_call = sum(map(len, ids)) / len(ids)
+        if isinstance(stage, Classify):  # each label is scored as a continuation of the prompt
+            per_call += sum(len(be.encode_continuation(w)) for w in stage.words())
+    prompt_tokens = int(metric_calls * per_call + proposals * proposal_tokens)
+    prefilled = int(metric_calls * (per_call - shared) + min(candidates, metric_calls) * shared
+                    + proposals * proposal_tokens)
+    return CostEstimate(metric_calls=metric_calls, lm_calls=metric_calls + proposals, proposals=proposals,
+                        candidates=candidates, prompt_tokens=prompt_tokens, shared_prefix_tokens=shared,
+                        prefilled_tokens=prefilled)
 
 
 def gold_probability(record: Record, example: Example, fallback: float) -> float:

@@ -79,10 +79,15 @@ def models_list(json_out: Annotated[bool, typer.Option("--json", help="Print JSO
 def models_prepare(
     names: Annotated[Optional[list[str]], typer.Argument(help="Models to prepare (default: all embedded).")] = None,
 ) -> None:
-    """Install-check and convert embedded models once (GGUF -> safetensors in the cache dir)."""
-    from .engine.models import EMBEDDED, ModelNotFoundError, resolve_embedder, resolve_llm
+    """Install-check and convert embedded models once (GGUF -> safetensors in the cache dir).
+
+    Without names: every embedded model, skipping optional ones that are not installed."""
+    from .engine.models import EMBEDDED, ModelNotFoundError, embedded_status, resolve_embedder, resolve_llm
 
     for name in names or list(EMBEDDED):
+        if not names and EMBEDDED[name].optional and not embedded_status(name)["installed"]:
+            err.print(f"[dim]skipped {name} (optional, not installed: {EMBEDDED[name].install_hint})[/]")
+            continue
         try:
             kind = EMBEDDED[name].kind if name in EMBEDDED else "llm"
             path = resolve_llm(name, progress=True) if kind == "llm" else resolve_embedder(name)
@@ -171,7 +176,7 @@ def eval_cmd(
     results: Annotated[Optional[Path], typer.Option(help="Write per-example results (JSONL) here.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
-    """Evaluate a recipe on a dataset: a table of results and the mean score."""
+    """Evaluate a recipe on a dataset: a table of results and the mean score with its 95 % bootstrap interval."""
     from .data import DataError
     from .evaluate import evaluate, print_result
 
@@ -183,7 +188,8 @@ def eval_cmd(
     if results:
         res.write_jsonl(results)
     if json_out:
-        print(json.dumps({"metric": res.metric, "score": res.score, "n": res.n, "seconds": res.seconds}))
+        print(json.dumps({"metric": res.metric, "score": res.score, "ci_low": res.ci[0], "ci_high": res.ci[1],
+                          "n": res.n, "seconds": res.seconds}))
     else:
         print_result(res)
 

@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from .data import load_examples
-from .metrics import Metric, get_metric, mean
+from .metrics import Metric, bootstrap_ci, format_ci, get_metric, mean
 from .pipeline import Pipeline, Record, Stage
 from .types import Example
 
@@ -24,14 +24,20 @@ class ExampleResult(BaseModel):
 
 
 class EvalResult(BaseModel):
-    """Mean score, per-example results and the LM counters of one evaluation."""
+    """Mean score with its 95 % bootstrap interval, per-example results and the LM counters of one evaluation."""
 
     metric: str
     score: float
+    ci: tuple[float, float]  # 95 % percentile bootstrap over the examples (seeded)
     n: int
     seconds: float
     results: list[ExampleResult] = Field(default_factory=list)
     lm_stats: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def scores(self) -> list[float]:
+        """Per-example scores, in dataset order (pair them with another run's for a paired interval)."""
+        return [r.score for r in self.results]
 
     def write_jsonl(self, path: str | Path) -> None:
         with open(path, "w", encoding="utf-8") as f:
@@ -79,7 +85,8 @@ def evaluate(
     finally:
         if bar:
             bar.stop()
-    return EvalResult(metric=name, score=mean([r.score for r in results]), n=len(results),
+    scores = [r.score for r in results]
+    return EvalResult(metric=name, score=mean(scores), ci=bootstrap_ci(scores), n=len(results),
                       seconds=time.perf_counter() - t0, results=results)
 
 
@@ -88,7 +95,8 @@ def print_result(result: EvalResult, limit: int = 10) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{result.metric}: {result.score:.3f} over {result.n} examples ({result.seconds:.1f} s)")
+    table = Table(title=f"{result.metric}: {format_ci(result.score, result.ci)} (95 % CI) over {result.n} examples "
+                        f"({result.seconds:.1f} s)")
     for col in ("input", "gold", "prediction", "score"):
         table.add_column(col, overflow="fold")
     for r in result.results[:limit]:

