@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from starlette.exceptions import HTTPException
 
 from .backends.base import ContextLengthError, SamplingParams, StreamEvent
+from .chat_documents import TextPart, chat_prompt, flatten
 from .lm import LM
 from .types import Generation
 
@@ -109,7 +110,7 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str | list[TextPart]
     name: str | None = None
 
 
@@ -259,12 +260,13 @@ def create_app(lm: LM, api_key: str | None = None, max_queue: int = 64, max_work
     async def chat_completions(body: ChatBody, request: Request) -> Any:
         check_model(body)
         if body.model in pipelines:
-            users = [m.content for m in body.messages if m.role == "user"]
+            users = [flatten(m.content) for m in body.messages if m.role == "user"]
             if not users:
                 raise APIError(400, "a pipeline model needs a user message (its input)", param="messages")
             return await _pipeline(body, users[-1], chat=True)
-        text = backend.apply_chat_template([m.model_dump(include={"role", "content"}) for m in body.messages])
-        return await _serve(request, body, params_of(body, body.logprobs, body.top_logprobs or 0), text, chat=True)
+        text, documents = chat_prompt(backend, body.messages)  # documents: see chat_documents.py
+        return await _serve(request, body, params_of(body, body.logprobs, body.top_logprobs or 0), text, chat=True,
+                            documents=documents)
 
     async def _pipeline(body: _Body, text: str, chat: bool) -> Any:
         """Run a served pipeline on one input; streamed as a single chunk when asked to stream."""
@@ -285,14 +287,16 @@ def create_app(lm: LM, api_key: str | None = None, max_queue: int = 64, max_work
             return {**_chat(body.model, rid, g, backend)}
         return _completion(body.model, g.text, g.finish_reason, None, _usage_of(g), rid)
 
-    async def _serve(request: Request, body: _Body, params: SamplingParams, text: str, chat: bool) -> Any:
+    async def _serve(request: Request, body: _Body, params: SamplingParams, text: str, chat: bool,
+                     documents: list[tuple[int, int]] | None = None) -> Any:
         if params.max_tokens > backend.max_context:
             raise APIError(400, f"max_tokens={params.max_tokens} exceeds the model's context of "
                                 f"{backend.max_context} tokens", param="max_tokens")
         slot = counters.slot()
         slot.__enter__()
         try:
-            events = backend.generate_stream(text, params)
+            reuse = {"documents": documents} if documents and getattr(backend, "supports_kv_reuse", False) else {}
+            events = backend.generate_stream(text, params, **reuse)
             first = await _first(limiter, events)  # errors such as a too-long prompt surface here, as 400
         except BaseException:
             slot.__exit__(None, None, None)

@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
+from .engine.config import KVReuse
 from .engine.models import DEFAULT_LLM
 from .lm import LM, get_lm
 from .pipeline import Record, Stage
@@ -16,16 +17,32 @@ from .types import Example
 
 
 class LMStage(Stage):
-    """A stage that calls a language model (shared per process by name)."""
+    """A stage that calls a language model (shared per process by name).
+
+    ``kv_reuse``: how the retrieved documents in each prompt's context reuse KV computed for
+    them alone (local backend): ``full`` (prefill them, the reference), ``blend``, ``sink`` or
+    ``none``, or KVReuse settings (``{mode: blend, recompute_ratio: 0.2}``). Documents that
+    come from an index built with ``--kv`` find their KV there.
+    """
 
     model: str = DEFAULT_LLM
     backend: str = "local"
     chat: bool | None = None
     sparse: bool | dict[str, Any] = Field(
         default=False, description="sparse prefill for long prompts (local backend): true, or SparseConfig settings")
+    kv_reuse: KVReuse | None = None
 
     def lm(self) -> LM:
         return get_lm(self.model, self.backend, **({"sparse": self.sparse} if self.sparse else {}))
+
+    def reuse_lm(self, records: list[Record]) -> LM:
+        """The LM, with the KV stores saved next to the records' documents loaded when reusing."""
+        lm = self.lm()
+        if self.kv_reuse is not None and self.kv_reuse.reuses:
+            for path in sorted({d.metadata["kv_store"] for r in records for d in r.documents
+                                if d.metadata.get("kv_store")}):
+                lm.load_kv_store(path)
+        return lm
 
 
 @register_stage("prompt")
@@ -63,11 +80,11 @@ class Generate(LMStage):
     def process(self, records: list[Record]) -> list[Record]:
         for r in records:
             _ensure_prompt(r)
-        gens = self.lm().generate([r.prompt for r in records], max_tokens=self.max_tokens,  # type: ignore[misc]
-                                  temperature=self.temperature, top_p=self.top_p, stop=self.stop,
-                                  seed=self.seed, chat=self.chat)
+        gens = self.reuse_lm(records).generate(
+            [r.prompt for r in records], max_tokens=self.max_tokens, temperature=self.temperature,  # type: ignore[misc]
+            top_p=self.top_p, stop=self.stop, seed=self.seed, chat=self.chat, kv_reuse=self.kv_reuse)
         for r, g in zip(records, gens):
-            r.generation, r.output = g, g.text.strip()
+            r.generation, r.output, r.usage = g, g.text.strip(), g.usage
         return records
 
 
@@ -111,16 +128,18 @@ class Classify(LMStage):
         text = str(probe.inputs.get(self.input_key, ""))
         prompts = [probe.prompt.with_segment("question", question.replace(text, cf) if text else cf)
                    for cf in self.content_free]
-        rows = self.lm().score_many(prompts, self.words(), chat=self.chat)
+        rows = self.lm().score_many(prompts, self.words(), chat=self.chat, kv_reuse=self.kv_reuse)
         probs = [[math.exp(x) for x in self._log_probs(row)] for row in rows]
         return [math.log(sum(col) / len(col)) for col in zip(*probs)]
 
     def process(self, records: list[Record]) -> list[Record]:
         for r in records:
             _ensure_prompt(r)
-        rows = self.lm().score_many([r.prompt for r in records], self.words(), chat=self.chat)  # type: ignore[misc]
+        rows, usages = self.reuse_lm(records).score_with_usage(
+            [r.prompt for r in records], self.words(), chat=self.chat, kv_reuse=self.kv_reuse)  # type: ignore[misc]
         bias = self.bias(records[0]) if self.calibrate and records else [0.0] * len(self.labels)
-        for r, row in zip(records, rows):
+        for r, row, usage in zip(records, rows, usages):
+            r.usage = usage
             adjusted = [lp - b for lp, b in zip(self._log_probs(row), bias)]
             r.label_scores = dict(zip(self.labels, adjusted))
             r.output = self.labels[max(range(len(adjusted)), key=adjusted.__getitem__)]
