@@ -241,7 +241,10 @@ class LocalBackend(TransformersBase):
         tokenizer or ``kv_lead_in``); returns how many chunks it put in the pool."""
         if path in self._loaded_stores:
             return 0
-        if read_meta(path).get("tokenizer") != self.encode(TOKENIZER_PROBE):
+        mark = read_meta(path).get("tokenizer")
+        if mark is None:
+            raise StaleKVError(f"{path} does not say which tokenizer made it; rebuild it with promptkit index build --kv")
+        if mark != self.encode(TOKENIZER_PROBE):
             raise StaleKVError(f"{path} was made with another tokenizer; rebuild it")
         n = self.engine.load_chunks(path, list(self.kv_lead_in) if self.kv_lead_in else None)
         self._loaded_stores.add(path)
