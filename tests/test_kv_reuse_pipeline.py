@@ -174,3 +174,10 @@ def test_server_reuses_documents_sent_as_content_parts(real_lm):
             {"role": "user", "content": a}, {"role": "assistant", "content": "Noted."},
             {"role": "user", "content": question}])
         assert served.stats()["chunk_hits"] == 3
+
+
+def test_serve_refuses_an_unknown_kv_reuse_mode():
+    from promptkit.cli import app
+
+    res = CliRunner().invoke(app, ["serve", "--kv-reuse", "fast"])
+    assert res.exit_code == 1 and "unknown --kv-reuse 'fast'" in res.output
