@@ -81,6 +81,7 @@ class Assembler:
         """Encode ``chunks`` alone after ``lead_in`` into the store (those not there yet);
         returns how many are stored now."""
         self.rerotator()
+        chunks = [c for c in chunks if c]
         keys = [chunk_key(lead_in, c) for c in chunks]
         added = self._encode({k: (tuple(lead_in), tuple(c)) for k, c in zip(keys, chunks) if k not in self.store})
         for c in added.values():
