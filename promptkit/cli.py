@@ -236,13 +236,23 @@ def serve(
     max_batch_tokens: Annotated[int, typer.Option(min=1, help="Tokens per forward (longer prefills are "
                                                               "chunked).")] = 2048,
     max_running: Annotated[int, typer.Option(min=1, help="Requests decoded together.")] = 64,
+    kv_reuse: Annotated[str, typer.Option(help="Documents sent as content parts or consecutive user messages "
+                                               "reuse the KV computed for each alone: full (prefill them), "
+                                               "blend, sink or none.")] = "full",
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /stats)."""
     from .server import serve as run_server
 
+    if kv_reuse not in ("full", "blend", "sink", "none"):
+        _fail(f"unknown --kv-reuse {kv_reuse!r}; choose full, blend, sink or none")
     pipelines = {r.stem: _load_pipeline(r) for r in recipe or []}
     lm = _load_lm(model, max_kv_bytes=max_kv_bytes, prefix_cache=prefix_cache, max_batch_tokens=max_batch_tokens,
-                  max_running=max_running)
+                  max_running=max_running, **({"kv_reuse": kv_reuse} if kv_reuse != "full" else {}))
+    if kv_reuse != "full":
+        try:
+            lm.backend.engine.reuse.rerotator()  # type: ignore[attr-defined]
+        except ValueError as e:  # a model whose stored keys cannot be moved
+            _fail(str(e))
     err.print(f"[green]serving[/] {model} on http://{host}:{port}/v1" + (" (API key required)" if api_key else ""))
     run_server(lm, host=host, port=port, api_key=api_key, max_queue=max_queue, pipelines=pipelines)
 

@@ -9,10 +9,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from .backends.base import Backend, SamplingParams
+from .engine.config import KVReuse
 from .engine.models import DEFAULT_LLM
-from .prompt import render
+from .prompt import render, render_with_documents
 from .structured import Constraint
-from .types import Generation, Prompt, TokenLogprobs
+from .types import Generation, Prompt, TokenLogprobs, Usage
 
 PromptLike = str | Prompt
 
@@ -52,6 +53,10 @@ class LM:
     own 4-bit blocks). The default is ``$PROMPTKIT_WEIGHTS`` if set, else the
     fastest format this CPU runs well; ``LM().stats()["weights"]`` and
     ``promptkit doctor`` say which.
+
+    ``kv_reuse`` (on generate and score, or as the engine's default): how the documents of a
+    Prompt's context reuse KV computed for each of them alone — ``"full"`` (prefill them, the
+    reference), ``"blend"``, ``"sink"`` or ``"none"`` (see :class:`~promptkit.engine.config.KVReuse`).
     """
 
     def __init__(self, model: str = DEFAULT_LLM, backend: str | Backend = "local", chat: bool | None = None,
@@ -72,11 +77,23 @@ class LM:
         return render(prompt, self.backend.apply_chat_template if use_chat else None)
 
     def _texts(self, prompts: PromptLike | Sequence[PromptLike], chat: bool | None) -> list[str]:
+        return self._rendered(prompts, chat, None)[0]
+
+    def _rendered(self, prompts: PromptLike | Sequence[PromptLike], chat: bool | None,
+                  kv_reuse: KVReuse | str | dict | None) -> tuple[list[str], dict[str, Any]]:
+        """Rendered texts, and the keyword arguments that hand their documents to the backend."""
         items = [prompts] if isinstance(prompts, (str, Prompt)) else list(prompts)
         for p in items:
             if isinstance(p, str) and not p.strip() or isinstance(p, Prompt) and not p.text().strip():
                 raise ValueError("empty prompt: give the model some text to condition on")
-        return [self.render(p, chat) for p in items]
+        if not getattr(self.backend, "supports_kv_reuse", False):
+            if kv_reuse is not None and KVReuse.model_validate(kv_reuse).reuses:
+                raise ValueError("kv_reuse needs the local backend (the promptkit engine's chunk store)")
+            return [self.render(p, chat) for p in items], {}
+        template = self.backend.apply_chat_template if (self.chat if chat is None else chat) else None
+        out = [render_with_documents(p, template) for p in items]
+        docs = [spans for _, spans in out]
+        return [t for t, _ in out], {"documents": docs, "kv_reuse": kv_reuse} if any(docs) else {}
 
     def count_tokens(self, prompt: PromptLike, chat: bool | None = None) -> int:
         """Tokens in a raw string, or in the rendered text of a Prompt (or of a string when ``chat``)."""
@@ -103,12 +120,13 @@ class LM:
         presence_penalty: float = 0.0,
         frequency_penalty: float = 0.0,
         logit_bias: dict[int, float] | None = None,
+        kv_reuse: KVReuse | str | dict | None = None,
     ) -> list[Generation]:
         """Generate a completion for each prompt (one batch). Greedy when ``temperature == 0``.
 
         ``max_tokens=None`` runs until EOS or the context limit. ``logprobs`` returns each generated
         token's log-probability; ``top_logprobs=k`` also the ``k`` most likely tokens at every step
-        (local backend).
+        (local backend). ``kv_reuse``: see the class.
 
         Constrained decoding (at most one): ``json_schema`` (a dict, a JSON string or a pydantic model
         class), ``regex``, ``grammar`` (Lark or GBNF) or ``choices`` (the output is exactly one of them).
@@ -122,16 +140,25 @@ class LM:
             truncate=truncate, top_logprobs=top_logprobs,
             constraint=Constraint.of(json_schema=json_schema, regex=regex, grammar=grammar, choices=choices),
             presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias or {})
-        return self.backend.generate(self._texts(prompts, chat), params)
+        texts, docs = self._rendered(prompts, chat, kv_reuse)
+        return self.backend.generate(texts, params, **docs)
 
-    def score(self, prompt: PromptLike, choices: Sequence[str], chat: bool | None = None) -> list[float]:
+    def score(self, prompt: PromptLike, choices: Sequence[str], chat: bool | None = None,
+              kv_reuse: KVReuse | str | dict | None = None) -> list[float]:
         """Total log-likelihood of each choice as a continuation of ``prompt``."""
-        return self.score_many([prompt], [choices], chat=chat)[0]
+        return self.score_many([prompt], [choices], chat=chat, kv_reuse=kv_reuse)[0]
 
     def score_many(self, prompts: Sequence[PromptLike], choices: Sequence[Sequence[str]] | Sequence[str],
-                   chat: bool | None = None) -> list[list[float]]:
+                   chat: bool | None = None, kv_reuse: KVReuse | str | dict | None = None) -> list[list[float]]:
         """:meth:`score` for many prompts in one batch; ``choices`` is one list per prompt or one shared list."""
-        texts = self._texts(list(prompts), chat)
+        return self.score_with_usage(prompts, choices, chat, kv_reuse)[0]
+
+    def score_with_usage(self, prompts: Sequence[PromptLike], choices: Sequence[Sequence[str]] | Sequence[str],
+                         chat: bool | None = None, kv_reuse: KVReuse | str | dict | None = None
+                         ) -> tuple[list[list[float]], list[Usage | None]]:
+        """:meth:`score_many`, and per prompt the token usage of its choices (None where the
+        backend does not report it)."""
+        texts, docs = self._rendered(list(prompts), chat, kv_reuse)
         if choices and isinstance(choices[0], str):
             choices = [list(choices)] * len(texts)  # type: ignore[list-item]
         if len(choices) != len(texts):
@@ -139,7 +166,16 @@ class LM:
         for c in choices:
             if not c:
                 raise ValueError("score needs at least one choice")
-        return self.backend.score(texts, [list(c) for c in choices])
+        lists = [list(c) for c in choices]
+        if hasattr(self.backend, "score_with_usage"):
+            return self.backend.score_with_usage(texts, lists, **docs)
+        return self.backend.score(texts, lists), [None] * len(texts)
+
+    def load_kv_store(self, path: str) -> int:
+        """Load documents' KV saved next to an index (``promptkit index build --kv``); local backend."""
+        if not getattr(self.backend, "supports_kv_reuse", False):
+            raise ValueError("a KV store needs the local backend")
+        return self.backend.load_kv_store(path)  # type: ignore[attr-defined]
 
     def token_logprobs(self, texts: str | Sequence[str], top_logprobs: int = 0) -> list[TokenLogprobs]:
         """Log-probability of every token of each raw text (no chat template); ``top_logprobs=k``

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from .types import Document, Example, Generation, Prompt
+from .types import Document, Example, Generation, Prompt, Usage
 
 
 class TraceStep(BaseModel):
@@ -40,6 +40,7 @@ class Record(BaseModel):
     reasoning: str | None = None  # free-text reasoning written before a structured output
     generation: Generation | None = None
     label_scores: dict[str, float] | None = None
+    usage: Usage | None = None  # tokens of the last model call: cached, reused, recomputed, prefilled
     trace: list[TraceStep] = Field(default_factory=list)
 
     @classmethod
@@ -54,7 +55,7 @@ class Record(BaseModel):
         return cls(inputs=dict(x))
 
 
-_TRACED = ("documents", "exemplars", "prompt", "output", "label_scores")
+_TRACED = ("documents", "exemplars", "prompt", "output", "label_scores", "usage")
 
 
 def _snapshot(r: Record) -> dict[str, Any]:

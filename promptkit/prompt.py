@@ -59,13 +59,21 @@ class PromptTemplate(BaseModel):
         return self.exemplar_separator.join(blocks)
 
     def context_block(self, documents: Sequence[Document]) -> str | None:
+        return self.context_segment(documents)[0]
+
+    def context_segment(self, documents: Sequence[Document]) -> tuple[str | None, list[tuple[int, int]]]:
+        """The context text and the character span of each document's text inside it."""
         if not documents:
-            return None
-        lines = [
-            fill(self.document_format, {"index": i + 1, "id": d.id, "text": d.text, **d.metadata})
-            for i, d in enumerate(documents)
-        ]
-        return "\n".join(([self.context_header] if self.context_header else []) + lines)
+            return None, []
+        text, spans = self.context_header or "", []
+        for i, d in enumerate(documents):
+            line = fill(self.document_format, {"index": i + 1, "id": d.id, "text": d.text, **d.metadata})
+            text += "\n" if i or self.context_header else ""
+            at = line.find(d.text) if d.text else -1
+            if at >= 0:  # a format that rewrites the text leaves the document unmarked
+                spans.append((len(text) + at, len(text) + at + len(d.text)))
+            text += line
+        return text, spans
 
     def build(
         self,
@@ -74,14 +82,14 @@ class PromptTemplate(BaseModel):
         documents: Sequence[Document] = (),
     ) -> Prompt:
         """Fill the template for one input."""
-        return Prompt.from_parts(
+        prompt = Prompt.from_parts(
             system=self.system,
             instruction=self.instruction,
             exemplars=self.exemplar_block(exemplars),
-            context=self.context_block(documents),
             question=fill(self.input_format, inputs),
             answer_prefix=self.answer_prefix,
         )
+        return prompt.with_segment(SegmentKind.context, *self.context_segment(documents))
 
 
 def to_messages(prompt: Prompt) -> list[dict[str, str]]:
@@ -110,3 +118,25 @@ def render(prompt: Prompt | str, apply_chat_template: Any | None) -> str:
     text = apply_chat_template(to_messages(prompt))
     prefix = prompt.get(SegmentKind.answer_prefix)
     return text + prefix if prefix else text
+
+
+def render_with_documents(prompt: Prompt | str, apply_chat_template: Any | None) -> tuple[str, list[tuple[int, int]]]:
+    """:func:`render`, and the character spans of the prompt's documents in the rendered text."""
+    text = render(prompt, apply_chat_template)
+    if isinstance(prompt, str):
+        return text, []
+    flat = prompt.text()
+    docs = [flat[a:b] for a, b in prompt.document_spans()]
+    context = prompt.get(SegmentKind.context) or ""
+    return text, locate(text, docs, start=max(0, text.find(context)) if docs else 0)
+
+
+def locate(text: str, documents: Sequence[str], start: int = 0) -> list[tuple[int, int]]:
+    """Spans of ``documents`` found in order in ``text`` (one not found is skipped)."""
+    spans = []
+    for d in documents:
+        at = text.find(d, start) if d else -1
+        if at >= 0:
+            spans.append((at, at + len(d)))
+            start = at + len(d)
+    return spans

@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from .backends.base import ContextLengthError, GenerationError, SamplingParams, StreamEvent
+from .chat_documents import document_spans
 from .lm import LM
 from .structured import Constraint
 from .types import Generation, TokenLogprobs
@@ -211,7 +212,8 @@ def create_app(lm: LM, api_key: str | None = None, max_queue: int = 64, max_work
             constraint = Constraint(grammar=tool_grammar(body, constraint))
         text = backend.apply_chat_template(chat_messages(body))
         params = params_of(body, body.token_limit(), bool(body.logprobs), body.top_logprobs or 0, constraint)
-        return await _serve(request, body, [text], params, chat=True)
+        documents = document_spans(text, body.messages) if getattr(backend, "supports_kv_reuse", False) else None
+        return await _serve(request, body, [text], params, chat=True, documents=[documents] if documents else None)
 
     async def _pipeline(body: Body, text: str, chat: bool) -> Any:
         """Run a served pipeline on one input; streamed as a single chunk when asked to stream."""
@@ -233,19 +235,23 @@ def create_app(lm: LM, api_key: str | None = None, max_queue: int = 64, max_work
         return _completion(body.model, [_completion_choice(0, g.text, g.finish_reason, None)], _usage_of([g]), rid)
 
     async def _serve(request: Request, body: Body, prompts: list[PromptInput], params: SamplingParams, chat: bool,
-                     echoes: list[_Echo] | None = None) -> Any:
-        """Generate ``body.n`` choices per prompt (all in the engine's batch), answered whole or streamed."""
+                     echoes: list[_Echo] | None = None, documents: list[list[tuple[int, int]]] | None = None) -> Any:
+        """Generate ``body.n`` choices per prompt (all in the engine's batch), answered whole or streamed.
+        ``documents``: per prompt, the character spans of its documents (their KV may be reused)."""
         jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(body.n)]
         per = [params if params.seed is None or body.n == 1 else params.model_copy(update={"seed": params.seed + k})
                for k in range(len(jobs))]
+        docs = [documents[i] for i, _ in jobs] if documents else None
         if not body.stream and all(pp == params for pp in per):  # one batch through the batch API
             with counters.slot():
-                gens = await _in_thread(limiter, lambda: backend.generate([p for _, p in jobs], params))
+                gens = await _in_thread(limiter, lambda: backend.generate(
+                    [p for _, p in jobs], params, **({"documents": docs} if docs else {})))
             counters.bump("ok")
             return _reply(body, jobs, gens, params, chat, echoes)
         slot = counters.slot()
         slot.__enter__()
-        streams = [backend.generate_stream(p, pp) for (_, p), pp in zip(jobs, per)]
+        streams = [backend.generate_stream(p, pp, **({"documents": docs[k]} if docs else {}))
+                   for k, ((_, p), pp) in enumerate(zip(jobs, per))]
         try:  # request errors (a prompt too long, a bad constraint) surface here, as 4xx
             firsts = await _in_thread(limiter, lambda: [_first(s) for s in streams])
         except BaseException:

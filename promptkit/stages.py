@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
+from .engine.config import KVReuse
 from .engine.models import DEFAULT_LLM
 from .lm import LM, get_lm
 from .pipeline import Record, Stage
@@ -18,16 +19,32 @@ from .types import Example, Prompt, SegmentKind
 
 
 class LMStage(Stage):
-    """A stage that calls a language model (shared per process by name)."""
+    """A stage that calls a language model (shared per process by name).
+
+    ``kv_reuse``: how the retrieved documents in each prompt's context reuse KV computed for
+    them alone (local backend): ``full`` (prefill them, the reference), ``blend``, ``sink`` or
+    ``none``, or KVReuse settings (``{mode: blend, recompute_ratio: 0.2}``). Documents that
+    come from an index built with ``--kv`` find their KV there.
+    """
 
     model: str = DEFAULT_LLM
     backend: str = "local"
     chat: bool | None = None
     sparse: bool | dict[str, Any] = Field(
         default=False, description="sparse prefill for long prompts (local backend): true, or SparseConfig settings")
+    kv_reuse: KVReuse | None = None
 
     def lm(self) -> LM:
         return get_lm(self.model, self.backend, **({"sparse": self.sparse} if self.sparse else {}))
+
+    def reuse_lm(self, records: list[Record]) -> LM:
+        """The LM, with the KV stores saved next to the records' documents loaded when reusing."""
+        lm = self.lm()
+        if self.kv_reuse is not None and self.kv_reuse.reuses:
+            for path in sorted({d.metadata["kv_store"] for r in records for d in r.documents
+                                if d.metadata.get("kv_store")}):
+                lm.load_kv_store(path)
+        return lm
 
 
 @register_stage("prompt")
@@ -140,12 +157,12 @@ class Generate(LMStage):
     def process(self, records: list[Record]) -> list[Record]:
         for r in records:
             _ensure_prompt(r, self.signature)
-        lm, target = self.lm(), self.target()
+        lm, target = self.reuse_lm(records), self.target()
         prompts: list[Prompt] = [r.prompt for r in records]  # type: ignore[misc]
         if self.reason_first:
             thoughts = lm.generate([_extend_answer(p, self.reasoning_prompt) for p in prompts],
                                    max_tokens=self.reasoning_tokens, temperature=self.temperature,
-                                   top_p=self.top_p, seed=self.seed, chat=self.chat)
+                                   top_p=self.top_p, seed=self.seed, chat=self.chat, kv_reuse=self.kv_reuse)
             for r, t in zip(records, thoughts):
                 r.reasoning = t.text.strip()
             prompts = [_extend_answer(p, f"{self.reasoning_prompt} {r.reasoning}\n\nSo the answer is:")
@@ -153,9 +170,9 @@ class Generate(LMStage):
         gens = lm.generate(prompts, max_tokens=self.max_tokens or (512 if self.structured else 64),
                            temperature=self.temperature, top_p=self.top_p, stop=self.stop, seed=self.seed,
                            chat=self.chat, json_schema=target, regex=self.regex, grammar=self.grammar,
-                           choices=self.choices)
+                           choices=self.choices, kv_reuse=self.kv_reuse)
         for r, g in zip(records, gens):
-            r.generation = g
+            r.generation, r.usage = g, g.usage
             r.output = _parse(g.text, target) if target is not None else g.text if self.structured else g.text.strip()
         return records
 
@@ -232,7 +249,8 @@ class Classify(LMStage):
     def biases(self, records: list[Record]) -> list[list[float]]:
         """Per record, the mean content-free probability of each label (log) in the record's own layout."""
         layouts = _layouts(records)
-        rows = self.lm().score_many(self.content_free_prompts(records), self.words(), chat=self.chat)
+        rows = self.lm().score_many(self.content_free_prompts(records), self.words(), chat=self.chat,
+                                    kv_reuse=self.kv_reuse)
         n, by_layout = len(self.content_free), {}
         for j, key in enumerate(layouts):
             probs = [[math.exp(x) for x in self._log_probs(row)] for row in rows[j * n : (j + 1) * n]]
@@ -242,9 +260,11 @@ class Classify(LMStage):
     def process(self, records: list[Record]) -> list[Record]:
         for r in records:
             _ensure_prompt(r)
-        rows = self.lm().score_many([r.prompt for r in records], self.words(), chat=self.chat)  # type: ignore[misc]
+        rows, usages = self.reuse_lm(records).score_with_usage(
+            [r.prompt for r in records], self.words(), chat=self.chat, kv_reuse=self.kv_reuse)  # type: ignore[misc]
         biases = self.biases(records) if self.calibrate and records else [[0.0] * len(self.labels)] * len(records)
-        for r, row, bias in zip(records, rows, biases):
+        for r, row, bias, usage in zip(records, rows, biases, usages):
+            r.usage = usage
             adjusted = [lp - b for lp, b in zip(self._log_probs(row), bias)]
             r.label_scores = dict(zip(self.labels, adjusted))
             r.output = self.labels[max(range(len(adjusted)), key=adjusted.__getitem__)]

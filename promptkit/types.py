@@ -11,7 +11,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 
 class Document(BaseModel):
@@ -68,10 +68,15 @@ SEGMENT_ORDER: list[SegmentKind] = list(SegmentKind)
 
 
 class Segment(BaseModel):
-    """One contiguous piece of a prompt."""
+    """One contiguous piece of a prompt.
+
+    ``spans`` are the character ranges ``[start, end)`` of the documents inside ``text``
+    (the context segment), so the engine can reuse each document's KV wherever it lands.
+    """
 
     kind: SegmentKind
     text: str
+    spans: list[tuple[int, int]] = Field(default_factory=list)
 
 
 class Prompt(BaseModel):
@@ -108,12 +113,24 @@ class Prompt(BaseModel):
                 return s.text
         return None
 
-    def with_segment(self, kind: SegmentKind | str, text: str | None) -> Prompt:
-        """A copy with the segment of ``kind`` set to ``text`` (removed if None or empty)."""
+    def with_segment(self, kind: SegmentKind | str, text: str | None,
+                     spans: list[tuple[int, int]] | None = None) -> Prompt:
+        """A copy with the segment of ``kind`` set to ``text`` (removed if None or empty), its
+        documents at ``spans``; the other segments are kept as they are."""
         kind = SegmentKind(kind)
-        parts = {s.kind.value: s.text for s in self.segments}
-        parts[kind.value] = text  # type: ignore[assignment]
-        return Prompt.from_parts(**parts)
+        segs = {s.kind: s for s in self.segments}
+        segs.pop(kind, None)
+        if text not in (None, ""):
+            segs[kind] = Segment(kind=kind, text=text, spans=list(spans or []))  # type: ignore[arg-type]
+        return Prompt(segments=[segs[k] for k in SEGMENT_ORDER if k in segs])
+
+    def document_spans(self, sep: str = "\n\n", include: set[SegmentKind] | None = None) -> list[tuple[int, int]]:
+        """Character spans of the documents in :meth:`text` (same ``sep`` and ``include``)."""
+        out, at = [], 0
+        for s in (s for s in self.segments if include is None or s.kind in include):
+            out += [(at + a, at + b) for a, b in s.spans]
+            at += len(s.text) + len(sep)
+        return out
 
     def text(self, sep: str = "\n\n", include: set[SegmentKind] | None = None) -> str:
         """The segments' texts joined with ``sep`` (system included)."""
@@ -124,17 +141,34 @@ class Prompt(BaseModel):
 
 
 class Usage(BaseModel):
-    """Token accounting for one call."""
+    """Token accounting for one call.
+
+    ``cached_tokens`` came from the prefix cache; ``reused_tokens`` are document tokens whose KV
+    came from the chunk store (computed alone, moved to their position) and was kept;
+    ``recomputed_tokens`` document tokens taken from the store and recomputed in context;
+    ``stored_tokens`` document tokens encoded alone into the store for this call (once per document).
+    """
 
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    reused_tokens: int = 0
+    recomputed_tokens: int = 0
+    stored_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
+    first_token_seconds: float | None = None
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def prefilled_tokens(self) -> int:
-        """Prompt tokens actually computed (not served from the prefix cache)."""
-        return self.prompt_tokens - self.cached_tokens
+        """Prompt tokens computed in place (neither cached nor reused; recomputed ones included)."""
+        return self.prompt_tokens - self.cached_tokens - self.reused_tokens
+
+    def __add__(self, other: Usage) -> Usage:
+        add = {k: getattr(self, k) + getattr(other, k) for k in
+               ("prompt_tokens", "cached_tokens", "reused_tokens", "recomputed_tokens", "stored_tokens",
+                "completion_tokens", "seconds")}
+        return Usage(**add, first_token_seconds=self.first_token_seconds)
 
 
 class Generation(BaseModel):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -26,6 +26,11 @@ def build(
     out: Annotated[Path, typer.Option("--out", "-o", help="Index directory to create.")],
     kind: Annotated[str, typer.Option("--kind", help="bm25, dense or hybrid.")] = "bm25",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing index directory.")] = False,
+    kv: Annotated[bool, typer.Option("--kv", help="Also encode every document's KV alone with --model and "
+                                     "save it next to the index (kv.safetensors), for kv_reuse.")] = False,
+    model: Annotated[str, typer.Option("--model", help="The model whose KV --kv saves.")] = "smollm2-135m-instruct",
+    lead_in: Annotated[Optional[str], typer.Option("--lead-in", help="Text the documents are encoded after "
+                                                   "(default: a chat turn opening with 'Context:').")] = None,
 ) -> None:
     """Index CORPUS into directory OUT."""
     from .errors import CorpusError
@@ -44,6 +49,19 @@ def build(
         retriever = build_index(docs, kind)
         retriever.save(out, force=force)
     err.print(f"[green]indexed[/] {len(docs)} documents into {out} ({kind})")
+    if kv:
+        from promptkit.lm import get_lm
+
+        from .stages import KV_STORE
+
+        with err.status(f"encoding the KV of {len(docs)} documents with {model} ...", spinner="dots"):
+            try:
+                lm = get_lm(model)
+                n = lm.backend.save_kv_store(str(out / KV_STORE), [d.text for d in docs], lead_in,  # type: ignore[attr-defined]
+                                             extra={"documents": len(docs)})
+            except ValueError as e:  # a model whose KV cannot be reused, a document without tokens
+                _fail(str(e))
+        err.print(f"[green]saved[/] the KV of {n} documents to {out / KV_STORE}")
 
 
 @app.command()

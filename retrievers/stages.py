@@ -3,11 +3,14 @@
 A retriever stage reads an index directory (``index``) or builds one in memory
 from a corpus (``corpus``: a JSONL with id/text or a folder of .txt/.md), takes
 each record's query from ``record.inputs[query_key]`` and fills
-``record.documents`` (and the context segment, when a prompt is already built).
+``record.documents`` (and the context segment, with each document's span, when
+a prompt is already built). Documents from an index built with ``--kv`` name
+its KV store (``metadata["kv_store"]``), which LM stages with ``kv_reuse`` load.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, model_validator
@@ -41,10 +44,13 @@ def _queries(records: list[Record], key: str) -> list[str]:
     return out
 
 
+KV_STORE = "kv.safetensors"  # documents' KV saved next to an index (promptkit index build --kv)
+
+
 def _set_documents(r: Record, docs: list[Document]) -> None:
     r.documents = docs
     if r.prompt is not None:
-        r.prompt = r.prompt.with_segment("context", PromptTemplate().context_block(docs))
+        r.prompt = r.prompt.with_segment("context", *PromptTemplate().context_segment(docs))
 
 
 class RetrieverStage(Stage):
@@ -87,7 +93,10 @@ class RetrieverStage(Stage):
 
     def process(self, records: list[Record]) -> list[Record]:
         results = self.retriever().search_many(_queries(records, self.query_key), self.k, self.filter)
+        store = Path(self.index) / KV_STORE if self.index is not None else None
         for r, docs in zip(records, results):
+            if store is not None and store.is_file():
+                docs = [d.model_copy(update={"metadata": {**d.metadata, "kv_store": str(store)}}) for d in docs]
             _set_documents(r, docs)
         return records
 

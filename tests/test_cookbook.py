@@ -41,6 +41,16 @@ def test_rag_qa(real_lm):
     assert "Augustin-Jean" in rows[0]["answer"]  # from the retrieved document, not the model's memory
 
 
+def test_rag_kv_reuse(real_lm):
+    needs("retrievers")
+    ns = example("rag_kv_reuse/rag_kv_reuse.py")
+    first, second, full = ns["main"](ns["QUESTIONS"], max_tokens=6)
+    assert first["sources"] != second["sources"] and sorted(first["sources"]) == sorted(second["sources"])
+    assert first["stored"] > 0 and second["stored"] == 0 and second["reused"] > 0  # found in the chunk store
+    assert (full["mode"], full["reused"], full["stored"]) == ("full", 0, 0)
+    assert full["prefilled"] > 3 * second["prefilled"] and second["ttft"] > 0 and full["ttft"] > 0
+
+
 def test_fewshot_classification(real_lm):
     needs("optimizers")
     rows = example("fewshot_classification/classify.py")["main"](

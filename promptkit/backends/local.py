@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from ..engine.config import EngineConfig
+from ..engine.chunk_store import StaleKVError, read_meta, write_store
+from ..engine.config import EngineConfig, KVReuse
 from ..engine.engine import Engine, Request
 from ..engine.kv_pool import KVBudgetError
+from ..engine.request import Reuse
 from ..types import Generation, TokenLogprobs, Usage
 from .base import GenerationError, PromptInput, SamplingParams, StreamEvent, truncate_at_stop
 from .hf import TransformersBase
+
+Spans = list[tuple[int, int]]
+TOKENIZER_PROBE = "A chunk store: Ünïcode, digits 12345, code `x = f(y)`.\n"
 
 
 class LocalBackend(TransformersBase):
@@ -22,10 +27,19 @@ class LocalBackend(TransformersBase):
     reuse across requests), ``max_batch_tokens`` (tokens per forward: bounds
     activation memory and chunks long prefills), ``max_running`` (requests
     decoded together), ``sparse`` (a :class:`promptkit.engine.sparse.SparseConfig`,
-    or True for the defaults: sparse attention for long prefills).
+    or True for the defaults: sparse attention for long prefills), ``kv_reuse``
+    (the default :class:`~promptkit.engine.config.KVReuse` of prompts that mark their
+    documents). ``kv_lead_in``: text the documents' KV is encoded after (default: each
+    prompt's own text before its first document, or the lead-in of a loaded store).
+
+    ``documents`` (on generate, generate_stream and score): per text, the character spans of
+    its documents, whose KV the chunk store keeps and reuses wherever they land.
     """
 
-    def __init__(self, model: str, engine: EngineConfig | None = None, **kw: Any) -> None:
+    supports_kv_reuse = True
+
+    def __init__(self, model: str, engine: EngineConfig | None = None, kv_lead_in: str | None = None,
+                 **kw: Any) -> None:
         config, rest = EngineConfig.split(kw)
         if engine is not None:
             config = EngineConfig(**{**engine.model_dump(exclude_unset=True), **config.model_dump(exclude_unset=True)})
@@ -33,24 +47,72 @@ class LocalBackend(TransformersBase):
         self.engine = Engine(self.model, self.eos_ids, config)
         self.sparse_config = config.sparse
         self.sparse_stats = self.engine.sparse_stats
+        self.kv_lead_in = tuple(self.encode(kv_lead_in)) if kv_lead_in else None
+        self._loaded_stores: set[str] = set()
+
+    # -- documents ---------------------------------------------------------------
+    def reuse_config(self, kv_reuse: KVReuse | str | dict | None = None) -> KVReuse:
+        """``kv_reuse`` as settings; None means the engine's default."""
+        if kv_reuse is None:
+            return self.engine.config.kv_reuse
+        return kv_reuse if isinstance(kv_reuse, KVReuse) else KVReuse.model_validate(kv_reuse)
+
+    def encode_documents(self, text: str, documents: Spans) -> tuple[list[int], Spans]:
+        """Token ids of ``text`` and the token span of each document: the tokens inside its character
+        span, less its leading newlines and trailing whitespace (those tokenize with what surrounds
+        the document), plus the spaces just before it (tokenizers join them to its first word). So a
+        document has the same tokens wherever it lands."""
+        enc = self.tokenizer(text, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+        spans = []
+        for a, b in documents:
+            while a < b and text[a] in "\r\n":
+                a += 1
+            while b > a and text[b - 1].isspace():
+                b -= 1
+            while a > 0 and text[a - 1] in " \t":
+                a -= 1
+            inside = [i for i, (x, y) in enumerate(offsets) if a <= x and y <= b and y > x]
+            if inside:
+                spans.append((inside[0], inside[-1] + 1))
+        return ids, spans
+
+    def _prompt(self, prompt: PromptInput, documents: Spans | None, kv_reuse: Any, max_tokens: int | None,
+                truncate: bool = False) -> tuple[list[int], Reuse | None]:
+        """The prompt's ids, checked against the context with room for ``max_tokens`` (None: the
+        rest of it), and how its documents reuse KV (None: no reuse)."""
+        cfg = self.reuse_config(kv_reuse)
+        if documents and cfg.reuses and isinstance(prompt, str):
+            ids, spans = self.encode_documents(prompt, documents)
+        else:
+            ids, spans = (self.encode(prompt) if isinstance(prompt, str) else self.valid_ids(prompt)), []
+        kept = self.check_length(ids, max_tokens if max_tokens is not None else max(1, self.max_context - len(ids)),
+                                 truncate)
+        cut = len(ids) - len(kept)  # left truncation moves every position
+        spans = [(s - cut, e - cut) for s, e in spans if s >= cut]
+        return kept, Reuse(cfg, spans, self.kv_lead_in) if spans else None
 
     # -- generation --------------------------------------------------------------
-    def _request(self, prompt: PromptInput, params: SamplingParams) -> Request:
-        ids, params = self.prompt_ids(prompt, params)
+    def _request(self, prompt: PromptInput, params: SamplingParams, documents: Spans | None = None,
+                 kv_reuse: Any = None) -> Request:
+        ids, reuse = self._prompt(prompt, documents, kv_reuse, params.max_tokens, params.truncate)
+        params = params.model_copy(update={"max_tokens": params.tokens_for(len(ids), self.max_context)})
         return Request(tokens=ids, params=params, stop_check=stop_checker(params.stop, self.decode),
-                       processor=self.processor(params))
+                       processor=self.processor(params), reuse=reuse)
 
     def _generation(self, r: Request) -> Generation:
         text, stopped = truncate_at_stop(self.decode(r.generated), r.params.stop)
         return Generation(
             text=text, **self._step_logprobs(r, 0, len(r.generated)),
             finish_reason="stop" if stopped else r.finish_reason,
-            usage=Usage(prompt_tokens=r.prompt_len, cached_tokens=r.matched_len,
-                        completion_tokens=len(r.generated), seconds=r.seconds),
+            usage=usage_of(r, completion_tokens=len(r.generated)),
         )
 
-    def generate(self, texts: list[PromptInput], params: SamplingParams) -> list[Generation]:
-        reqs = [self._request(t, params) for t in texts]
+    def generate(self, texts: list[PromptInput], params: SamplingParams,
+                 documents: Sequence[Spans | None] | None = None,
+                 kv_reuse: KVReuse | str | None = None) -> list[Generation]:
+        docs = documents or [None] * len(texts)
+        reqs = [self._request(t, params, d, kv_reuse) for t, d in zip(texts, docs)]
         try:
             done = self.engine.run(reqs)
         except KVBudgetError:
@@ -59,8 +121,9 @@ class LocalBackend(TransformersBase):
             raise GenerationError(f"the generation failed in the engine: {type(e).__name__}: {e}") from e
         return [self._generation(r) for r in done]
 
-    def generate_stream(self, text: PromptInput, params: SamplingParams) -> Iterator[StreamEvent]:
-        req = self._request(text, params)
+    def generate_stream(self, text: PromptInput, params: SamplingParams, documents: Spans | None = None,
+                        kv_reuse: KVReuse | str | None = None) -> Iterator[StreamEvent]:
+        req = self._request(text, params, documents, kv_reuse)
         shown, sent = "", 0  # text shown and tokens accounted for so far
         tokens = self.engine.stream(req)
         try:
@@ -92,18 +155,34 @@ class LocalBackend(TransformersBase):
         return out
 
     # -- scoring -----------------------------------------------------------------
-    def score(self, texts: list[str], choices: list[list[str]]) -> list[list[float]]:
+    def score(self, texts: list[str], choices: list[list[str]], documents: Sequence[Spans | None] | None = None,
+              kv_reuse: KVReuse | str | None = None) -> list[list[float]]:
+        return self.score_with_usage(texts, choices, documents, kv_reuse)[0]
+
+    def score_with_usage(self, texts: list[str], choices: list[list[str]],
+                         documents: Sequence[Spans | None] | None = None,
+                         kv_reuse: KVReuse | str | None = None) -> tuple[list[list[float]], list[Usage]]:
+        """:meth:`score`, and per text the usage of its choices together."""
         reqs: list[Request] = []
-        for text, opts in zip(texts, choices):
-            ctx = self.encode(text)
+        for text, opts, docs in zip(texts, choices, documents or [None] * len(texts)):
+            ctx, reuse = self._prompt(text, docs, kv_reuse, 0)
             for c in opts:
                 cont = self.encode_continuation(c)
                 if not cont:
                     raise ValueError(f"choice {c!r} has no tokens")
-                reqs.append(Request(tokens=self.check_length(ctx + cont, 0), kind="score", score_from=len(ctx)))
+                reqs.append(Request(tokens=self.check_length(ctx + cont, 0), kind="score", score_from=len(ctx),
+                                    reuse=reuse))
         self.engine.run(reqs)
         it = iter(reqs)
-        return [[sum(next(it).logprobs) for _ in opts] for opts in choices]
+        scores, usages = [], []
+        for opts in choices:
+            done = [next(it) for _ in opts]
+            scores.append([sum(r.logprobs) for r in done])
+            total = Usage()
+            for r in done:
+                total = total + usage_of(r)
+            usages.append(total)
+        return scores, usages
 
     def token_logprobs(self, texts: list[PromptInput], top_logprobs: int = 0) -> list[TokenLogprobs]:
         encs = [self.encode_with_offsets(t) for t in texts]
@@ -126,8 +205,77 @@ class LocalBackend(TransformersBase):
         return out
 
     def clear_cache(self) -> None:
-        """Drop every cached prefix not in use."""
+        """Drop every cached prefix and stored chunk not in use (a loaded KV store included)."""
         self.engine.clear_cache()
+        self._loaded_stores.clear()
+
+    # -- the chunk store ----------------------------------------------------------------
+    def document_tokens(self, texts: Sequence[str], lead_in: str | None = None) -> tuple[list[int], list[list[int]]]:
+        """The lead-in and each document's token ids as a prompt of the default layout holds them
+        (a chat turn opening with ``Context:`` and ``[1] <document>``); ``lead_in`` replaces the
+        text before the document."""
+        from ..prompt import PromptTemplate, render_with_documents
+        from ..types import Document, Prompt
+
+        lead, chunks = None, []
+        for t in texts:
+            prompt = Prompt().with_segment("context", *PromptTemplate().context_segment([Document(id="d", text=t)]))
+            text, spans = render_with_documents(prompt, self.apply_chat_template if self.is_chat else None)
+            ids, tok = self.encode_documents(text, spans)
+            if not tok:
+                raise ValueError(f"a document has no tokens of its own: {t[:60]!r}")
+            chunks.append(ids[tok[0][0] : tok[0][1]])
+            lead = lead if lead is not None else ids[: tok[0][0]]
+        if lead_in is not None:
+            lead = self.encode(lead_in)
+        return lead or [], chunks
+
+    def store_documents(self, texts: Sequence[str], lead_in: str | None = None) -> int:
+        """Encode documents alone into the chunk store, ahead of the questions that retrieve them
+        (the lead-in they are encoded after becomes the one prompts use to find them)."""
+        lead, chunks = self.document_tokens(texts, lead_in)
+        n = self.engine.store_chunks(lead, chunks)
+        self.engine.chunks.lead_in = tuple(lead)
+        return n
+
+    def save_kv_store(self, path: str, texts: Sequence[str], lead_in: str | None = None,
+                      extra: dict[str, Any] | None = None) -> int:
+        """Encode ``texts`` alone (in batches that fit the KV budget) and save their KV to ``path``
+        with the model's identity, the tokenizer's and the lead-in; returns how many were saved."""
+        lead, chunks = self.document_tokens(texts, lead_in)
+        room = max(1, self.engine.pool.capacity // 2)
+        parts, batch, size = [], [], 0
+        for c in [*chunks, None]:
+            if batch and (c is None or size + len(c) > room):
+                self.engine.store_chunks(lead, batch)
+                parts.append(self.engine.export_chunks(lead))
+                self.engine.clear_cache()
+                batch, size = [], 0
+            if c is not None:
+                batch.append(c)
+                size += len(c)
+        meta = {"tokenizer": self.encode(TOKENIZER_PROBE), "model_name": self.model_name, **(extra or {})}
+        return write_store(path, parts, lead, self.engine.identity(), meta)
+
+    def load_kv_store(self, path: str) -> int:
+        """Load a saved chunk store once (refused with StaleKVError if it was made with another model,
+        tokenizer or ``kv_lead_in``); returns how many chunks it put in the pool."""
+        if path in self._loaded_stores:
+            return 0
+        mark = read_meta(path).get("tokenizer")
+        if mark is None:
+            raise StaleKVError(f"{path} does not say which tokenizer made it; rebuild it with promptkit index build --kv")
+        if mark != self.encode(TOKENIZER_PROBE):
+            raise StaleKVError(f"{path} was made with another tokenizer; rebuild it")
+        n = self.engine.load_chunks(path, list(self.kv_lead_in) if self.kv_lead_in else None)
+        self._loaded_stores.add(path)
+        return n
+
+
+def usage_of(r: Request, completion_tokens: int = 0) -> Usage:
+    return Usage(prompt_tokens=r.prompt_len, cached_tokens=r.matched_len, reused_tokens=r.reused_tokens,
+                 recomputed_tokens=r.recomputed_tokens, stored_tokens=r.stored_tokens,
+                 completion_tokens=completion_tokens, seconds=r.seconds, first_token_seconds=r.first_token_seconds)
 
 
 def stop_checker(stop: list[str], decode: Callable[[list[int]], str]) -> Callable[[list[int]], bool] | None:

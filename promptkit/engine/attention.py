@@ -50,6 +50,10 @@ class SegmentLayout:
     shared_len: int = 0
     keys: list[Run] = field(default_factory=list)  # runs of positions shared_len .. context
     sparse: bool = False  # attend to prefix + own at once through the sparse kernel (a long prefill)
+    # Scattered queries (recomputing tokens among reused KV): the position of each new token; the
+    # segment attends to prefix + own (which ends at its last position), key j seen by a query at p
+    # when j <= p. ``own_past`` is then 0 and the new tokens' slots are anywhere in ``own``.
+    positions: torch.Tensor | None = None
 
     @property
     def past(self) -> int:
@@ -59,6 +63,8 @@ class SegmentLayout:
     @property
     def context(self) -> int:
         """Keys the last new token sees (its position + 1)."""
+        if self.positions is not None:
+            return self.prefix_len + sum(n for _, n in self.own)
         return self.prefix_len + self.own_past + self.length
 
 
@@ -87,6 +93,8 @@ class BatchLayout:
     probe: torch.Tensor | None = None  # [T] accumulates attention paid to each key by rows >= probe_from
     probe_from: int = 0
     probe_layers: range = range(0)  # layers whose attention is accumulated
+    deviation_layer: int = -1  # at this layer, measure how far new K/V are from the slots' and stop
+    deviation: torch.Tensor | None = None  # [T] squared distance of each row's new K and V to the old
     _short: tuple[ShortPlan | None, list[SegmentLayout]] | None = None
 
     def short_plan(self, device: torch.device, dtype: torch.dtype) -> tuple[ShortPlan | None, list[SegmentLayout]]:
@@ -102,7 +110,7 @@ class BatchLayout:
 
 
 def is_short(seg: SegmentLayout) -> bool:
-    return seg.length <= SHORT_SEGMENT and seg.past > 0 and not seg.sparse
+    return seg.length <= SHORT_SEGMENT and seg.past > 0 and not seg.sparse and seg.positions is None
 
 
 def _plan_short(segs: list[SegmentLayout], device: torch.device, dtype: torch.dtype) -> ShortPlan:
@@ -154,13 +162,14 @@ def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                causal_offset: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` [H, m, D] over ``k``, ``v`` [Hkv, n, D] with its log-sum-exp.
 
-    With ``causal_offset`` c, query i sees keys j <= c + i. Returns out [H, m, D]
-    (float32) and lse [H, m]. On CPU and CUDA a fused kernel never materializes the
-    scores; elsewhere (or if the CUDA kernel fails its first check) bounded matmuls do.
+    With ``causal_offset`` c, query i sees keys j <= c + i; with a tensor [m], keys j <= c[i].
+    Returns out [H, m, D] (float32) and lse [H, m]. On CPU and CUDA a fused kernel never
+    materializes the scores; elsewhere (or if the CUDA kernel fails its first check) bounded
+    matmuls do.
     """
     if _FLASH_CPU is not None and q.device.type == "cpu" and q.dtype == k.dtype:
         return _attend_lse_fused(q, k, v, scale, causal_offset)
-    if q.device.type == "cuda" and _cuda_kernel_usable(q.device, q.dtype):
+    if q.device.type == "cuda" and not torch.is_tensor(causal_offset) and _cuda_kernel_usable(q.device, q.dtype):
         return _attend_lse_cuda(q, k, v, scale, causal_offset)
     return attend_lse_blocks(q, k, v, scale, causal_offset)
 
@@ -217,15 +226,22 @@ def _cuda_kernel_usable(device: torch.device, dtype: torch.dtype) -> bool:
     return _cuda_kernel_ok[key]
 
 
+def _last_keys(a: int, b: int, causal_offset: int | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """[b - a, 1]: the last key each query row a..b may see."""
+    if torch.is_tensor(causal_offset):
+        return causal_offset[a:b, None]
+    return torch.arange(a, b, device=device)[:, None] + causal_offset
+
+
 def _attend_lse_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                      causal_offset: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+                      causal_offset: int | torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     h, m, d = q.shape
     hkv, n = k.shape[0], k.shape[1]
     g = h // hkv
     if causal_offset is None:  # the query heads of one KV head become rows of one product
         o, lse = _FLASH_CPU(q.reshape(1, hkv, g * m, d), k[None], v[None], scale=scale)[:2]
     else:
-        rows = torch.arange(m, device=q.device)[:, None] + causal_offset
+        rows = _last_keys(0, m, causal_offset, q.device)
         bias = torch.zeros(m, n, dtype=q.dtype, device=q.device)
         bias.masked_fill_(torch.arange(n, device=q.device)[None, :] > rows, float("-inf"))
         o, lse = _FLASH_CPU(q[None], k.repeat_interleave(g, 0)[None], v.repeat_interleave(g, 0)[None],
@@ -234,7 +250,7 @@ def _attend_lse_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
 
 def attend_lse_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                      causal_offset: int | None, window: int | None = None,
+                      causal_offset: int | torch.Tensor | None, window: int | None = None,
                       softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`attend_lse` with plain matmuls over bounded blocks of queries (any device).
 
@@ -256,7 +272,7 @@ def attend_lse_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
         if softcap is not None:
             s = torch.tanh(s / softcap) * softcap
         if causal_offset is not None:
-            rows = torch.arange(a, b, device=q.device)[:, None] + causal_offset
+            rows = _last_keys(a, b, causal_offset, q.device)
             hidden = cols > rows
             if window is not None:
                 hidden |= cols <= rows - window
@@ -325,10 +341,13 @@ def _windowed_attention(q: torch.Tensor, layout: BatchLayout, k_pool: torch.Tens
     out = torch.empty(h, t, d, dtype=torch.float32, device=q.device)
     for seg in layout.segments:
         first = seg.prefix_len + seg.own_past  # position of the segment's first new token
+        rows = first if seg.positions is None else seg.positions
+        if seg.positions is not None:
+            first = int(seg.positions[0])
         lo = 0 if window is None else max(0, first - window + 1)  # keys no row of the segment sees are skipped
         runs = split_runs(seg.prefix + seg.own, lo)[1]
         k, v = gather_kv(k_pool, runs), gather_kv(v_pool, runs)
-        o, _ = attend_lse_blocks(q[:, seg.start : seg.start + seg.length], k, v, scale, first - lo, window, softcap)
+        o, _ = attend_lse_blocks(q[:, seg.start : seg.start + seg.length], k, v, scale, rows - lo, window, softcap)
         out[:, seg.start : seg.start + seg.length] = o
     return out
 
@@ -350,6 +369,10 @@ def engine_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     h, t, d = q.shape
     scale = scaling if scaling is not None else d**-0.5
     k_pool, v_pool = layout.pool.kv[layer, 0], layout.pool.kv[layer, 1]
+    if layer == layout.deviation_layer:  # how far the stored K/V of these rows are from the new ones
+        dk = (key[0].float() - k_pool[:, layout.write_slots].float()).pow(2).sum((0, 2))
+        layout.deviation = dk + (value[0].float() - v_pool[:, layout.write_slots].float()).pow(2).sum((0, 2))
+        raise StopForward
     k_pool.index_copy_(1, layout.write_slots, key[0].to(k_pool.dtype))
     v_pool.index_copy_(1, layout.write_slots, value[0].to(v_pool.dtype))
 
@@ -363,6 +386,12 @@ def engine_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     lse = torch.empty(h, t, dtype=torch.float32, device=q.device) if layout.prefix_groups else None
     for seg in layout.segments:
         s, e = seg.start, seg.start + seg.length
+        if seg.positions is not None:  # scattered queries over all their keys, masked by position
+            k, v = gather_kv(k_pool, seg.keys), gather_kv(v_pool, seg.keys)
+            out[:, s:e] = attend_lse(q[:, s:e], k, v, scale, causal_offset=seg.positions)[0]
+            if lse is not None:
+                lse[:, s:e] = 0.0  # final: prefix groups never include these rows
+            continue
         if is_short(seg):
             continue
         if seg.sparse and layout.sparse is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -25,6 +25,35 @@ def parse_bytes(value: int | str) -> int:
     if not m or m.group(2).lower() not in _UNITS:
         raise ValueError(f"not a size: {value!r} (use bytes, or a number with KB, MB, GB, KiB, MiB or GiB)")
     return int(float(m.group(1).replace("_", "")) * _UNITS[m.group(2).lower()])
+
+
+class KVReuse(BaseModel):
+    """How a prompt's documents reuse KV computed for each of them alone (the chunk store).
+
+    ``full``: prefill them in place (exact, the reference). ``blend``: take their stored KV,
+    re-rotated to where they land, and recompute the ``recompute_ratio`` of their tokens
+    whose KV deviates most once they see the real context (measured at ``select_layer``).
+    ``sink``: recompute the first ``sink_tokens`` of each document. ``none``: recompute
+    nothing. ``"blend"`` alone is accepted for ``KVReuse(mode="blend")``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["full", "blend", "sink", "none"] = "full"
+    recompute_ratio: float = Field(0.15, ge=0.0, le=1.0, description="blend: share of document tokens recomputed")
+    select_layer: int = Field(1, ge=1, description="blend: the layer whose KV deviation picks the tokens "
+                              "(the layers before it are recomputed for every token)")
+    sink_tokens: int = Field(16, ge=0, description="sink: first tokens of each document recomputed")
+    min_chunk_tokens: int = Field(8, ge=1, description="shorter documents are prefilled in place")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data: Any) -> Any:
+        return {"mode": data} if isinstance(data, str) else data
+
+    @property
+    def reuses(self) -> bool:
+        return self.mode != "full"
 
 
 class EngineConfig(BaseModel):
@@ -52,6 +81,8 @@ class EngineConfig(BaseModel):
     lean_forward: bool = Field(True, description="run llama-style models through the engine's lean forward "
                                "(fused weights, same numbers as transformers, far fewer operations)")
     sparse: SparseConfig | None = Field(None, description="sparse prefill for long prompts (True: defaults)")
+    kv_reuse: KVReuse = Field(default_factory=KVReuse, description="default reuse of documents' stored KV for "
+                              "requests that mark their documents ('full', 'blend', 'sink' or 'none')")
 
     @model_validator(mode="before")
     @classmethod

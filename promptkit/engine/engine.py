@@ -3,7 +3,9 @@
 One loop thread owns every step: it takes submitted requests, prefills the
 prefixes that requests arriving together share, admits what the KV pool has
 room for, runs one packed forward over decode tokens and prefill chunks,
-samples the whole batch at once and retires finished requests. Callers
+samples the whole batch at once and retires finished requests. Requests
+whose documents reuse stored KV are assembled from the chunk store between
+admission and the forward (``reuse.py``). Callers
 submit and wait on a future per request (or read a stream of its tokens);
 an error fails exactly the requests it concerns and is raised in their
 callers, and their KV and locks are released on every path.
@@ -27,11 +29,13 @@ import weakref
 import torch
 
 from ..structured import accept_tokens, process_logits
+from .chunk_store import ChunkStore, write_store
 from .config import EngineConfig
 from .families import check_supported
 from .kv_pool import KVBudgetError, KVPool
 from .radix_cache import RadixCache
 from .request import Request
+from .reuse import Assembler
 from .runner import ModelRunner
 from .sampler import sample, token_logprobs
 from .scheduler import Scheduler, prefix_job_steps, shared_prefixes
@@ -71,10 +75,13 @@ class Engine:
         self.device = p.device
         self.pool = KVPool(cfg.num_hidden_layers, kv_heads, head_dim, dtype, p.device, self.config.max_kv_bytes)
         self.cache = RadixCache(self.pool, enabled=self.config.prefix_cache)
-        self.scheduler = Scheduler(self.pool, self.cache, self.config)
+        self.chunks = ChunkStore(self.pool, self.cache.tick)
+        self.scheduler = Scheduler(self.pool, self.cache, self.config, self.chunks)
         self.runner = ModelRunner(model, self.pool, self.cache, self.config.sparse, self.config.lean_forward)
         self.vocab_size = model.get_output_embeddings().out_features if model.get_output_embeddings() is not None \
             else model.config.vocab_size
+        self.reuse = Assembler(model, self.pool, self.cache, self.chunks, self.scheduler, self.runner,
+                               self._run_jobs, self.config.max_batch_tokens)
         self.steps = 0
         self.fast_forwarded = 0  # tokens appended without a forward because the grammar allowed nothing else
         self._lock = threading.RLock()  # held by the loop for each step, and by side passes (exclusive())
@@ -124,6 +131,16 @@ class Engine:
                 "raise max_kv_bytes or shorten the prompt")
         if req.params.temperature > 0:
             req.seed = req.params.seed if req.params.seed is not None else secrets.randbits(63)
+        if req.reuse is not None and req.reuse.config.reuses:
+            self.reuse.rerotator()  # a model whose keys cannot be moved is refused here
+            end = 0
+            for s, e in req.reuse.spans:
+                if not end <= s < e <= req.prompt_len:
+                    raise ValueError(f"document spans must be ordered, disjoint and inside the prompt: {(s, e)}")
+                end = e
+            if req.reuse.config.select_layer >= self.pool.kv.shape[0]:
+                raise ValueError(f"select_layer {req.reuse.config.select_layer} is past the model's "
+                                 f"{self.pool.kv.shape[0]} layers")
 
     def run(self, reqs: list[Request]) -> list[Request]:
         """Submit ``reqs`` and wait until all are finished; raise the first error among them."""
@@ -168,10 +185,41 @@ class Engine:
         with self._lock:
             return self.runner.attention_to(tokens, query_from, num_layers, first_layer)
 
-    def clear_cache(self) -> None:
-        """Drop every cached prefix not in use."""
+    def clear_cache(self, chunks: bool = True) -> None:
+        """Drop every cached prefix not in use (and, with ``chunks``, every stored chunk and the
+        lead-in of a loaded store)."""
         with self._lock:
             self.cache.clear()
+            if chunks:
+                self.chunks.clear()
+                self.chunks.lead_in = None
+
+    # -- the chunk store -------------------------------------------------------------
+    def store_chunks(self, lead_in: list[int], chunks: list[list[int]]) -> int:
+        """Encode ``chunks`` (token ids of documents) alone after ``lead_in`` into the chunk
+        store, ahead of the requests that will reuse them; returns how many are stored."""
+        with self._lock:
+            return self.reuse.store_chunks(lead_in, chunks)
+
+    def identity(self) -> dict[str, Any]:
+        """What a saved chunk store must have been made with to be loaded here."""
+        return model_identity(self.model, self.pool.kv.dtype)
+
+    def export_chunks(self, lead_in: list[int]) -> tuple[torch.Tensor, list[int], list[int]]:
+        """The stored chunks encoded after ``lead_in`` (see :meth:`ChunkStore.export`)."""
+        with self._lock:
+            return self.chunks.export(lead_in)
+
+    def save_chunks(self, path: str, lead_in: list[int], extra: dict[str, Any] | None = None) -> int:
+        """Save the stored chunks encoded after ``lead_in`` (safetensors); returns how many."""
+        return write_store(path, [self.export_chunks(lead_in)], lead_in, self.identity(), extra)
+
+    def load_chunks(self, path: str, lead_in: list[int] | None = None) -> int:
+        """Load a saved chunk store (refused with StaleKVError if made for another model or,
+        when given, another ``lead_in``); returns how many chunks fit the KV budget."""
+        self.reuse.rerotator()
+        with self._lock:
+            return self.chunks.load(path, self.identity(), lead_in, make_room=self.scheduler._make_room)
 
     def check_integrity(self) -> None:
         """Raise AssertionError if KV slots leaked or the prefix tree is inconsistent."""
@@ -183,13 +231,14 @@ class Engine:
             s, pool, sched = self.cache.stats, self.pool, self.scheduler
             bpt = pool.bytes_per_token
             return {"tokens_requested": s.tokens_requested, "tokens_cached": s.tokens_cached,
-                    "tokens_prefilled": s.tokens_prefilled, "evictions": s.evictions,
+                    "tokens_prefilled": s.tokens_prefilled, "tokens_reused": self.reuse.reused_tokens,
+                    "tokens_recomputed": self.reuse.recomputed_tokens, "evictions": s.evictions,
                     "evicted_tokens": s.evicted_tokens, "preemptions": sched.preemptions, "steps": self.steps,
                     "fast_forwarded_tokens": self.fast_forwarded,
                     "running": len(sched.running), "waiting": len(sched.waiting) + len(self._inbox),
                     "kv_budget_bytes": pool.capacity * bpt, "kv_used_bytes": pool.used * bpt,
                     "kv_high_water_bytes": pool.high_water * bpt,
-                    **{f"cache_{k}": v for k, v in self.cache.size_info().items()}}
+                    **{f"cache_{k}": v for k, v in self.cache.size_info().items()}, **self.chunks.info()}
 
     def close(self, join_timeout: float = 30) -> None:
         """Stop the loop thread; requests still queued fail."""
@@ -231,11 +280,19 @@ class Engine:
         if self.cache.enabled:
             self._prefill_shared_prefixes(self.scheduler.window())
         try:
-            failed = self.scheduler.admit()[1]
+            admitted, failed = self.scheduler.admit()
         except Exception as e:  # the requests it was admitting fail; the running ones go on
-            failed = [(r, e) for r in self.scheduler.window()]
+            admitted, failed = [], [(r, e) for r in self.scheduler.window()]
         for r, e in failed:
             self._fail(r, e)
+        assembling = [r for r in admitted if r.reuse is not None]
+        if assembling:
+            try:
+                self.reuse.assemble(assembling)
+            except Exception as e:  # those requests fail; the running ones go on
+                log.exception("assembling from stored KV failed")
+                for r in assembling:
+                    self._fail(r, e)
         batch = self.scheduler.plan()
         for r in self.scheduler.stalled:
             self._finish(r, "length")  # alone and the pool holds no slot for its next token
@@ -259,17 +316,11 @@ class Engine:
         fresh = [r for r in window if r.preemptions == 0 and r.kind != "prefix"]
         if len(fresh) < 2:
             return
-        prompts = [r.tokens[: r.score_from] if r.kind == "score" else r.tokens for r in fresh]
+        prompts = [r.tokens[: _shareable(r)] for r in fresh]
         for level in prefix_job_steps(shared_prefixes(prompts, self.config.share_min_tokens)):
             jobs = self.scheduler.start_prefix_jobs(level)
             try:
-                while any(r.pending for r in jobs):
-                    batch = self.scheduler.plan(jobs)
-                    if not batch:
-                        break
-                    self.runner.forward(batch)
-                    for r, n in batch:
-                        self.scheduler.advance(r, n)
+                self._run_jobs(jobs)
             except Exception:  # sharing is an optimisation: the requests prefill their own prompts
                 log.exception("prefix prefill failed")
                 for r in jobs:
@@ -277,6 +328,16 @@ class Engine:
                 return
             for r in jobs:
                 self.scheduler.retire(r, keep=r.pending == 0)
+
+    def _run_jobs(self, jobs: list[Request]) -> None:
+        """Prefill internal jobs (prefixes, chunks) to the end, as many per forward as fit."""
+        while any(r.pending for r in jobs):
+            batch = self.scheduler.plan(jobs)
+            if not batch:
+                break
+            self.runner.forward(batch)
+            for r, n in batch:
+                self.scheduler.advance(r, n)
 
     def _after_forward(self, batch: list[tuple[Request, int]], logits: torch.Tensor,
                        spans: list[tuple[int, int]]) -> None:
@@ -359,6 +420,8 @@ class Engine:
                 self._fail(r, e)
 
     def _append(self, r: Request, tok: int) -> None:
+        if r.first_token_seconds is None:
+            r.first_token_seconds = time.perf_counter() - r.started
         if tok in self.eos_ids:
             return self._finish(r, "stop")
         r.tokens.append(tok)
@@ -435,3 +498,27 @@ class Engine:
                 log.exception("could not fail request %s cleanly", r.id)
         sched.waiting.clear()
         sched.running.clear()
+
+
+def _shareable(r: Request) -> int:
+    """Prompt tokens worth sharing as a prefix job: a score request's context; never a document
+    that the request reuses from the chunk store."""
+    n = r.score_from if r.kind == "score" else len(r.tokens)
+    if r.reuse is not None and r.reuse.config.reuses and r.reuse.spans:
+        n = min(n, r.reuse.spans[0][0])
+    return n
+
+
+def model_identity(model: Any, kv_dtype: torch.dtype) -> dict[str, Any]:
+    """The model's architecture and a fingerprint of its weights (a few values of every tensor)."""
+    import hashlib
+
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        flat = p.detach().reshape(-1)
+        sample = torch.cat([flat[:256], flat[-256:]]).float().cpu()
+        h.update(f"{name}{tuple(p.shape)}".encode())
+        h.update(sample.numpy().tobytes())
+    return {"model_type": getattr(cfg, "model_type", "?"), "layers": cfg.num_hidden_layers,
+            "kv_dtype": str(kv_dtype).replace("torch.", ""), "weights": h.hexdigest()[:32]}

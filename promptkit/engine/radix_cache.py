@@ -77,6 +77,10 @@ class RadixCache:
     def evictable_tokens(self) -> int:
         return self.cached_tokens - self.locked_tokens
 
+    def tick(self) -> int:
+        """The next time on the LRU clock (shared with the chunk store)."""
+        return next(self._clock)
+
     def kv(self, node: Node) -> torch.Tensor:
         """The node's KV for every layer, ``[layers, 2, kv_heads, n, head_dim]`` (a view)."""
         return self.pool.view(node.run)
@@ -161,6 +165,19 @@ class RadixCache:
 
     def _push(self, leaf: Node) -> None:
         heapq.heappush(self._heap, (leaf.last_access, next(self._seq), leaf))
+
+    def oldest(self) -> int | None:
+        """Last access of the least recently used evictable leaf (None when there is none)."""
+        while self._heap:
+            t, _, leaf = self._heap[0]
+            if leaf.parent is None or leaf.children or leaf.lock_ref:
+                heapq.heappop(self._heap)  # gone, grew children or locked since it was pushed
+            elif leaf.last_access != t:
+                heapq.heappop(self._heap)
+                self._push(leaf)  # used since: back in the queue at its new time
+            else:
+                return t
+        return None
 
     def evict(self, tokens: int) -> int:
         """Free at least ``tokens`` slots from unlocked leaves, least recently used first."""

@@ -2,9 +2,11 @@
 
 Its tokens are the prompt followed by what it has generated. ``computed``
 tokens have KV: the first ``cached_len`` in the radix tree (the locked path
-ending at ``node``), the rest in the request's own pool ``runs``. The engine
-loop alone changes a request; callers wait on ``future`` (or read ``events``
-when streaming).
+ending at ``node``), the rest in the request's own pool ``runs``. A request
+whose documents reuse stored KV (``reuse``) has its own slots filled from the
+chunk store first; then only the positions in ``todo`` are computed. The
+engine loop alone changes a request; callers wait on ``future`` (or read
+``events`` when streaming).
 """
 
 from __future__ import annotations
@@ -18,10 +20,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..backends.base import SamplingParams
+from .config import KVReuse
 from .kv_pool import Run
 from .radix_cache import Node
 
 _ids = itertools.count()
+
+
+@dataclass
+class Reuse:
+    """Documents of a prompt whose KV may come from the chunk store, and how."""
+
+    config: KVReuse
+    spans: list[tuple[int, int]]  # token positions [start, end) of each document, in order
+    lead_in: tuple[int, ...] | None = None  # tokens the documents are encoded after (None: the store's
+    # lead-in if it has one, else the prompt's tokens before its first document)
 
 
 @dataclass(eq=False)
@@ -42,8 +55,16 @@ class Request:
     runs: list[Run] = field(default_factory=list)  # own pool slots, for tokens from cached_len on
     own_len: int = 0  # own tokens whose KV is computed
     admitted_seq: int = -1  # admission order (the youngest is preempted first)
+    reuse: Reuse | None = None
+    todo: list[int] | None = None  # assembled from stored KV: positions still to compute, ascending
+    todo_done: int = 0
+    exact_len: int | None = None  # KV past this position is reused (never handed to the prefix tree)
     # results
     matched_len: int = 0  # prompt tokens served from the cache at first admission
+    reused_tokens: int = 0  # prompt tokens whose KV came from the chunk store and was kept
+    recomputed_tokens: int = 0  # document tokens taken from the store, then recomputed in context
+    stored_tokens: int = 0  # document tokens encoded alone into the store for this request
+    first_token_seconds: float | None = None
     generated: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # (token id, logprob) per step
@@ -65,6 +86,9 @@ class Request:
 
     @property
     def computed(self) -> int:
+        """Tokens before which every position has KV."""
+        if self.todo is not None and self.todo_done < len(self.todo):
+            return self.todo[self.todo_done]
         return self.cached_len + self.own_len
 
     @property
@@ -75,4 +99,11 @@ class Request:
     @property
     def pending(self) -> int:
         """Tokens whose KV the next forwards must compute before the request can sample or finish."""
+        if self.todo is not None:
+            return len(self.todo) - self.todo_done
         return len(self.tokens) - self.computed
+
+    def positions(self, n: int) -> list[int] | None:
+        """Positions of the next ``n`` tokens to compute when they are scattered (an assembled
+        prefill), else None (they are ``computed .. computed + n``)."""
+        return None if self.todo is None else self.todo[self.todo_done : self.todo_done + n]

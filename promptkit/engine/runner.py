@@ -1,7 +1,8 @@
 """One forward of the model over a planned batch, and the logits it must produce.
 
 The batch's new tokens go end to end into one sequence (position ids restart
-at each request's cached length). Attention (``attention.py``) reads and
+at each request's cached length; a request recomputing tokens among reused
+KV brings its own scattered positions). Attention (``attention.py``) reads and
 writes the KV pool through the layout built here. Logits come from the
 model's own head (``logits_to_keep`` picks the rows), so whatever the model
 does after its last layer (final softcapping, logit scales) is applied.
@@ -52,18 +53,67 @@ class ModelRunner:
     def forward(self, batch: list[tuple[Request, int]]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Run ``batch`` (request, new tokens); return the logits rows it needs ([R, V], float32) and
         each request's ``(first, end)`` slice of them (the rows of :func:`logit_rows`)."""
+        layout, input_ids, positions = self._layout(batch)
+        rows, spans = [], []
+        offset = 0
+        for r, n in batch:
+            lo, hi = logit_rows(r, n)
+            spans.append((len(rows), len(rows) + hi - lo))
+            rows.extend(range(offset + lo, offset + hi))
+            offset += n
+        keep = torch.tensor(rows or [0], device=self.device)  # an empty tensor would mean "every row"
+        set_layout(layout)
+        try:
+            logits = self._logits(input_ids, positions, keep)
+        finally:
+            set_layout(None)
+        return logits[0].float(), spans
+
+    def _logits(self, input_ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        if self.lean is not None:
+            return self.lean(input_ids, positions, keep)
+        return self.model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=keep).logits
+
+    @torch.inference_mode()
+    def kv_deviation(self, batch: list[tuple[Request, int]], layer: int) -> torch.Tensor:
+        """Run ``batch`` up to ``layer`` (the layers before it write their K/V as usual); return,
+        per packed row, the squared distance between the K/V that ``layer`` computes and those
+        already in the row's slot."""
+        layout, input_ids, positions = self._layout(batch)
+        layout.deviation_layer = layer
+        set_layout(layout)
+        try:
+            self._logits(input_ids, positions, torch.tensor([0], device=self.device))
+        except StopForward:
+            pass
+        finally:
+            set_layout(None)
+        if layout.deviation is None:
+            raise ValueError(f"layer {layer} is past the model's last layer")
+        return layout.deviation
+
+    def _layout(self, batch: list[tuple[Request, int]]) -> tuple[BatchLayout, torch.Tensor, torch.Tensor]:
+        """The attention layout of ``batch``, its token ids [1, T] and position ids [1, T]."""
         ids, starts, segs, writes = [], [], [], []
         paths = [r.node.path() if r.node is not None and r.cached_len else [] for r, _ in batch]
         sparse = [self._use_sparse(r, n) for r, n in batch]
         # A cached node is attended to once for all the segments that share it (cascade); a node
         # only one segment uses is part of that segment's own keys, read in the same product.
         users: dict[int, int] = {}
-        for path, sp in zip(paths, sparse):
-            for node in path if not sp else ():
+        for path, sp, (r, _) in zip(paths, sparse, batch):
+            for node in path if not sp and r.todo is None else ():
                 users[id(node)] = users.get(id(node), 0) + 1
         groups: dict[int, tuple[Any, list[torch.Tensor]]] = {}
         offset = 0
         for (r, n), path, sp in zip(batch, paths, sparse):
+            if r.todo is not None:  # recomputing scattered positions among reused KV
+                seg, write = self._scattered(r, n, offset, path)
+                ids.extend(r.tokens[p] for p in r.positions(n))  # type: ignore[union-attr]
+                starts.append(0)
+                segs.append(seg)
+                writes.append(write)
+                offset += n
+                continue
             own, _ = split_runs(r.runs, r.own_len + n)
             writes.append(split_runs(own, r.own_len)[1])
             shared = [] if sp else [node for node in path if users[id(node)] > 1]
@@ -78,26 +128,22 @@ class ModelRunner:
         layout = BatchLayout(segs, self._prefix_groups(groups), pool=self.pool,
                              write_slots=run_slots([w for ws in writes for w in ws], self.device),
                              sparse=self._sparse if self.sparse_config is not None else None)
-        rows, spans = [], []
-        offset = 0
-        for r, n in batch:
-            lo, hi = logit_rows(r, n)
-            spans.append((len(rows), len(rows) + hi - lo))
-            rows.extend(range(offset + lo, offset + hi))
-            offset += n
-        keep = torch.tensor(rows or [0], device=self.device)  # an empty tensor would mean "every row"
-        input_ids = torch.tensor([ids], device=self.device)
-        positions = packed_positions(starts, [n for _, n in batch], self.device)[None]
-        set_layout(layout)
-        try:
-            if self.lean is not None:
-                logits = self.lean(input_ids, positions, keep)
-            else:
-                logits = self.model(input_ids=input_ids, position_ids=positions, use_cache=False,
-                                    logits_to_keep=keep).logits
-        finally:
-            set_layout(None)
-        return logits[0].float(), spans
+        positions = packed_positions(starts, [n for _, n in batch], self.device)
+        for seg in segs:
+            if seg.positions is not None:
+                positions[seg.start : seg.start + seg.length] = seg.positions
+        return layout, torch.tensor([ids], device=self.device), positions[None]
+
+    def _scattered(self, r: Request, n: int, offset: int, path: list) -> tuple[SegmentLayout, list]:
+        """The segment of a request computing ``n`` of its scattered positions among reused KV (it
+        attends to its whole context alone), and the pool runs its new K/V go to (a slot each)."""
+        pos = r.positions(n)
+        own, _ = split_runs(r.runs, pos[-1] + 1 - r.cached_len)  # type: ignore[index]
+        slots = run_slots(own)[torch.tensor(pos) - r.cached_len].tolist()
+        prefix = merge_runs([p.run for p in path])
+        seg = SegmentLayout(offset, n, own, 0, prefix=prefix, prefix_len=r.cached_len, keys=merge_runs(prefix + own),
+                            positions=torch.tensor(pos, device=self.device))
+        return seg, merge_runs([(s, 1) for s in slots])
 
     @staticmethod
     def _prefix_groups(groups: dict[int, tuple[Any, list[torch.Tensor]]]) -> list[tuple[list, torch.Tensor]]:
@@ -133,6 +179,14 @@ class ModelRunner:
 def logit_rows(r: Request, n: int) -> tuple[int, int]:
     """Rows (relative to the request's segment) whose logits a forward of ``n`` tokens must produce:
     scored tokens, or the last token when the request samples next."""
+    if r.todo is not None:  # scattered: the wanted positions are the last ones, which are consecutive
+        pos = r.positions(n)
+        first, end = pos[-1] + 1 - n, pos[-1] + 1  # type: ignore[index]
+        if r.kind == "score":
+            lo, hi = max(first, r.score_from - 1), min(end, r.prompt_len - 1)
+            assert hi <= lo or pos[lo - first] == lo, "scored positions must be computed together"  # type: ignore[index]
+            return (lo - first, hi - first) if hi > lo else (0, 0)
+        return (n - 1, n) if r.kind == "generate" and end == len(r.tokens) else (0, 0)
     first, end = r.computed, r.computed + n
     if r.kind == "score":
         lo, hi = max(first, r.score_from - 1), min(end, r.prompt_len - 1)

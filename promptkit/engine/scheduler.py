@@ -1,7 +1,8 @@
 """Admission, planning and retiring: which requests run, on which KV slots, in which forward.
 
 Admission takes waiting requests while the KV pool has slots for their
-uncached prompt (evicting unused cached prefixes to make room). Planning
+uncached prompt (evicting unused cached prefixes and stored chunks, least
+recently used first, to make room). Planning
 packs one token per decoding request and then prefill chunks of the others
 into one forward of at most ``max_batch_tokens``; a request that needs a slot
 the pool cannot give preempts the youngest running request, which frees its
@@ -19,6 +20,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 
+from .chunk_store import ChunkStore
 from .config import EngineConfig
 from .kv_pool import KVPool, split_runs
 from .prepack import first_fit_decreasing
@@ -29,8 +31,9 @@ from .request import Request
 class Scheduler:
     """Queues of waiting and running requests over one KV pool and its prefix tree."""
 
-    def __init__(self, pool: KVPool, cache: RadixCache, config: EngineConfig) -> None:
-        self.pool, self.cache, self.config = pool, cache, config
+    def __init__(self, pool: KVPool, cache: RadixCache, config: EngineConfig,
+                 store: ChunkStore | None = None) -> None:
+        self.pool, self.cache, self.config, self.store = pool, cache, config, store
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.preemptions = 0
@@ -102,7 +105,17 @@ class Scheduler:
             return True
         if protect is not None:
             self.cache.lock(protect)
-        self.cache.evict(need - self.pool.free_slots)
+        if self.store is None or not len(self.store):
+            self.cache.evict(need - self.pool.free_slots)
+        else:  # the least recently used of tree leaves and stored chunks goes first
+            while self.pool.free_slots < need:
+                leaf, chunk = self.cache.oldest(), self.store.oldest()
+                if leaf is None and chunk is None:
+                    break
+                if chunk is not None and (leaf is None or chunk < leaf):
+                    self.store.evict(1)
+                else:
+                    self.cache.evict(1)
         if protect is not None:
             self.cache.unlock(protect)
         return self.pool.free_slots >= need
@@ -110,16 +123,31 @@ class Scheduler:
     def start_prefix_jobs(self, prefixes: list[tuple[int, ...]]) -> list[Request]:
         """Prefix jobs for ``prefixes`` not yet cached, admitted outside ``running`` (skipped when
         the pool has no room for them: sharing is an optimisation, never a reason to preempt)."""
-        jobs = []
-        for p in prefixes:
-            r = Request(tokens=list(p), kind="prefix")
-            node, n = self.cache.match_prefix(r.tokens)
-            if n >= len(p) or not self._make_room(len(p) - n, protect=node):
-                continue
-            self.cache.lock(node)
-            r.node, r.cached_len, r.runs = node, n, self.pool.alloc(len(p) - n) or []
-            jobs.append(r)
-        return jobs
+        return [r for p in prefixes if (r := self.start_job(list(p))) is not None]
+
+    def start_job(self, tokens: list[int], match_limit: int | None = None) -> Request | None:
+        """An internal prefix job computing ``tokens`` past their cached prefix (at most
+        ``match_limit`` tokens of it), or None when all are cached or the pool has no room."""
+        r = Request(tokens=tokens, kind="prefix")
+        node, n = self.cache.match_prefix(r.tokens, match_limit)
+        if n >= len(tokens) or not self._make_room(len(tokens) - n, protect=node):
+            return None
+        self.cache.lock(node)
+        r.node, r.cached_len, r.runs = node, n, self.pool.alloc(len(tokens) - n) or []
+        return r
+
+    def rematch(self, r: Request) -> None:
+        """Before ``r`` computed anything: take a longer cached prefix if one appeared since its
+        admission (its own slots for those tokens go back to the pool)."""
+        assert r.own_len == 0 and r.node is not None
+        node, n = self.cache.match_prefix(r.tokens, self._match_limit(r))
+        if n <= r.cached_len:
+            return
+        self.cache.lock(node)
+        self.cache.unlock(r.node)
+        head, r.runs = split_runs(r.runs, n - r.cached_len)
+        self.pool.free(head)
+        r.node, r.cached_len = node, n
 
     # -- planning ------------------------------------------------------------------------
     def plan(self, jobs: list[Request] | None = None) -> list[tuple[Request, int]]:
@@ -183,12 +211,20 @@ class Scheduler:
     # -- progress and retiring -------------------------------------------------------------
     def advance(self, r: Request, n: int) -> None:
         """``n`` more of ``r``'s tokens now have KV."""
+        if r.todo is not None:  # an assembled prefill: the rest of the prompt is reused KV
+            self.cache.stats.tokens_prefilled += n
+            r.todo_done += n
+            if r.todo_done == len(r.todo):
+                r.todo, r.todo_done, r.own_len = None, 0, r.prompt_len - r.cached_len
+            return
         if r.computed < r.prompt_len:
             self.cache.stats.tokens_prefilled += min(n, r.prompt_len - r.computed)
         r.own_len += n
 
     def cache_prompt(self, r: Request, upto: int) -> None:
         """Hand the KV of ``r.tokens[:upto]`` to the prefix tree and continue from that node."""
+        if r.exact_len is not None:
+            upto = min(upto, r.exact_len)  # reused KV is close, not exact: never served as a prefix
         if not self.cache.enabled or upto <= r.cached_len:
             return
         done = upto - r.cached_len
@@ -216,13 +252,15 @@ class Scheduler:
         if r.node is not None:
             self.cache.unlock(r.node)
         r.runs, r.node, r.cached_len, r.own_len = [], None, 0, 0
+        r.todo, r.todo_done, r.exact_len = None, 0, None  # a preempted assembly starts over
 
     def check(self) -> None:
         """Raise AssertionError unless every pool slot is free, cached or owned by one request."""
         self.pool.check()
         self.cache.check_integrity()
         owned = sum(r.capacity for r in self.running)
-        assert self.cache.cached_tokens + owned + self.pool.free_slots == self.pool.capacity, "slots leaked"
+        stored = self.store.tokens if self.store is not None else 0
+        assert self.cache.cached_tokens + stored + owned + self.pool.free_slots == self.pool.capacity, "slots leaked"
         assert not any(r.runs or r.node for r in self.waiting), "a waiting request holds KV"
 
 
