@@ -2,7 +2,8 @@
 # Set up (once) and run the whole test suite. "No tests collected" counts as a failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh || exit 1
+# The test run includes the optional Gemma 3 270M (its integration test); PROMPTKIT_GEMMA=0 skips it.
+PROMPTKIT_GEMMA=${PROMPTKIT_GEMMA:-1} bash scripts/setup.sh || exit 1
 .venv/bin/python -m pytest -q "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then

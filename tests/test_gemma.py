@@ -51,3 +51,27 @@ def test_gemma_converts_once_and_scores_as_a_base_model():
     paris, rome = lm.score("The capital of France is", [" Paris", " Rome"])
     assert paris > rome
     assert "France" in lm.generate("The capital of France is", max_tokens=10)[0].text
+
+
+@needs_gemma
+def test_gemma_on_the_engine_equals_transformers():
+    """The engine's greedy tokens and choice scores equal transformers' on Gemma 3 270M: a short
+    prompt, and one longer than its 512-token sliding window (local layers see only the window),
+    cold and then warm from the prefix cache."""
+    from promptkit import LM
+
+    hf = LM(GEMMA3_270M, backend="hf")
+    engine = LM(GEMMA3_270M, max_kv_bytes="256MB")
+    facts = " ".join(f"Item {i} in the ledger is a {w}." for i, w in
+                     enumerate(["lamp", "chair", "river", "violin", "garden", "window", "anchor"] * 12))
+    long = facts + " The ledger's item 3 is a"
+    short = "The capital of France is"
+    assert hf.count_tokens(long) > 600  # past the sliding window
+    for prompt in (short, long):
+        want = hf.generate(prompt, max_tokens=12)[0]
+        for cache in ("cold", "warm"):
+            got = engine.generate(prompt, max_tokens=12)[0]
+            assert got.text == want.text, (cache, prompt[-40:])
+        assert got.usage.cached_tokens > 0  # the warm run read its prompt from the cache
+    choices = [" violin", " lamp", " river"]
+    assert engine.score(long, choices) == pytest.approx(hf.score(long, choices), abs=2e-3)
