@@ -124,7 +124,7 @@ def real_token_runs(lm, n: int, lo: int, hi: int, seed: int = 0) -> list[list[in
     """``n`` runs of consecutive tokens of real Wikipedia text, lengths uniform in ``lo..hi``."""
     import random
 
-    from datasets import load_wikipedia_articles
+    from evaldata import load_wikipedia_articles
 
     text = "\n\n".join(a["text"] for a in load_wikipedia_articles())
     ids = lm.backend.encode_continuation(text[: max(200_000, 8 * n * hi)])  # ~4 characters a token: room to spare

@@ -1,6 +1,6 @@
 """P5: prompt compression against the llmlingua package, on question answering over several documents.
 
-Questions are SQuAD v1.1 dev's (human-written, with human answers; bench/datasets.py
+Questions are SQuAD v1.1 dev's (human-written, with human answers; bench/evaldata.py
 ``load_squad``). Each comes with four Wikipedia paragraphs (its own and three from
 other articles, in random order). At rates 0.5 and 0.33 every method
 compresses the context; the embedded LM then answers from the compressed
@@ -39,7 +39,7 @@ ANSWER_TOKENS = 16
 
 
 def build_items(n: int, seed: int = 0) -> list[dict]:
-    from datasets import load_squad
+    from evaldata import load_squad
 
     qa = load_squad()
     rng = random.Random(seed)

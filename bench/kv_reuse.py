@@ -44,7 +44,7 @@ INSTRUCTION = "Answer the question with a short span copied from the context."
 def squad_setup(n: int, articles: int, shots: int, seed: int):
     """Corpus (every dev paragraph), ``n`` questions from ``articles`` random articles, and
     ``shots`` exemplars from other articles."""
-    from datasets import load_squad_dev
+    from evaldata import load_squad_dev
 
     paras = load_squad_dev()
     corpus = [Document(id=f"p{i}", text=p["context"], metadata={"title": p["title"]}) for i, p in enumerate(paras)]

@@ -1,6 +1,6 @@
 """P6: prompt optimizers on three real label sets, chosen on validation, judged on held-out data with 95 % CIs.
 
-Sets (bench/datasets.py): BBC News topics (headlines, 5 labels), Pang & Lee
+Sets (bench/evaldata.py): BBC News topics (headlines, 5 labels), Pang & Lee
 sentence polarity (MR, 2 labels), SNIPS intents (7 labels). Per set: a train
 pool, a validation set the optimizers search on (150 by default) and a
 held-out test set (300) touched twice only: by the zero-shot pipeline and by
@@ -65,7 +65,7 @@ TASKS = {
 
 def load(name: str, n_train: int, n_val: int, n_test: int, seed: int):
     """Train pool, validation and held-out test examples of one set, and its labels (seeded, stratified split)."""
-    from datasets import load_classification
+    from evaldata import load_classification
 
     task = TASKS[name]
     train, test, labels, _ = load_classification(name=name, seed=seed)

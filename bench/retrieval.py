@@ -1,6 +1,6 @@
 """Retrieval quality and BM25 speed.
 
-Quality (nDCG@10) on a real IR collection from bench/datasets.py: BM25,
+Quality (nDCG@10) on a real IR collection from bench/evaldata.py: BM25,
 dense (MiniLM + FAISS), hybrid (RRF), and hybrid + LM rerank of the top 20.
 Speed (P4): index time and queries/second of our BM25 vs bm25s and rank_bm25
 on the same corpus and the same tokens (Wikipedia paragraphs + BBC News
@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 
 from _common import emit, log, stage  # noqa: E402
-from datasets import load_classification, load_ir_collection, load_wikipedia_articles  # noqa: E402
+from evaldata import load_classification, load_ir_collection, load_wikipedia_articles  # noqa: E402
 
 from promptkit.types import Document  # noqa: E402
 from retrievers import BM25, Dense, Hybrid, LMReranker, english  # noqa: E402

@@ -2,7 +2,7 @@
 
 Clients send chat requests that share a system prompt (as a served RAG or QA
 app would) and differ in a real Wikipedia cloze question with its paragraph
-(bench/datasets.py ``load_qa``). A fixed number of concurrent clients each
+(bench/evaldata.py ``load_qa``). A fixed number of concurrent clients each
 send their share of requests; the server's queue is smaller than the number
 of clients, so some requests are answered 429 (counted, never retried).
 Every request is accounted for: ok + rejected_429 + lost == requests.
@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import emit, log, machine, peak_rss_mb, stage  # noqa: E402
-from datasets import load_qa  # noqa: E402
+from evaldata import load_qa  # noqa: E402
 
 from promptkit import LM  # noqa: E402
 from promptkit.server import BackgroundServer, create_app  # noqa: E402

@@ -22,7 +22,7 @@ from promptkit import LM, Example, Prompt, PromptTemplate
 
 def build_prompts(n: int, min_prefix_tokens: int, lm: LM) -> list[Prompt]:
     """Few-shot QA prompts: one instruction and exemplar block (>= min_prefix_tokens), n own questions."""
-    from datasets import load_qa
+    from evaldata import load_qa
 
     pool = iter(load_qa())
     template = PromptTemplate(input_format="Context: {context}\nQuestion: {question}", output_format="Answer: {answer}")

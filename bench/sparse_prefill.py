@@ -1,6 +1,6 @@
 """P3: sparse prefill with the real SmolLM2 — needle in a haystack, KL, attention and TTFT speed.
 
-The haystack is real text (Wikipedia articles from ``datasets.load_wikipedia_articles``); a
+The haystack is real text (Wikipedia articles from ``evaldata.load_wikipedia_articles``); a
 needle sentence with a random seven-digit "special magic number" (the format of RULER's
 single-needle task) is inserted at several depths and the model is asked for it. Dense (SDPA)
 and sparse prefill run on the same prompts in the same process:
@@ -39,7 +39,7 @@ def haystack_text(path: str | None) -> str:
     if path:
         with open(path, encoding="utf-8") as f:
             return f.read()
-    from datasets import load_wikipedia_articles  # bench/datasets.py
+    from evaldata import load_wikipedia_articles  # bench/evaldata.py
 
     parts = []
     for a in load_wikipedia_articles():

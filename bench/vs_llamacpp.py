@@ -135,7 +135,7 @@ def hf_decode(lm: LM, text: str, n: int) -> tuple[int, float]:
 
 
 def prefill_text(lm: LM, tokens: int) -> str:
-    from datasets import load_wikipedia_articles
+    from evaldata import load_wikipedia_articles
 
     body = " ".join(a["text"] for a in load_wikipedia_articles()[:20])
     return lm.backend.decode(lm.backend.encode(body)[:tokens])

@@ -12,7 +12,7 @@ from compressors.question import split_documents
 from promptkit import Prompt, SegmentKind
 
 _spec = importlib.util.spec_from_file_location(
-    "bench_datasets", os.path.join(os.path.dirname(__file__), "..", "bench", "datasets.py"))
+    "bench_datasets", os.path.join(os.path.dirname(__file__), "..", "bench", "evaldata.py"))
 _datasets = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_datasets)
 load_qa = _datasets.load_qa

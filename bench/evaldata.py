@@ -741,7 +741,7 @@ def load_classification(test_fraction: Optional[float] = None, seed: int = 0, na
     return loader(seed=seed) if test_fraction is None else loader(test_fraction=test_fraction, seed=seed)
 
 
-if __name__ == "__main__":  # python bench/datasets.py [--quick]: fetch every set, print their sizes
+if __name__ == "__main__":  # python bench/evaldata.py [--quick]: fetch every set, print their sizes
     import argparse
 
     parser = argparse.ArgumentParser(description="Fetch (once) and count every evaluation set.")
