@@ -15,7 +15,7 @@ with the cache off (the engine's own counters), and seconds. P6 proper: one
 search run with the prefix cache on and with it off (``LM(prefix_cache=False)``)
 on the first set, tokens prefilled and seconds.
 
-    python bench/optimizers.py [--quick] [--sets bbc,mr,snips] [--model gemma3-270m --backend hf]
+    python bench/optimizers.py [--quick] [--sets bbc,mr,snips] [--model gemma3-270m] [--optimizers knn_fewshot,joint_search]
 """
 
 from __future__ import annotations
