@@ -10,7 +10,7 @@ from promptkit.engine.config import EngineConfig
 from promptkit.engine.engine import Engine, Request
 from promptkit.engine.kv_pool import KVBudgetError
 
-from tiny import make_tiny_llama
+from tiny import hf_greedy, make_tiny_llama, prompts
 
 VOCAB = 512
 
@@ -28,19 +28,6 @@ BPT = 2 * 2 * 2 * 16 * 4  # KV bytes per token of the tiny llama: layers * (k, v
 
 def make_engine(**kw):
     return Engine(make_tiny_llama(seed=0, vocab=VOCAB), eos_ids=set(), **kw)
-
-
-def prompts(n, lo=5, hi=60, seed=1, shared=0):
-    g = torch.Generator().manual_seed(seed)
-    head = torch.randint(1, VOCAB, (shared,), generator=g).tolist()
-    return [head + torch.randint(1, VOCAB, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
-
-
-@torch.inference_mode()
-def hf_greedy(model, ids, n):
-    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-    return out[0, len(ids):].tolist()
 
 
 @torch.inference_mode()

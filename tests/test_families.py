@@ -4,27 +4,13 @@ evicted, packed and chunked; and a clear refusal for what the engine cannot run 
 
 import pytest
 import torch
-from tiny import FAMILIES, make_tiny
+from tiny import FAMILIES, hf_greedy, make_tiny, prompts
 
 from promptkit.backends.base import SamplingParams
 from promptkit.engine.engine import Engine, Request
 from promptkit.engine.families import SUPPORTED, UnsupportedModelError, check_supported
 
 VOCAB = 512
-
-
-def prompts(n, lo, hi, seed, shared=0):
-    g = torch.Generator().manual_seed(seed)
-    head = torch.randint(1, VOCAB, (shared,), generator=g).tolist()
-    return [head + torch.randint(1, VOCAB, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
-
-
-@torch.inference_mode()
-def hf_greedy(model, ids, n):
-    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
-                         attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-    return out[0, len(ids):].tolist()
 
 
 @torch.inference_mode()
