@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .engine.models import DEFAULT_EMBEDDER, resolve_embedder
+from .engine.threads import on_fresh_thread
 
 
 class Embedder:
@@ -17,15 +18,16 @@ class Embedder:
         from sentence_transformers import SentenceTransformer
 
         self.name = model
-        self.model = SentenceTransformer(resolve_embedder(model), device=device or "cpu")
+        self.model = on_fresh_thread(SentenceTransformer, resolve_embedder(model), device=device or "cpu")
         dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = int(dim())
 
     def encode(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        vecs = self.model.encode(list(texts), batch_size=batch_size, show_progress_bar=progress,
-                                 convert_to_numpy=True, normalize_embeddings=True)
+        # On a thread of its own: its OpenMP team must not outlive it (see engine/threads.py).
+        vecs = on_fresh_thread(self.model.encode, list(texts), batch_size=batch_size, show_progress_bar=progress,
+                               convert_to_numpy=True, normalize_embeddings=True)
         return np.ascontiguousarray(vecs, dtype=np.float32)
 
 

@@ -15,6 +15,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..engine.models import gguf_source, resolve_llm
+from ..engine.threads import on_fresh_thread
 from ..engine.weights import activation_dtype, apply_format, gguf_cache_file, resolve_format
 from ..structured import accept_tokens, process_logits, processor_for
 from ..types import Generation, TokenLogprobs, Usage
@@ -69,17 +70,23 @@ class TransformersBase:
             fmt, self.weights_note = resolve_format(weights, self.device)
             self.dtype = activation_dtype(fmt, self.device)
         gguf = gguf_source(model) if model_obj is None else None  # int4 takes its blocks from there
-        if model_obj is None:
-            if not progress:
-                from transformers.utils import logging as hf_logging
 
-                hf_logging.disable_progress_bar()
-            path = resolve_llm(model, progress=progress)
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            load_dtype = torch.float32 if fmt in ("int8", "int4") else self.dtype  # quantized from float32
-            model_obj = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype)  # sdpa where the model has it
-        self.model = model_obj.to(self.device).eval()
-        self.weights = fmt and apply_format(self.model, fmt, gguf=gguf, gguf_cache=gguf_cache_file(gguf))
+        def load(model_obj: Any, tokenizer: Any) -> tuple[Any, Any, str | None]:
+            if model_obj is None:
+                if not progress:
+                    from transformers.utils import logging as hf_logging
+
+                    hf_logging.disable_progress_bar()
+                path = resolve_llm(model, progress=progress)
+                tokenizer = AutoTokenizer.from_pretrained(path)
+                load_dtype = torch.float32 if fmt in ("int8", "int4") else self.dtype  # quantized from float32
+                model_obj = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype)  # sdpa where it has it
+            model_obj = model_obj.to(self.device).eval()
+            weights = fmt and apply_format(model_obj, fmt, gguf=gguf, gguf_cache=gguf_cache_file(gguf))
+            return model_obj, tokenizer, weights
+
+        # Loading runs many parallel ops; on a thread of its own, their OpenMP team ends with it (threads.py).
+        self.model, tokenizer, self.weights = on_fresh_thread(load, model_obj, tokenizer)
         self.tokenizer = tokenizer
         self.config = self.model.config
         self.max_context = int(getattr(self.config, "max_position_embeddings", 2048))

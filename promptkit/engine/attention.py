@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .kv_pool import Run, merge_runs, split_runs
+from .kv_pool import Run, merge_runs, run_slots, split_runs
 
 ATTN_NAME = "promptkit"
 _MAX_SCORE_ELEMENTS = 1 << 25  # bound the score matrix of one block (~128 MB in float32)
@@ -96,6 +96,21 @@ class BatchLayout:
     deviation_layer: int = -1  # at this layer, measure how far new K/V are from the slots' and stop
     deviation: torch.Tensor | None = None  # [T] squared distance of each row's new K and V to the old
     _short: tuple[ShortPlan | None, list[SegmentLayout]] | None = None
+    _one_step: tuple[bool, Any] = (False, None)
+
+    def one_step_keys(self, device: torch.device) -> tuple[int, int] | torch.Tensor | None:
+        """For a forward of one new token of one request (single-stream decode), its keys: a slot
+        range ``(start, end)`` when they are one run, else their slot indices; None for any other
+        forward. Built on first use."""
+        if not self._one_step[0]:
+            keys = None
+            if len(self.segments) == 1 and not self.prefix_groups and self.probe is None:
+                seg = self.segments[0]
+                if seg.length == 1 and seg.positions is None and not seg.sparse and seg.shared_len == 0:
+                    runs = merge_runs(seg.keys)
+                    keys = (runs[0][0], runs[0][0] + runs[0][1]) if len(runs) == 1 else run_slots(runs, device)
+            self._one_step = (True, keys)
+        return self._one_step[1]
 
     def short_plan(self, device: torch.device, dtype: torch.dtype) -> tuple[ShortPlan | None, list[SegmentLayout]]:
         """Short segments: the padded plan of those batched together, and those attended one by one
@@ -333,6 +348,20 @@ def _segment_attention(q: torch.Tensor, seg: SegmentLayout, k_pool: torch.Tensor
     return out, lse
 
 
+def _one_step_attention(q: torch.Tensor, keys: tuple[int, int] | torch.Tensor, k_pool: torch.Tensor,
+                        v_pool: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token [H, 1, D] over all its keys (a decode step): one fused call, the query
+    heads of a KV head as rows of one product. Returns [1, 1, H, D]."""
+    if isinstance(keys, tuple):
+        k, v = k_pool[:, keys[0] : keys[1]], v_pool[:, keys[0] : keys[1]]
+    else:
+        k, v = k_pool.index_select(1, keys), v_pool.index_select(1, keys)
+    h, _, d = q.shape
+    hkv = k.shape[0]
+    out = F.scaled_dot_product_attention(q.reshape(1, hkv, h // hkv, d), k[None], v[None], scale=scale)
+    return out.reshape(1, 1, h, d)
+
+
 def _windowed_attention(q: torch.Tensor, layout: BatchLayout, k_pool: torch.Tensor, v_pool: torch.Tensor,
                         scale: float, window: int | None, softcap: float | None) -> torch.Tensor:
     """Each segment over its whole context with an explicit mask: for layers with a sliding
@@ -381,6 +410,9 @@ def engine_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     if sliding_window is not None or softcap is not None:
         out = _windowed_attention(q, layout, k_pool, v_pool, scale, sliding_window, softcap)
         return out.to(query.dtype).transpose(0, 1).unsqueeze(0), None
+    keys = layout.one_step_keys(q.device) if q.dtype == k_pool.dtype else None
+    if keys is not None:
+        return _one_step_attention(q, keys, k_pool, v_pool, scale), None
 
     out = torch.empty(h, t, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(h, t, dtype=torch.float32, device=q.device) if layout.prefix_groups else None

@@ -38,6 +38,7 @@ from .request import Request
 from .reuse import Assembler
 from .runner import ModelRunner
 from .sampler import sample, token_logprobs
+from .threads import on_fresh_thread
 from .scheduler import Scheduler, prefix_job_steps, shared_prefixes
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,9 @@ class Engine:
         self.cache = RadixCache(self.pool, enabled=self.config.prefix_cache)
         self.chunks = ChunkStore(self.pool, self.cache.tick)
         self.scheduler = Scheduler(self.pool, self.cache, self.config, self.chunks)
-        self.runner = ModelRunner(model, self.pool, self.cache, self.config.sparse, self.config.lean_forward)
+        # Binding the lean forward converts weights: on a thread of its own (see threads.py).
+        self.runner = on_fresh_thread(ModelRunner, model, self.pool, self.cache, self.config.sparse,
+                                      self.config.lean_forward)
         self.vocab_size = model.get_output_embeddings().out_features if model.get_output_embeddings() is not None \
             else model.config.vocab_size
         self.reuse = Assembler(model, self.pool, self.cache, self.chunks, self.scheduler, self.runner,
@@ -183,7 +186,7 @@ class Engine:
     def attention_to(self, tokens: list[int], query_from: int, num_layers: int, first_layer: int = 0) -> torch.Tensor:
         """See :meth:`ModelRunner.attention_to`; runs between engine steps."""
         with self._lock:
-            return self.runner.attention_to(tokens, query_from, num_layers, first_layer)
+            return on_fresh_thread(self.runner.attention_to, tokens, query_from, num_layers, first_layer)
 
     def clear_cache(self, chunks: bool = True) -> None:
         """Drop every cached prefix not in use (and, with ``chunks``, every stored chunk and the
@@ -199,7 +202,7 @@ class Engine:
         """Encode ``chunks`` (token ids of documents) alone after ``lead_in`` into the chunk
         store, ahead of the requests that will reuse them; returns how many are stored."""
         with self._lock:
-            return self.reuse.store_chunks(lead_in, chunks)
+            return on_fresh_thread(self.reuse.store_chunks, lead_in, chunks)
 
     def identity(self) -> dict[str, Any]:
         """What a saved chunk store must have been made with to be loaded here."""
@@ -217,9 +220,9 @@ class Engine:
     def load_chunks(self, path: str, lead_in: list[int] | None = None) -> int:
         """Load a saved chunk store (refused with StaleKVError if made for another model or,
         when given, another ``lead_in``); returns how many chunks fit the KV budget."""
-        self.reuse.rerotator()
+        on_fresh_thread(self.reuse.rerotator)
         with self._lock:
-            return self.chunks.load(path, self.identity(), lead_in, make_room=self.scheduler._make_room)
+            return on_fresh_thread(self.chunks.load, path, self.identity(), lead_in, make_room=self.scheduler._make_room)
 
     def check_integrity(self) -> None:
         """Raise AssertionError if KV slots leaked or the prefix tree is inconsistent."""

@@ -6,7 +6,9 @@ layer's weights once, fused where that changes no number (q, k and v in one
 matrix, gate and up in another), uses the fused RMSNorm, applies RoPE to
 queries and keys together, and calls the engine's attention directly: about
 fifteen operations a layer instead of a few hundred, with results equal to
-transformers' ``LlamaForCausalLM`` bit for bit in float32.
+transformers' ``LlamaForCausalLM`` bit for bit in float32. RoPE's cosines and
+sines come from a table of the model's own values, and a small forward (a
+decode step) calls each projection's kernel directly.
 
 Used for ``llama`` and ``mistral`` models in any weight format (the fused
 projections keep the format of the ones they join); any other model runs
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import engine_attention
-from .weights import fuse_linears
+from .weights import DENSE_ROWS, fuse_linears, row_kernel
 
 LEAN_FAMILIES = {"llama", "mistral"}
 
@@ -37,6 +39,7 @@ class _Layer:
     gate_up: Any  # gate and up projections as one module: [2 * I] outputs
     down: Any  # down_proj
     eps: float
+    small: tuple  # qkv, o, gate_up and down as direct kernel calls, for fewer than DENSE_ROWS rows
 
 
 def supports(model: Any) -> bool:
@@ -68,33 +71,57 @@ class LeanForward:
         self.kv_heads = getattr(model.config, "num_key_value_heads", None) or self.heads
         self.window = getattr(model.config, "sliding_window", None) if model.config.model_type == "mistral" else None
         self.layers = [self._bind(layer) for layer in base.layers]
+        rope_type = getattr(base.rotary_emb, "rope_type", "default")
+        # A RoPE whose frequencies depend on the sequence length is computed per forward, not tabled.
+        self.rope_table = "dynamic" not in rope_type and rope_type != "longrope"
+        self._cos = self._sin = None  # [positions, D]; sin negated on its first half (see _rope)
 
     @staticmethod
     def _bind(layer: Any) -> _Layer:
         qkv, gate_up = (fuse_linears(group) for group in _groups(layer))
-        return _Layer(layer.self_attn, layer.input_layernorm.weight, qkv, layer.self_attn.o_proj,
-                      layer.post_attention_layernorm.weight, gate_up, layer.mlp.down_proj,
-                      layer.input_layernorm.variance_epsilon)
+        o, down = layer.self_attn.o_proj, layer.mlp.down_proj
+        return _Layer(layer.self_attn, layer.input_layernorm.weight, qkv, o, layer.post_attention_layernorm.weight,
+                      gate_up, down, layer.input_layernorm.variance_epsilon,
+                      tuple(row_kernel(m) for m in (qkv, o, gate_up, down)))
+
+    def _rope(self, h: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin [T, 1, D] for ``position_ids`` [1, T]: ``x * cos + swap(x) * sin``, with
+        ``swap`` exchanging the halves of x, is transformers' ``x * cos + rotate_half(x) * sin``
+        (negating x or the sine gives the same float)."""
+        if not self.rope_table:
+            cos, sin = self.base.rotary_emb(h[None], position_ids)
+            cos, sin = cos[0], sin[0]
+            half = sin.shape[-1] // 2
+            sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+            return cos[:, None], sin[:, None]
+        needed = int(position_ids.max()) + 1
+        if self._cos is None or self._cos.shape[0] < needed or self._cos.dtype != h.dtype:
+            n = max(needed, 2 * (0 if self._cos is None else self._cos.shape[0]), 4096)
+            cos, sin = self.base.rotary_emb(h[None], torch.arange(n, device=h.device)[None])
+            half = sin.shape[-1] // 2
+            self._cos, self._sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
+        pos = position_ids[0]
+        return self._cos[pos, None], self._sin[pos, None]
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         h = self.base.embed_tokens(input_ids)[0]  # [T, hidden]
-        cos, sin = self.base.rotary_emb(h[None], position_ids)
-        cos, sin = cos[0, :, None], sin[0, :, None]  # [T, 1, D]: broadcast over heads
+        cos, sin = self._rope(h, position_ids)  # [T, 1, D]: broadcast over heads
         hq, hkv = self.heads, self.kv_heads
-        dim = h.shape[-1]
+        t, dim = h.shape
+        small = t < DENSE_ROWS
         for lay in self.layers:
+            qkv_mm, o_mm, gate_up_mm, down_mm = lay.small if small else (lay.qkv, lay.o, lay.gate_up, lay.down)
             x = F.rms_norm(h, (dim,), lay.ln1, lay.eps)
-            qkv = lay.qkv(x).view(h.shape[0], hq + 2 * hkv, -1)  # [T, heads, D]
-            qk, v = qkv[:, : hq + hkv], qkv[:, hq + hkv :]
-            half = qk.shape[-1] // 2
-            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
+            qkv = qkv_mm(x).view(t, hq + 2 * hkv, 2, -1)  # [T, heads, 2 halves, D / 2]
+            qk, v = qkv[:, : hq + hkv], qkv[:, hq + hkv :].flatten(2)
+            qk = qk.flatten(2) * cos + qk.flip(2).flatten(2) * sin
             out, _ = engine_attention(lay.attn, qk[:, :hq].transpose(0, 1)[None], qk[:, hq:].transpose(0, 1)[None],
                                       v.transpose(0, 1)[None], None, scaling=lay.attn.scaling,
                                       sliding_window=self.window)
-            h = h + lay.o(out[0].reshape(h.shape[0], -1))
+            h = h + o_mm(out[0].reshape(t, -1))
             x = F.rms_norm(h, (dim,), lay.ln2, lay.eps)
-            gate, up = lay.gate_up(x).chunk(2, dim=-1)
-            h = h + lay.down(F.silu(gate) * up)
+            gate, up = gate_up_mm(x).chunk(2, dim=-1)
+            h = h + down_mm(F.silu(gate) * up)
         h = self.base.norm(h[keep])
         return self.model.lm_head(h)[None]

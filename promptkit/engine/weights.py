@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -216,6 +217,22 @@ class Int4Linear(nn.Module):
         codes = _nibbles(self.packed)[self.order].reshape(n, k // GROUP, GROUP).float()
         scale, zero = self.scale_zero.float().transpose(0, 1).unbind(-1)
         return ((codes - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
+
+
+def row_kernel(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``module``'s product for a 2-D input of fewer than :data:`DENSE_ROWS` rows (a decode step),
+    as a direct call of its kernel: the same numbers as ``module(x)``, without the module's dispatch."""
+    bias = getattr(module, "bias", None)
+    if isinstance(module, Int4Linear) and bias is None:
+        packed, scale_zero, mm4 = module.packed, module.scale_zero, torch.ops.aten._weight_int4pack_mm_for_cpu
+        return lambda x: mm4(x, packed, GROUP, scale_zero)
+    if isinstance(module, Int8Linear) and bias is None:
+        qweight, scales, mm8 = module.qweight, module.scales, torch.ops.aten._weight_int8pack_mm
+        return lambda x: mm8(x, qweight, scales)
+    if isinstance(module, nn.Linear):
+        weight, linear = module.weight, nn.functional.linear
+        return lambda x: linear(x, weight, bias)
+    return module
 
 
 def fuse_linears(linears: list[nn.Module]) -> nn.Module | None:
