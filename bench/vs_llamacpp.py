@@ -13,6 +13,11 @@ the same token ids. Measured:
   llama.cpp one prompt at a time with its own prefix reuse;
 - the share of P1's greedy outputs (text) identical to promptkit float32's.
 
+Each contender has the process's OpenMP threads to itself: promptkit's
+engines are closed after their turn, and transformers and llama.cpp run on
+threads that end (a second live OpenMP team slows everyone's decode; see
+``bench/decode_threads.py``).
+
     python bench/vs_llamacpp.py            # 128 decode tokens, 1k prefill, 64 prompts
     python bench/vs_llamacpp.py --quick    # 32 tokens, 256-token prefill, 8 prompts
 
@@ -39,6 +44,7 @@ from shared_prefix import build_prompts
 from promptkit import LM
 from promptkit.backends.base import SamplingParams
 from promptkit.engine.models import DEFAULT_LLM, gguf_source
+from promptkit.engine.threads import on_fresh_thread
 from promptkit.engine.weights import FORMATS, cpu_features
 
 INSTALL = 'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python'
@@ -186,32 +192,38 @@ def main() -> None:
             outputs[fmt] = [g.text for g in lm.generate(p1, max_tokens=8, chat=False)]
             p1_secs[fmt] = round(time.perf_counter() - t0, 2)
         log(f"{fmt}: decode {decode[fmt]} tok/s, prefill {prefill[fmt]} tok/s, P1 {p1_secs[fmt]} s")
+        lm.backend.engine.close()  # its loop thread ends: the next contender has the CPUs' OpenMP threads alone
         if lm is not ref:
             del lm
 
     with stage("transformers generate (float32), single stream"):
-        hf = LM(backend="hf", weights="float32")
-        hf_decode(hf, decode_text, 4)
-        n, secs = hf_decode(hf, decode_text, n_dec + 1)
-        decode["transformers_generate_float32"], tokens_decoded["transformers_generate_float32"] = rate(n, secs), n
-        del hf
+        def hf_run() -> tuple[int, float]:
+            hf = LM(backend="hf", weights="float32")
+            hf_decode(hf, decode_text, 4)
+            return hf_decode(hf, decode_text, n_dec + 1)
 
-    llm, note = load_llama_cpp(args.threads, 4096)
+        n, secs = on_fresh_thread(hf_run)
+        decode["transformers_generate_float32"], tokens_decoded["transformers_generate_float32"] = rate(n, secs), n
+
+    llm, note = on_fresh_thread(load_llama_cpp, args.threads, 4096)
     res["llama_cpp"] = note
     if llm is None:
         log(f"skipping llama.cpp: {note}")
     else:
         with stage("llama.cpp: decode, prefill, P1 one prompt at a time"):
-            ids = ref.backend.encode(decode_text)
-            llama_decode(llm, ids, 4)
-            n, secs = llama_decode(llm, ids, n_dec)
-            decode["llama.cpp"], tokens_decoded["llama.cpp"] = rate(n, secs), n
-            pre_ids = ref.backend.encode(pre_text)
-            prefill["llama.cpp"] = rate(len(pre_ids), min(llama_prefill(llm, pre_ids) for _ in range(2)))
-            llm.reset()
-            t0 = time.perf_counter()
-            outputs["llama.cpp"] = [llama_generate(llm, i, 8) for i in track(p1_ids, "llama.cpp P1")]
-            p1_secs["llama.cpp"] = round(time.perf_counter() - t0, 2)
+            def llama_run() -> None:
+                ids = ref.backend.encode(decode_text)
+                llama_decode(llm, ids, 4)
+                n, secs = llama_decode(llm, ids, n_dec)
+                decode["llama.cpp"], tokens_decoded["llama.cpp"] = rate(n, secs), n
+                pre_ids = ref.backend.encode(pre_text)
+                prefill["llama.cpp"] = rate(len(pre_ids), min(llama_prefill(llm, pre_ids) for _ in range(2)))
+                llm.reset()
+                t0 = time.perf_counter()
+                outputs["llama.cpp"] = [llama_generate(llm, i, 8) for i in track(p1_ids, "llama.cpp P1")]
+                p1_secs["llama.cpp"] = round(time.perf_counter() - t0, 2)
+
+            on_fresh_thread(llama_run)
         memory["llama.cpp"] = round(gguf_source(DEFAULT_LLM).stat().st_size / 2**20)
 
     if "float32" in outputs:

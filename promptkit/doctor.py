@@ -138,13 +138,17 @@ def check_torch(compile: bool = True) -> list[Check]:
 
 def check_weights() -> Check:
     """The CPU's features and the weight format ``LM()`` picks from them by default."""
-    from .engine.weights import FORMATS, cpu_features, default_format
+    from .engine.models import DEFAULT_LLM, gguf_source
+    from .engine.weights import FORMATS, cpu_features, default_format, is_q4_gguf
 
     def describe() -> str:
         feats = cpu_features()
         fast = [f for f in FORMATS if feats.runs_fast(f)]
         pinned = os.environ.get("PROMPTKIT_WEIGHTS")
-        return (f"default {default_format()} on this CPU ({feats.describe()}); fast here: {', '.join(fast)}"
+        q4 = default_format(features=feats, q4_gguf=True)
+        return (f"default {default_format()} on this CPU ({feats.describe()}), {q4} for a Q4_1 GGUF model "
+                f"such as the embedded {DEFAULT_LLM}" + ("" if is_q4_gguf(gguf_source(DEFAULT_LLM)) else " (not Q4_1 here)")
+                + f"; fast here: {', '.join(fast)}"
                 + (f"; PROMPTKIT_WEIGHTS={pinned} overrides the default" if pinned else ""))
 
     found = _attempt("weight format", False, describe, "")

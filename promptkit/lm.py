@@ -48,11 +48,13 @@ class LM:
     :class:`~promptkit.engine.config.EngineConfig`).
 
     ``weights`` (local and hf backends) picks the weight format: ``"float32"``
-    (equal to transformers token for token), ``"bfloat16"``, ``"int8"`` or
-    ``"int4"`` (weight-only, activations in float; int4 keeps a GGUF model's
-    own 4-bit blocks). The default is ``$PROMPTKIT_WEIGHTS`` if set, else the
-    fastest format this CPU runs well; ``LM().stats()["weights"]`` and
-    ``promptkit doctor`` say which.
+    (equal to transformers token for token), ``"bfloat16"``, ``"int8"``, ``"int4"``
+    (weight-only, activations in float; int4 keeps a GGUF model's own 4-bit
+    blocks) or ``"int4+bf16"`` (int4 for decode, bfloat16 weights for prefill).
+    The default is ``$PROMPTKIT_WEIGHTS`` if set, else the fastest format this
+    CPU runs well for the model (``int4+bf16`` for a Q4_1 GGUF such as the
+    embedded model, where the CPU has AVX512-BF16); ``LM().stats()["weights"]``
+    and ``promptkit doctor`` say which.
 
     ``kv_reuse`` (on generate and score, or as the engine's default): how the documents of a
     Prompt's context reuse KV computed for each of them alone — ``"full"`` (prefill them, the

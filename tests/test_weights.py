@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import numpy as np
 import pytest
 import torch
@@ -35,7 +36,7 @@ def logits(model, ids) -> torch.Tensor:
 
 
 # -- the transform on a tiny random llama -----------------------------------------------------------
-@pytest.mark.parametrize("fmt,tolerance", [("bfloat16", 0.02), ("int8", 0.03), ("int4", 0.25)])
+@pytest.mark.parametrize("fmt,tolerance", [("bfloat16", 0.02), ("int8", 0.03), ("int4", 0.25), ("int4+bf16", 0.25)])
 def test_each_format_stays_close_to_float32_and_is_smaller(fmt, tolerance):
     ref = make_tiny_llama(vocab=VOCAB)
     model = make_tiny_llama(vocab=VOCAB)
@@ -44,11 +45,12 @@ def test_each_format_stays_close_to_float32_and_is_smaller(fmt, tolerance):
     want, got = logits(ref, ids), logits(model, ids)
     assert (got - want).norm() / want.norm() < tolerance  # a wrong layout or scale is off by ~100 %
     assert next(model.parameters()).dtype == W.activation_dtype(fmt)  # what the engine sizes its KV cache by
-    assert report.bytes < W.model_bytes(ref) * (0.55 if fmt == "bfloat16" else 0.35)
+    assert report.bytes < W.model_bytes(ref) * {"bfloat16": 0.55, "int4+bf16": 0.85}.get(fmt, 0.35)
     if fmt != "bfloat16":
         embed, head = model.get_input_embeddings(), model.get_output_embeddings()
         assert embed.qweight is head.qweight  # tied embeddings stay one table
-        assert report.linears == {fmt: 14, "output int8 (tied to the embedding)": 1}
+        linears = "int4" if fmt == "int4+bf16" else fmt
+        assert report.linears == {linears: 14, "output int8 (tied to the embedding)": 1}
 
 
 @pytest.mark.parametrize("fmt", W.FORMATS)
@@ -90,6 +92,19 @@ def test_int4_kernel_and_dense_paths_agree():
     assert (dense - kernel).norm() / kernel.norm() < 1e-2
 
 
+def test_int4_with_bf16_weights_decodes_from_codes_and_prefills_from_bf16():
+    w = torch.randn(48, 96)
+    codes = W.quantize_int4(w)
+    kept = W.Int4Linear(*codes, dtype=torch.bfloat16, dense=W.dequantize_int4(*codes).to(torch.bfloat16))
+    plain = W.Int4Linear(*codes, dtype=torch.bfloat16)
+    wide, narrow = torch.randn(W.DENSE_ROWS, 96, dtype=torch.bfloat16), torch.randn(3, 96, dtype=torch.bfloat16)
+    assert torch.equal(kept(narrow), plain(narrow))  # decode: the int4 kernel, the same numbers
+    assert torch.equal(kept(wide), torch.nn.functional.linear(wide, kept.dense))  # prefill: the kept weight
+    assert (kept(wide) - plain(wide)).float().norm() / plain(wide).float().norm() < 1e-2
+    fused = W.fuse_linears([kept, kept])
+    assert fused.dense is not None and torch.equal(fused(wide), torch.cat([kept(wide)] * 2, -1))
+
+
 def test_compact_model_runs_under_transformers_generate():
     model = make_tiny_llama(vocab=VOCAB)
     W.apply_format(model, "int4")
@@ -101,6 +116,8 @@ def test_compact_model_runs_under_transformers_generate():
 def test_unknown_format_is_refused():
     with pytest.raises(W.WeightFormatError, match="choose one of float32, bfloat16, int8, int4"):
         W.resolve_format("int3")
+    with pytest.raises(W.WeightFormatError, match="int4\\+bf16"):
+        W.resolve_format("int2")
 
 
 def test_int_formats_are_refused_off_cpu():
@@ -108,10 +125,10 @@ def test_int_formats_are_refused_off_cpu():
         W.resolve_format("int4", device="cuda")
 
 
-@pytest.mark.parametrize("fmt", ["bfloat16", "int8", "int4"])
+@pytest.mark.parametrize("fmt", ["bfloat16", "int8", "int4", "int4+bf16"])
 def test_a_format_the_cpu_lacks_falls_back_to_float32_and_says_so(fmt):
     old = W.CpuFeatures(capability="AVX2", avx512_bf16=False, amx_listed=False, amx_usable=False)
-    with pytest.warns(UserWarning, match=f"{fmt} asked for.*no fast path.*running float32"):
+    with pytest.warns(UserWarning, match=f"{re.escape(fmt)} asked for.*no fast path.*running float32"):
         got, note = W.resolve_format(fmt, features=old)
     assert got == "float32" and "AVX2" in note
     assert W.resolve_format(None, features=old)[0] == "float32"
@@ -126,6 +143,14 @@ def test_default_follows_the_cpu_unless_the_environment_names_one(monkeypatch):
     full = W.CpuFeatures(capability="AVX512", avx512_bf16=True, amx_listed=False, amx_usable=False)
     assert W.default_format(features=full) == W.DEFAULT_ORDER[0]
     assert W.resolve_format(None, features=full)[1].startswith(f"{W.DEFAULT_ORDER[0]}: the default")
+    # A model shipped as Q4_1 decodes from its own 4-bit weights where the CPU runs them and bfloat16.
+    assert W.default_format(features=full, q4_gguf=True) == "int4+bf16"
+    assert W.default_format(features=amx_off, q4_gguf=True) == "float32"
+
+
+def test_a_q4_1_gguf_is_told_by_its_name():
+    assert W.is_q4_gguf("SmolLM2-135M-Instruct.Q4_1.gguf") and W.is_q4_gguf("x-q4_1.gguf")
+    assert not any(W.is_q4_gguf(n) for n in ("x-Q4_0.gguf", "x-Q4_K_M.gguf", "x-Q8_0.gguf", "x-q4_10.gguf", None))
 
 
 def test_bfloat16_on_a_cpu_without_it_falls_back_in_the_backend(tokenizer, monkeypatch):
@@ -227,8 +252,9 @@ def test_real_model_in_each_format(fmt):
     scores = lm.score("The opposite of hot is", [" cold", " blue"])
     assert scores[0] > scores[1]
     info = lm.backend.weights
-    assert info.format == fmt and info.bytes < {"float32": 6e8, "bfloat16": 3e8, "int8": 1.5e8, "int4": 1e8}[fmt]
-    if fmt == "int4":
+    limit = {"float32": 6e8, "bfloat16": 3e8, "int8": 1.5e8, "int4": 1e8, "int4+bf16": 4e8}[fmt]
+    assert info.format == fmt and info.bytes < limit
+    if fmt in W.INT4:
         assert info.linears["int4 from GGUF blocks"] == 210 and not info.note  # every Q4_1 tensor kept as is
 
 

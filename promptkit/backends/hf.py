@@ -16,7 +16,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..engine.models import gguf_source, resolve_llm
 from ..engine.threads import on_fresh_thread
-from ..engine.weights import activation_dtype, apply_format, gguf_cache_file, resolve_format
+from ..engine.weights import activation_dtype, apply_format, gguf_cache_file, is_q4_gguf, resolve_format
 from ..structured import accept_tokens, process_logits, processor_for
 from ..types import Generation, TokenLogprobs, Usage
 from .base import ContextLengthError, PromptInput, SamplingParams, StreamEvent, truncate_at_stop
@@ -63,13 +63,13 @@ class TransformersBase:
         self.model_name = model
         self.device = pick_device(device)
         fmt = None
+        gguf = gguf_source(model) if model_obj is None else None  # int4 takes its blocks from there
         if weights is None and (dtype is not None or model_obj is not None or self.device.type != "cpu"):
             self.dtype = pick_dtype(self.device, dtype)
             self.weights_note = f"{str(self.dtype).removeprefix('torch.')} as loaded"
         else:
-            fmt, self.weights_note = resolve_format(weights, self.device)
+            fmt, self.weights_note = resolve_format(weights, self.device, q4_gguf=is_q4_gguf(gguf))
             self.dtype = activation_dtype(fmt, self.device)
-        gguf = gguf_source(model) if model_obj is None else None  # int4 takes its blocks from there
 
         def load(model_obj: Any, tokenizer: Any) -> tuple[Any, Any, str | None]:
             if model_obj is None:
@@ -79,7 +79,7 @@ class TransformersBase:
                     hf_logging.disable_progress_bar()
                 path = resolve_llm(model, progress=progress)
                 tokenizer = AutoTokenizer.from_pretrained(path)
-                load_dtype = torch.float32 if fmt in ("int8", "int4") else self.dtype  # quantized from float32
+                load_dtype = torch.float32 if fmt and fmt.startswith("int") else self.dtype  # quantized from float32
                 model_obj = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype)  # sdpa where it has it
             model_obj = model_obj.to(self.device).eval()
             weights = fmt and apply_format(model_obj, fmt, gguf=gguf, gguf_cache=gguf_cache_file(gguf))

@@ -11,6 +11,11 @@ composes with whatever runs the model (the engine, ``generate``):
   minimum per group (GGUF Q4_1's layout) and multiply with
   ``aten._weight_int4pack_mm_for_cpu``. For a model converted from a GGUF file
   the codes, scales and minimums are the GGUF's own, not re-derived from floats.
+- ``int4+bf16``: int4 for decode, and each decoder linear also keeps its weight
+  in bfloat16 for wide forwards (prefill), which would otherwise de-quantize
+  every weight in every forward. Decode reads 4-bit weights, prefill runs
+  bfloat16 GEMMs; it holds both (about the bytes of int4 and bfloat16 together).
+  The default on a CPU with AVX512-BF16 for a model shipped as a Q4_1 GGUF.
 
 In int8 and int4 the activations, norms and KV cache are bfloat16
 (:func:`activation_dtype`), and from :data:`DENSE_ROWS` rows on (prefill) a
@@ -24,6 +29,7 @@ kernel.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,7 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
-FORMATS = ("float32", "bfloat16", "int8", "int4")
+FORMATS = ("float32", "bfloat16", "int8", "int4", "int4+bf16")
+INT4 = ("int4", "int4+bf16")  # the formats whose decoder linears are Int4Linear
 GROUP = 32  # values per int4 group: a GGUF Q4_1 block
 DEFAULT_ORDER = ("bfloat16", "float32")  # the default: the first this CPU runs fast (see the README table)
 DENSE_ROWS = 32  # from this many rows on, int8/int4 de-quantize and run a dense GEMM (measured crossover)
@@ -67,6 +74,8 @@ class CpuFeatures:
         """
         if fmt == "bfloat16":
             return self.bf16
+        if fmt == "int4+bf16":
+            return self.bf16 and self.capability.startswith("AVX512")
         if fmt in ("int8", "int4"):
             return self.capability.startswith("AVX512")
         return True
@@ -88,12 +97,25 @@ def cpu_features() -> CpuFeatures:
     )
 
 
-def default_format(device: torch.device | str = "cpu", features: CpuFeatures | None = None) -> str:
-    """The fastest format on ``device`` whose greedy outputs stay close to float32's (see the README's table)."""
+def default_format(device: torch.device | str = "cpu", features: CpuFeatures | None = None,
+                   q4_gguf: bool = False) -> str:
+    """The fastest format on ``device`` whose greedy outputs stay close to float32's (see the README's table).
+
+    ``q4_gguf``: the model ships as a Q4_1 GGUF, so int4 keeps its own numbers and
+    ``int4+bf16`` (4-bit decode, bfloat16 prefill) comes first where the CPU runs it.
+    """
     if torch.device(device).type != "cpu":
         return "bfloat16"
     feats = features or cpu_features()
-    return next(f for f in DEFAULT_ORDER if feats.runs_fast(f))
+    order = ("int4+bf16", *DEFAULT_ORDER) if q4_gguf else DEFAULT_ORDER
+    return next(f for f in order if feats.runs_fast(f))
+
+
+def is_q4_gguf(path: str | Path | None) -> bool:
+    """Whether a GGUF file holds Q4_1 weights (int4 then keeps their exact numbers), by the quantization
+    its name states (the convention of GGUF publishers; the header would mean parsing every tensor's
+    metadata). A name that says otherwise only changes the default format, never a number."""
+    return path is not None and re.search(r"(?i)(?<![a-z0-9])q4_1(?![0-9])", Path(path).name) is not None
 
 
 def activation_dtype(fmt: str, device: torch.device | str = "cpu") -> torch.dtype:
@@ -106,10 +128,10 @@ def activation_dtype(fmt: str, device: torch.device | str = "cpu") -> torch.dtyp
 
 
 def resolve_format(weights: str | None, device: torch.device | str = "cpu",
-                   features: CpuFeatures | None = None) -> tuple[str, str]:
+                   features: CpuFeatures | None = None, q4_gguf: bool = False) -> tuple[str, str]:
     """Validate a requested format for ``device``: ``(format, note)``.
 
-    ``None`` takes ``$PROMPTKIT_WEIGHTS`` if set, else :func:`default_format`.
+    ``None`` takes ``$PROMPTKIT_WEIGHTS`` if set, else :func:`default_format` (``q4_gguf``: see there).
     A format this CPU has no fast path for falls back to float32 and says so (a
     warning, and the note); int8/int4 exist only on CPU and are refused elsewhere.
     """
@@ -117,12 +139,12 @@ def resolve_format(weights: str | None, device: torch.device | str = "cpu",
     feats = (features or cpu_features()) if dev.type == "cpu" else None
     weights = weights or os.environ.get("PROMPTKIT_WEIGHTS") or None
     if weights is None:
-        fmt = default_format(dev, feats)
+        fmt = default_format(dev, feats, q4_gguf)
         return fmt, f"{fmt}: the default for {f'this CPU ({feats.describe()})' if feats else dev.type}"
     fmt = {"bf16": "bfloat16", "fp32": "float32"}.get(str(weights).lower(), str(weights).lower())
     if fmt not in FORMATS:
         raise WeightFormatError(f"unknown weight format {weights!r}; choose one of {', '.join(FORMATS)}")
-    if dev.type != "cpu" and fmt in ("int8", "int4"):
+    if dev.type != "cpu" and fmt.startswith("int"):
         raise WeightFormatError(f"{fmt} weights run on CPU only; on {dev.type} use weights='bfloat16' or 'float32'")
     if feats is not None and not feats.runs_fast(fmt):
         note = (f"{fmt} asked for, but PyTorch has no fast path for it on this CPU ({feats.describe()}); "
@@ -180,11 +202,12 @@ class Int4Linear(nn.Module):
     Q4_1). PyTorch's kernel computes ``(code - 8) * scale + zero``, so it is
     given ``zero = minimum + 8 * scale``. From :data:`DENSE_ROWS` rows on the
     weight is de-quantized from the packed codes and a dense GEMM runs, as in
-    :class:`Int8Linear`.
+    :class:`Int8Linear`; with ``dense`` (the weight in the activation dtype, kept
+    beside the codes) that GEMM reads it instead.
     """
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, minimums: torch.Tensor, dtype: torch.dtype,
-                 bias: torch.Tensor | None = None) -> None:
+                 bias: torch.Tensor | None = None, dense: torch.Tensor | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = codes.shape
         scales, minimums = scales.float(), minimums.float()
@@ -193,11 +216,14 @@ class Int4Linear(nn.Module):
         self.register_buffer("scale_zero", torch.stack([scales, minimums + 8 * scales], -1)
                              .transpose(0, 1).contiguous().to(dtype))
         self.register_buffer("bias", bias)
+        self.register_buffer("dense", dense)
         self.order = _unpack_order(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] >= DENSE_ROWS and self.order is not None:
+        if rows.shape[0] >= DENSE_ROWS and self.dense is not None:
+            y = nn.functional.linear(rows, self.dense.to(rows.dtype))
+        elif rows.shape[0] >= DENSE_ROWS and self.order is not None:
             y = nn.functional.linear(rows, self.dequantize().to(rows.dtype))
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP, self.scale_zero)
@@ -258,7 +284,9 @@ def fuse_linears(linears: list[nn.Module]) -> nn.Module | None:
         return Int8Linear(torch.cat([m.qweight for m in linears]), torch.cat([m.scales for m in linears]), bias)
     if kind is Int4Linear and all(m.order is not None for m in linears):
         parts = [m.codes_scales_minimums() for m in linears]
-        return Int4Linear(*(torch.cat(x) for x in zip(*parts)), dtype=linears[0].scale_zero.dtype, bias=bias)
+        dense = None if any(m.dense is None for m in linears) else torch.cat([m.dense for m in linears])
+        return Int4Linear(*(torch.cat(x) for x in zip(*parts)), dtype=linears[0].scale_zero.dtype, bias=bias,
+                          dense=dense)
     return None
 
 
@@ -433,8 +461,8 @@ def apply_format(model: nn.Module, fmt: str, gguf: str | Path | None = None,
     device = next(model.parameters()).device
     act = dtype or activation_dtype(fmt, device)
     report = WeightReport(format=fmt, activation_dtype=str(act).removeprefix("torch."))
-    if fmt in ("int8", "int4"):
-        source = read_gguf_int4(gguf, model, gguf_cache) if gguf and fmt == "int4" else GGUFInt4()
+    if fmt.startswith("int"):
+        source = read_gguf_int4(gguf, model, gguf_cache) if gguf and fmt in INT4 else GGUFInt4()
         _quantize_linears(model, fmt, act, source, report)
     for p in model.parameters():  # norms and anything left in float; buffers (rotary frequencies) stay as they are
         p.data = p.data.to(act)
@@ -465,7 +493,7 @@ def _quantize_linears(model: nn.Module, fmt: str, act: torch.dtype, source: GGUF
 def _compact_linear(lin: nn.Linear, fmt: str, act: torch.dtype, blocks: tuple | None,
                     report: WeightReport) -> nn.Module:
     w = lin.weight.detach()
-    if fmt == "int4" and lin.in_features % GROUP == 0 and lin.out_features % 16 == 0:  # the kernel's tiles
+    if fmt in INT4 and lin.in_features % GROUP == 0 and lin.out_features % 16 == 0:  # the kernel's tiles
         if blocks is not None and torch.equal(dequantize_int4(*blocks), w.float()):
             report.count("int4 from GGUF blocks")
         else:
@@ -473,7 +501,8 @@ def _compact_linear(lin: nn.Linear, fmt: str, act: torch.dtype, blocks: tuple | 
                 report.note = "some GGUF blocks did not reproduce the loaded weights; those were re-quantized"
             blocks = quantize_int4(w)
             report.count("int4")
-        return Int4Linear(*blocks, dtype=act, bias=_bias(lin, act))
+        dense = w.to(act) if fmt == "int4+bf16" else None
+        return Int4Linear(*blocks, dtype=act, bias=_bias(lin, act), dense=dense)
     q, s = quantize_int8(w)
     report.count("int8")
     return Int8Linear(q, s.to(act), _bias(lin, act))
