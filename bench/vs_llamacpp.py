@@ -14,9 +14,9 @@ the same token ids. Measured:
 - the share of P1's greedy outputs (text) identical to promptkit float32's.
 
 Each contender has the process's OpenMP threads to itself: promptkit's
-engines are closed after their turn, and transformers and llama.cpp run on
-threads that end (a second live OpenMP team slows everyone's decode; see
-``bench/decode_threads.py``).
+engines are closed after their turn, transformers runs on a thread that ends,
+and llama.cpp comes last, on the main thread (a second live OpenMP team slows
+everyone's decode; see ``bench/decode_threads.py``).
 
     python bench/vs_llamacpp.py            # 128 decode tokens, 1k prefill, 64 prompts
     python bench/vs_llamacpp.py --quick    # 32 tokens, 256-token prefill, 8 prompts
@@ -205,25 +205,22 @@ def main() -> None:
         n, secs = on_fresh_thread(hf_run)
         decode["transformers_generate_float32"], tokens_decoded["transformers_generate_float32"] = rate(n, secs), n
 
-    llm, note = on_fresh_thread(load_llama_cpp, args.threads, 4096)
+    llm, note = load_llama_cpp(args.threads, 4096)  # on the main thread, whose OpenMP team is now the only one
     res["llama_cpp"] = note
     if llm is None:
         log(f"skipping llama.cpp: {note}")
     else:
         with stage("llama.cpp: decode, prefill, P1 one prompt at a time"):
-            def llama_run() -> None:
-                ids = ref.backend.encode(decode_text)
-                llama_decode(llm, ids, 4)
-                n, secs = llama_decode(llm, ids, n_dec)
-                decode["llama.cpp"], tokens_decoded["llama.cpp"] = rate(n, secs), n
-                pre_ids = ref.backend.encode(pre_text)
-                prefill["llama.cpp"] = rate(len(pre_ids), min(llama_prefill(llm, pre_ids) for _ in range(2)))
-                llm.reset()
-                t0 = time.perf_counter()
-                outputs["llama.cpp"] = [llama_generate(llm, i, 8) for i in track(p1_ids, "llama.cpp P1")]
-                p1_secs["llama.cpp"] = round(time.perf_counter() - t0, 2)
-
-            on_fresh_thread(llama_run)
+            ids = ref.backend.encode(decode_text)
+            llama_decode(llm, ids, 4)
+            n, secs = llama_decode(llm, ids, n_dec)
+            decode["llama.cpp"], tokens_decoded["llama.cpp"] = rate(n, secs), n
+            pre_ids = ref.backend.encode(pre_text)
+            prefill["llama.cpp"] = rate(len(pre_ids), min(llama_prefill(llm, pre_ids) for _ in range(2)))
+            llm.reset()
+            t0 = time.perf_counter()
+            outputs["llama.cpp"] = [llama_generate(llm, i, 8) for i in track(p1_ids, "llama.cpp P1")]
+            p1_secs["llama.cpp"] = round(time.perf_counter() - t0, 2)
         memory["llama.cpp"] = round(gguf_source(DEFAULT_LLM).stat().st_size / 2**20)
 
     if "float32" in outputs:
