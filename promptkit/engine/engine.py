@@ -38,8 +38,8 @@ from .request import Request
 from .reuse import Assembler
 from .runner import ModelRunner
 from .sampler import sample, token_logprobs
-from .threads import on_fresh_thread
 from .scheduler import Scheduler, prefix_job_steps, shared_prefixes
+from .threads import on_fresh_thread
 
 log = logging.getLogger(__name__)
 _engines: weakref.WeakSet = weakref.WeakSet()

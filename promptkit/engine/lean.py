@@ -42,6 +42,12 @@ class _Layer:
     small: tuple  # qkv, o, gate_up and down as direct kernel calls, for fewer than DENSE_ROWS rows
 
 
+def _signed(sin: torch.Tensor) -> torch.Tensor:
+    """``sin`` [..., D] with its first half negated."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
 def supports(model: Any) -> bool:
     """Whether :class:`LeanForward` reproduces ``model`` (a llama-style stack of plain linear layers)."""
     cfg = model.config
@@ -90,16 +96,12 @@ class LeanForward:
         (negating x or the sine gives the same float)."""
         if not self.rope_table:
             cos, sin = self.base.rotary_emb(h[None], position_ids)
-            cos, sin = cos[0], sin[0]
-            half = sin.shape[-1] // 2
-            sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
-            return cos[:, None], sin[:, None]
+            return cos[0, :, None], _signed(sin[0])[:, None]
         needed = int(position_ids.max()) + 1
         if self._cos is None or self._cos.shape[0] < needed or self._cos.dtype != h.dtype:
             n = max(needed, 2 * (0 if self._cos is None else self._cos.shape[0]), 4096)
             cos, sin = self.base.rotary_emb(h[None], torch.arange(n, device=h.device)[None])
-            half = sin.shape[-1] // 2
-            self._cos, self._sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
+            self._cos, self._sin = cos[0], _signed(sin[0])
         pos = position_ids[0]
         return self._cos[pos, None], self._sin[pos, None]
 
