@@ -146,9 +146,9 @@ def check_weights() -> Check:
         fast = [f for f in FORMATS if feats.runs_fast(f)]
         pinned = os.environ.get("PROMPTKIT_WEIGHTS")
         q4 = default_format(features=feats, q4_gguf=True)
+        embedded = "" if is_q4_gguf(gguf_source(DEFAULT_LLM)) else " (not Q4_1 here)"
         return (f"default {default_format()} on this CPU ({feats.describe()}), {q4} for a Q4_1 GGUF model "
-                f"such as the embedded {DEFAULT_LLM}" + ("" if is_q4_gguf(gguf_source(DEFAULT_LLM)) else " (not Q4_1 here)")
-                + f"; fast here: {', '.join(fast)}"
+                f"such as the embedded {DEFAULT_LLM}{embedded}; fast here: {', '.join(fast)}"
                 + (f"; PROMPTKIT_WEIGHTS={pinned} overrides the default" if pinned else ""))
 
     found = _attempt("weight format", False, describe, "")

@@ -101,8 +101,29 @@ def test_int4_with_bf16_weights_decodes_from_codes_and_prefills_from_bf16():
     assert torch.equal(kept(narrow), plain(narrow))  # decode: the int4 kernel, the same numbers
     assert torch.equal(kept(wide), torch.nn.functional.linear(wide, kept.dense))  # prefill: the kept weight
     assert (kept(wide) - plain(wide)).float().norm() / plain(wide).float().norm() < 1e-2
-    fused = W.fuse_linears([kept, kept])
-    assert fused.dense is not None and torch.equal(fused(wide), torch.cat([kept(wide)] * 2, -1))
+    other = W.Int4Linear(*codes, dtype=torch.bfloat16, dense=W.dequantize_int4(*codes).to(torch.bfloat16))
+    want = torch.cat([kept(wide), other(wide)], -1)
+    fused = W.fuse_linears([kept, other])
+    assert fused.dense is not None and torch.equal(fused(wide), want)
+    # The joined linears now read their rows of the fused weight: one copy in memory, the same numbers.
+    assert other.dense.untyped_storage().data_ptr() == fused.dense.untyped_storage().data_ptr()
+    assert torch.equal(torch.cat([kept(wide), other(wide)], -1), want)
+
+
+@pytest.mark.parametrize("fmt", ["float32", "int8"])
+def test_fused_projections_share_their_weights_with_the_originals(fmt):
+    model = make_tiny_llama(vocab=VOCAB)
+    if fmt != "float32":
+        W.apply_format(model, fmt)
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(3, attn.q_proj.in_features, dtype=W.activation_dtype(fmt))
+    want = [m(x) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    fused = W.fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+    weight = "weight" if fmt == "float32" else "qweight"
+    assert getattr(attn.v_proj, weight).untyped_storage().data_ptr() == \
+        getattr(fused, weight).untyped_storage().data_ptr()
+    assert torch.equal(fused(x), torch.cat(want, -1))
+    assert all(torch.equal(m(x), w) for m, w in zip((attn.q_proj, attn.k_proj, attn.v_proj), want))
 
 
 def test_compact_model_runs_under_transformers_generate():

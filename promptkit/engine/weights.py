@@ -264,7 +264,8 @@ def row_kernel(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 def fuse_linears(linears: list[nn.Module]) -> nn.Module | None:
     """One module computing ``cat([lin(x) for lin in linears], -1)`` (for q/k/v, or gate/up), in the
     linears' own format: their output rows side by side, so no number changes. None if they differ
-    in format or cannot be joined."""
+    in format or cannot be joined. The linears keep working on views of the joined tensors (their
+    own copies are freed), except int4's packed codes, whose layout has no row views."""
     kinds = {type(m) for m in linears}
     if len(kinds) != 1:
         return None
@@ -279,15 +280,30 @@ def fuse_linears(linears: list[nn.Module]) -> nn.Module | None:
         fused.weight.data = w
         if bias is not None:
             fused.bias.data = bias
-        return fused
-    if kind is Int8Linear:
-        return Int8Linear(torch.cat([m.qweight for m in linears]), torch.cat([m.scales for m in linears]), bias)
-    if kind is Int4Linear and all(m.order is not None for m in linears):
+        shared = ("weight",)
+    elif kind is Int8Linear:
+        fused = Int8Linear(torch.cat([m.qweight for m in linears]), torch.cat([m.scales for m in linears]), bias)
+        shared = ("qweight", "scales")
+    elif kind is Int4Linear and all(m.order is not None for m in linears):
         parts = [m.codes_scales_minimums() for m in linears]
         dense = None if any(m.dense is None for m in linears) else torch.cat([m.dense for m in linears])
-        return Int4Linear(*(torch.cat(x) for x in zip(*parts)), dtype=linears[0].scale_zero.dtype, bias=bias,
-                          dense=dense)
-    return None
+        fused = Int4Linear(*(torch.cat(x) for x in zip(*parts)), dtype=linears[0].scale_zero.dtype, bias=bias,
+                           dense=dense)
+        shared = ("dense",) if dense is not None else ()
+    else:
+        return None
+    for name in (*shared, *(("bias",) if bias is not None else ())):
+        _share_rows(linears, name, getattr(fused, name))
+    return fused
+
+
+def _share_rows(linears: list[nn.Module], name: str, joined: torch.Tensor) -> None:
+    """Point each linear's ``name`` tensor at its rows of ``joined`` (one copy of the weights, not two)."""
+    start = 0
+    for m in linears:
+        t = getattr(m, name)
+        t.data = joined[start : start + t.shape[0]]
+        start += t.shape[0]
 
 
 def _pack_int4(codes: torch.Tensor) -> torch.Tensor:
