@@ -29,6 +29,7 @@ ATTN_NAME = "promptkit"
 _MAX_SCORE_ELEMENTS = 1 << 25  # bound the score matrix of one block (~128 MB in float32)
 SHORT_SEGMENT = 64  # segments up to this long (with a cached past) share one padded product
 PAD_KEYS = 4096  # ... while their keys together are this few (copying more every layer costs more than it saves)
+IN_PLACE_RUN = 1024  # a decode token reads a run of this many keys in place (a copy every layer costs more than a merge)
 
 
 @dataclass
@@ -98,17 +99,19 @@ class BatchLayout:
     _short: tuple[ShortPlan | None, list[SegmentLayout]] | None = None
     _one_step: tuple[bool, Any] = (False, None)
 
-    def one_step_keys(self, device: torch.device) -> tuple[int, int] | torch.Tensor | None:
-        """For a forward of one new token of one request (single-stream decode), its keys: a slot
-        range ``(start, end)`` when they are one run, else their slot indices; None for any other
-        forward. Built on first use."""
+    def one_step_keys(self, device: torch.device) -> tuple[list[Run], torch.Tensor | None] | None:
+        """For a forward of one new token of one request (single-stream decode), its keys: the runs
+        of at least :data:`IN_PLACE_RUN` slots (read in place) and the slot indices of the others
+        (gathered into one block), or None for any other forward. Built on first use."""
         if not self._one_step[0]:
             keys = None
             if len(self.segments) == 1 and not self.prefix_groups and self.probe is None:
                 seg = self.segments[0]
                 if seg.length == 1 and seg.positions is None and not seg.sparse and seg.shared_len == 0:
                     runs = merge_runs(seg.keys)
-                    keys = (runs[0][0], runs[0][0] + runs[0][1]) if len(runs) == 1 else run_slots(runs, device)
+                    whole = [r for r in runs if r[1] >= IN_PLACE_RUN or len(runs) == 1]
+                    rest = [r for r in runs if r not in whole]
+                    keys = (whole, run_slots(rest, device) if rest else None)
             self._one_step = (True, keys)
         return self._one_step[1]
 
@@ -340,6 +343,11 @@ def _segment_attention(q: torch.Tensor, seg: SegmentLayout, k_pool: torch.Tensor
     parts = [attend_lse(qs, k_pool[:, a : a + n], v_pool[:, a : a + n], scale, None) for a, n in before]
     if new:
         parts.append(attend_lse(qs, gather_kv(k_pool, new), gather_kv(v_pool, new), scale, causal_offset=0))
+    return merge_lse(parts)
+
+
+def merge_lse(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One result (out [H, m, D], lse [H, m]) from partial ones over disjoint sets of keys."""
     out, lse = parts[0]
     for o, l in parts[1:]:
         new_l = torch.logaddexp(lse, l)
@@ -348,18 +356,24 @@ def _segment_attention(q: torch.Tensor, seg: SegmentLayout, k_pool: torch.Tensor
     return out, lse
 
 
-def _one_step_attention(q: torch.Tensor, keys: tuple[int, int] | torch.Tensor, k_pool: torch.Tensor,
+def _one_step_attention(q: torch.Tensor, keys: tuple[list[Run], torch.Tensor | None], k_pool: torch.Tensor,
                         v_pool: torch.Tensor, scale: float) -> torch.Tensor:
-    """One query token [H, 1, D] over all its keys (a decode step): one fused call, the query
-    heads of a KV head as rows of one product. Returns [1, 1, H, D]."""
-    if isinstance(keys, tuple):
-        k, v = k_pool[:, keys[0] : keys[1]], v_pool[:, keys[0] : keys[1]]
-    else:
-        k, v = k_pool.index_select(1, keys), v_pool.index_select(1, keys)
+    """One query token [H, 1, D] over all its keys (a decode step). Keys in one block (a run, or
+    the short runs gathered): one fused call, the query heads of a KV head as rows of one product.
+    Several blocks (a long cached prefix apart from the request's own slots): a call each, merged
+    by log-sum-exp, so long runs are never copied. Returns [1, 1, H, D]."""
+    runs, rest = keys
+    blocks = [(k_pool[:, a : a + n], v_pool[:, a : a + n]) for a, n in runs]
+    if rest is not None:
+        blocks.append((k_pool.index_select(1, rest), v_pool.index_select(1, rest)))
     h, _, d = q.shape
-    hkv = k.shape[0]
-    out = F.scaled_dot_product_attention(q.reshape(1, hkv, h // hkv, d), k[None], v[None], scale=scale)
-    return out.reshape(1, 1, h, d)
+    if len(blocks) == 1:
+        k, v = blocks[0]
+        hkv = k.shape[0]
+        out = F.scaled_dot_product_attention(q.reshape(1, hkv, h // hkv, d), k[None], v[None], scale=scale)
+        return out.reshape(1, 1, h, d)
+    out, _ = merge_lse([attend_lse(q, k, v, scale, None) for k, v in blocks])
+    return out.to(q.dtype).reshape(1, 1, h, d)
 
 
 def _windowed_attention(q: torch.Tensor, layout: BatchLayout, k_pool: torch.Tensor, v_pool: torch.Tensor,
