@@ -92,9 +92,8 @@ def fill_store(backend: LocalBackend, texts: list[str], spans: list[list[tuple[i
     need = tokens * backend.engine.bytes_per_token
     log(f"{len(chunks)} distinct documents, {tokens:,} tokens, {need / 2**30:.2f} GiB of KV "
         f"(budget {backend.engine.pool.capacity * backend.engine.bytes_per_token / 2**30:.2f} GiB)")
-    stored = 0
     for i in track(range(0, len(chunks), 16), "encoding documents alone"):
-        stored = backend.engine.store_chunks(lead, chunks[i : i + 16])
+        backend.engine.store_chunks(lead, chunks[i : i + 16])
     return {"documents": len(chunks), "tokens": tokens, "bytes": need, "lead_in_tokens": len(lead or [])}
 
 

@@ -21,23 +21,28 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
-from .backends.base import ContextLengthError, GenerationError, SamplingParams, StreamEvent
+from .backends.base import ContextLengthError, GenerationError, SamplingParams, StreamEvent, text_bytes
 from .chat_documents import document_spans
+from .engine.engine import Cancelled
 from .lm import LM
+from .pipeline import Pipeline
+from .stages import Generate
 from .structured import Constraint
 from .types import Generation, TokenLogprobs
 from .wire import Body, ChatBody, CompletionBody, PromptInput, chat_messages, parse_tool_calls, tool_grammar
 
+DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default on /v1/completions; chat runs to EOS or the context's end
 
 
@@ -130,7 +135,15 @@ def create_app(lm: LM, api_key: str | None = None, max_queue: int = 64, max_work
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, e: HTTPException) -> JSONResponse:
-        return await _api_error(request, APIError(e.status_code, str(e.detail), code=str(e.status_code)))
+        message = str(e.detail)
+        if e.status_code == 400 and "parsing the body" in message:  # FastAPI's words for undecodable bytes
+            message = "the body could not be read: send JSON encoded as UTF-8"
+        return await _api_error(request, APIError(e.status_code, message, code=str(e.status_code)))
+
+    @app.exception_handler(Cancelled)
+    async def _cancelled(request: Request, e: Cancelled) -> Response:
+        counters.bump("cancelled")
+        return Response(status_code=499)  # nobody reads it: the client has gone
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, e: Exception) -> JSONResponse:
@@ -147,6 +160,13 @@ def create_app(lm: LM, api_key: str | None = None, max_queue: int = 64, max_work
                 "max_model_len": backend.max_context, "chat": backend.is_chat}
         cards = [{"id": p, "object": "model", "created": 0, "owned_by": "promptkit-pipeline"} for p in pipelines]
         return {"object": "list", "data": [card, *cards]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(guard)])
+    async def model(model_id: str) -> dict[str, Any]:
+        for card in (await models())["data"]:
+            if card["id"] == model_id:
+                return card
+        raise APIError(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found")
 
     @app.get("/stats", dependencies=[Depends(guard)])
     async def stats() -> dict[str, Any]:
@@ -177,9 +197,9 @@ def create_app(lm: LM, api_key: str | None = None, max_queue: int = 64, max_work
         check_model(body)
         prompts = body.prompts()
         if body.model in pipelines:
-            if len(prompts) != 1 or not isinstance(prompts[0], str) or body.n != 1:
-                raise APIError(400, "a pipeline model takes one text prompt and n=1", param="prompt")
-            return await _pipeline(body, prompts[0], chat=False)
+            if len(prompts) != 1 or not isinstance(prompts[0], str):
+                raise APIError(400, "a pipeline model takes one text prompt", param="prompt")
+            return await _pipeline(body, prompts[0], chat=False, limit=body.max_tokens)
         limit = COMPLETIONS_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
         want_lp, top = body.logprobs is not None, body.logprobs or 0
         params = params_of(body, limit or None, want_lp, top, _constraint(body))
@@ -204,9 +224,7 @@ def create_app(lm: LM, api_key: str | None = None, max_queue: int = 64, max_work
             users = [m.text() for m in body.messages if m.role == "user"]
             if not users:
                 raise APIError(400, "a pipeline model needs a user message (its input)", param="messages")
-            if body.n != 1 or body.tool_mode() or body.response_format is not None:
-                raise APIError(400, "a pipeline model takes n=1, no tools and no response_format")
-            return await _pipeline(body, users[-1], chat=True)
+            return await _pipeline(body, users[-1], chat=True, limit=body.token_limit())
         constraint = _constraint(body)
         if body.tool_mode():
             constraint = Constraint(grammar=tool_grammar(body, constraint))
@@ -215,19 +233,29 @@ def create_app(lm: LM, api_key: str | None = None, max_queue: int = 64, max_work
         documents = document_spans(text, body.messages) if getattr(backend, "supports_kv_reuse", False) else None
         return await _serve(request, body, [text], params, chat=True, documents=[documents] if documents else None)
 
-    async def _pipeline(body: Body, text: str, chat: bool) -> Any:
+    async def _pipeline(body: Body, text: str, chat: bool, limit: int | None) -> Any:
         """Run a served pipeline on one input; streamed as a single chunk when asked to stream."""
+        try:
+            pipeline = _tuned(pipelines[body.model], body.pipeline_settings(limit))
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
         with counters.slot():
-            record = await _in_thread(limiter, lambda: pipelines[body.model](text))
-        out = record.output if isinstance(record.output, str) else json.dumps(record.output, default=str)
+            record = await _in_thread(limiter, lambda: pipeline(text))
+        out = record.output if isinstance(record.output, str) else \
+            record.output.model_dump_json() if isinstance(record.output, BaseModel) else \
+            json.dumps(record.output, default=str)
         g = Generation(text=out, finish_reason=record.generation.finish_reason if record.generation else "stop",
                        usage=record.generation.usage if record.generation else Generation(text="").usage)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         counters.bump("ok")
         if body.stream:
-            events = [_chunk(body.model, rid, g.text, g.finish_reason, chat, usage=_usage_of([g]))]
+            events = [_chunk(body.model, rid, g.text, g.finish_reason, chat)]
             if chat:
                 events.insert(0, _chunk(body.model, rid, {"role": "assistant", "content": ""}, None, chat=True))
+            if body.stream_options and body.stream_options.include_usage:
+                events.append({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                               "created": int(time.time()), "model": body.model, "choices": [],
+                               "usage": _usage_of([g])})
             lines = [_event(e) for e in events] + ["data: [DONE]\n\n"]
             return StreamingResponse(iter(lines), media_type="text/event-stream")
         if chat:
@@ -239,13 +267,15 @@ def create_app(lm: LM, api_key: str | None = None, max_queue: int = 64, max_work
         """Generate ``body.n`` choices per prompt (all in the engine's batch), answered whole or streamed.
         ``documents``: per prompt, the character spans of its documents (their KV may be reused)."""
         jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(body.n)]
-        per = [params if params.seed is None or body.n == 1 else params.model_copy(update={"seed": params.seed + k})
+        per = [params if params.seed is None or body.n == 1 else params.model_copy(update={"seed": body.choice_seed(k)})
                for k in range(len(jobs))]
         docs = [documents[i] for i, _ in jobs] if documents else None
         if not body.stream and all(pp == params for pp in per):  # one batch through the batch API
+            extra = {"documents": docs} if docs else {}
+            cancellable = getattr(backend, "supports_cancel", False)
             with counters.slot():
-                gens = await _in_thread(limiter, lambda: backend.generate(
-                    [p for _, p in jobs], params, **({"documents": docs} if docs else {})))
+                gens = await _watched(request, limiter, lambda cancel: backend.generate(
+                    [p for _, p in jobs], params, **extra, **({"cancel": cancel} if cancellable else {})))
             counters.bump("ok")
             return _reply(body, jobs, gens, params, chat, echoes)
         slot = counters.slot()
@@ -253,7 +283,7 @@ def create_app(lm: LM, api_key: str | None = None, max_queue: int = 64, max_work
         streams = [backend.generate_stream(p, pp, **({"documents": docs[k]} if docs else {}))
                    for k, ((_, p), pp) in enumerate(zip(jobs, per))]
         try:  # request errors (a prompt too long, a bad constraint) surface here, as 4xx
-            firsts = await _in_thread(limiter, lambda: [_first(s) for s in streams])
+            firsts = await _watched(request, limiter, lambda cancel: [_first(s, cancel) for s in streams])
         except BaseException:
             _close_all(streams)
             slot.__exit__(None, None, None)
@@ -262,7 +292,7 @@ def create_app(lm: LM, api_key: str | None = None, max_queue: int = 64, max_work
         tools = chat and bool(body.tool_mode())  # type: ignore[attr-defined]
         if not body.stream:
             try:
-                gens = await _in_thread(limiter, lambda: _drain_all(firsts, streams))
+                gens = await _watched(request, limiter, lambda cancel: _drain_all(firsts, streams, cancel))
             finally:
                 _close_all(streams)
                 slot.__exit__(None, None, None)
@@ -312,10 +342,9 @@ def create_app(lm: LM, api_key: str | None = None, max_queue: int = 64, max_work
                     if tools:  # a tool-call reply is sent whole, once it can be parsed
                         if g is not None:
                             yield _event(_chunk(name, rid, _tool_delta(g), _finish(g, True), chat, index=k,
-                                                usage=None if include_usage else _usage_of([g]), logprobs=lp))
+                                                logprobs=lp))
                     elif g is not None:
-                        yield _event(_chunk(name, rid, ev.text, g.finish_reason, chat, index=k, logprobs=lp,
-                                            usage=None if include_usage else _usage_of([g])))
+                        yield _event(_chunk(name, rid, ev.text, g.finish_reason, chat, index=k, logprobs=lp))
                     elif ev.text or lp:
                         yield _event(_chunk(name, rid, ev.text, None, chat, index=k, logprobs=lp))
                     finals[k] = g
@@ -353,6 +382,31 @@ def create_app(lm: LM, api_key: str | None = None, max_queue: int = 64, max_work
 
 
 # -- helpers -----------------------------------------------------------------------
+async def _watched(request: Request, limiter: anyio.CapacityLimiter, fn: Callable[[threading.Event], Any]) -> Any:
+    """``fn(cancel)`` in a worker thread, with ``cancel`` set if the client disconnects meanwhile, so
+    a request nobody waits for stops decoding."""
+    cancel = threading.Event()
+
+    async def watch() -> None:
+        while not cancel.is_set():
+            await anyio.sleep(DISCONNECT_POLL_S)
+            if await request.is_disconnected():
+                cancel.set()
+
+    outcome: dict[str, Any] = {}
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(watch)
+        try:
+            outcome["value"] = await _in_thread(limiter, lambda: fn(cancel))
+        except Exception as e:  # raised outside the task group, which would wrap it in an ExceptionGroup
+            outcome["error"] = e
+        finally:
+            tasks.cancel_scope.cancel()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 async def _in_thread(limiter: anyio.CapacityLimiter, fn: Any) -> Any:
     try:
         return await anyio.to_thread.run_sync(fn, limiter=limiter)
@@ -362,6 +416,26 @@ async def _in_thread(limiter: anyio.CapacityLimiter, fn: Any) -> Any:
         raise APIError(500, str(e), type="server_error") from None
     except ValueError as e:
         raise APIError(400, str(e)) from None
+
+
+def _tuned(pipeline: Pipeline, settings: dict[str, Any]) -> Pipeline:
+    """``pipeline`` with a request's sampling settings in its generate stages: ``max_tokens`` caps the
+    stage's own, ``stop`` adds to its stops, the others replace the stage's values."""
+    if not settings:
+        return pipeline
+    if not any(isinstance(s, Generate) for s in pipeline.stages):
+        raise ValueError(f"this pipeline does not generate text, so {', '.join(sorted(settings))} cannot apply to it")
+
+    def tuned(stage: Generate) -> Generate:
+        update = dict(settings)
+        if "max_tokens" in update and stage.max_tokens is not None:
+            update["max_tokens"] = min(stage.max_tokens, update["max_tokens"])
+        if "stop" in update:
+            update["stop"] = [*stage.stop, *update["stop"]]
+        return stage.model_copy(update=update)
+
+    stages = [tuned(s) if isinstance(s, Generate) else s for s in pipeline.stages]
+    return Pipeline(*stages, name=pipeline.name, input_key=pipeline.input_key)
 
 
 def _context_message(e: ContextLengthError) -> str:
@@ -377,10 +451,20 @@ def _constraint(body: Body) -> Constraint | None:
     try:
         return body.constraint()
     except ValueError as e:
-        raise APIError(400, str(e), param="response_format") from None
+        fields = sorted(body.constraint_fields())
+        raise APIError(400, _plain(e), param=fields[0] if len(fields) == 1 else None) from None
 
 
-def _first(events: Iterator[StreamEvent]) -> StreamEvent:
+def _plain(e: ValueError) -> str:
+    """An error's message without pydantic's framing (its model name and error count)."""
+    if isinstance(e, ValidationError):
+        return "; ".join(str(err.get("msg", "")).removeprefix("Value error, ") for err in e.errors())
+    return str(e)
+
+
+def _first(events: Iterator[StreamEvent], cancel: threading.Event | None = None) -> StreamEvent:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("the client disconnected")
     ev = next(events, None)
     if ev is None:
         raise GenerationError("the backend produced no output")
@@ -398,9 +482,12 @@ def _advance(streams: list[Iterator[StreamEvent]], live: list[int]) -> list[Stre
     return out
 
 
-def _drain_all(firsts: list[StreamEvent], streams: list[Iterator[StreamEvent]]) -> list[Generation]:
+def _drain_all(firsts: list[StreamEvent], streams: list[Iterator[StreamEvent]],
+               cancel: threading.Event | None = None) -> list[Generation]:
     evs: list[StreamEvent | None] = list(firsts)
     while True:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("the client disconnected")  # the caller closes the streams, which aborts them
         live = [k for k, ev in enumerate(evs) if ev is not None and ev.generation is None]
         if not live:
             return [ev.generation for ev in evs]  # type: ignore[union-attr, misc]
@@ -487,15 +574,14 @@ class _Echo:
 
     def __init__(self, backend: Any, prompt: PromptInput, tl: TokenLogprobs) -> None:
         self.tl = tl
-        self.text = prompt if isinstance(prompt, str) else "".join(_pieces(backend, tl.token_ids))
+        self.text = prompt if isinstance(prompt, str) else backend.decode(tl.token_ids)
+        self.tokens, self.offsets = _pieces(backend, tl.token_ids), _offsets(backend, tl.token_ids, 0)
 
     def logprobs(self) -> dict[str, Any]:
         """OpenAI's legacy logprobs object for the prompt's tokens (the first token has none)."""
         tl = self.tl
-        offsets = [o[0] for o in tl.offsets] if tl.offsets else [0] * len(tl.token_ids)
-        return {"tokens": [self.text[a:b] for a, b in tl.offsets] if tl.offsets else tl.tokens,
-                "token_logprobs": tl.logprobs, "top_logprobs": tl.top_logprobs, "text_offset": offsets,
-                "token_ids": tl.token_ids}
+        return {"tokens": self.tokens, "token_logprobs": tl.logprobs, "top_logprobs": tl.top_logprobs,
+                "text_offset": self.offsets, "token_ids": tl.token_ids}
 
 
 def _join_logprobs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -508,27 +594,41 @@ def _join_logprobs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 def _pieces(backend: Any, token_ids: list[int]) -> list[str]:
+    """Each token as logprobs name it: its text, or ``bytes:\\x..`` for part of a character."""
+    if hasattr(backend, "token_texts"):
+        return backend.token_texts(token_ids)
     decode = getattr(backend, "decode", None)
     return [decode([t]) if decode else str(t) for t in token_ids]
+
+
+def _offsets(backend: Any, token_ids: list[int], start: int) -> list[int]:
+    """Where each token begins in the text, counted from ``start``."""
+    if hasattr(backend, "char_offsets"):
+        return backend.char_offsets(token_ids, start)
+    out, pos = [], start
+    for piece in _pieces(backend, token_ids):
+        out.append(pos)
+        pos += len(piece)
+    return out
 
 
 def _legacy_logprobs(backend: Any, g: Generation | StreamEvent, start: int) -> dict[str, Any]:
     """Completions' logprobs object for generated tokens, text offsets counted from ``start``
     (the characters of echoed prompt, or of text already streamed)."""
-    pieces = _pieces(backend, g.token_ids)
-    offsets, pos = [], start
-    for p in pieces:
-        offsets.append(pos)
-        pos += len(p)
-    return {"tokens": pieces, "token_logprobs": g.logprobs, "top_logprobs": g.top_logprobs, "text_offset": offsets,
-            "token_ids": g.token_ids}
+    return {"tokens": _pieces(backend, g.token_ids), "token_logprobs": g.logprobs, "top_logprobs": g.top_logprobs,
+            "text_offset": _offsets(backend, g.token_ids, start), "token_ids": g.token_ids}
 
 
 def _chat_logprobs(backend: Any, g: Generation | StreamEvent) -> dict[str, Any]:
-    """Chat's logprobs object: one entry per generated token, with its most likely alternatives."""
+    """Chat's logprobs object: one entry per generated token, with its most likely alternatives and
+    each token's bytes (joined, they spell the content even where a token splits a character)."""
     pieces = _pieces(backend, g.token_ids)
     tops = g.top_logprobs or [{} for _ in pieces]
-    return {"content": [{"token": t, "logprob": p, "top_logprobs": [{"token": a, "logprob": b} for a, b in top.items()]}
+
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(text_bytes(token))}
+
+    return {"content": [{**entry(t, p), "top_logprobs": [entry(a, b) for a, b in top.items()]}
                         for t, p, top in zip(pieces, g.logprobs or [], tops)]}
 
 

@@ -18,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from .structured import Constraint, lark_json
 
 MAX_STOP = 4
+# Request fields a served pipeline cannot honour (its recipe decides them); given, they are refused.
+PIPELINE_REFUSED = ("logprobs", "top_logprobs", "echo", "logit_bias", "presence_penalty", "frequency_penalty",
+                    "guided_json", "guided_regex", "guided_choice", "guided_grammar", "tools", "tool_choice")
 MAX_N = 16
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 
@@ -58,7 +61,7 @@ class Body(_Strict):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)  # a 64-bit signed integer, as OpenAI's
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -87,13 +90,39 @@ class Body(_Strict):
             raise ValueError("logit_bias values must lie in [-100, 100]")
         return v
 
-    def constraint(self) -> Constraint | None:
-        """The output constraint from ``response_format`` or a ``guided_*`` field (at most one)."""
+    def choice_seed(self, k: int) -> int | None:
+        """The seed of the ``k``-th choice: ``seed + k``, wrapped to stay a 64-bit signed integer."""
+        return None if self.seed is None else (self.seed + k + 2**63) % 2**64 - 2**63
+
+    def pipeline_settings(self, limit: int | None) -> dict[str, Any]:
+        """For a served pipeline: the sampling fields its generate stages take from this request
+        (``limit`` is the request's token limit). Fields a pipeline cannot honour raise ValueError."""
+        refused = [f for f in PIPELINE_REFUSED if getattr(self, f, None) not in (None, False, 0, {}, [])]
+        if self.response_format is not None and self.response_format.type != "text":
+            refused.append("response_format")
+        if self.n != 1:
+            refused.append("n")
+        if refused:
+            raise ValueError(f"a pipeline model does not take {', '.join(sorted(refused))}: its recipe sets how it "
+                             "generates; send the input alone, with at most max_tokens, temperature, top_p, stop "
+                             "and seed")
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        given = {"max_tokens": limit, "temperature": self.temperature, "top_p": self.top_p, "stop": stop,
+                 "seed": self.seed}
+        return {k: v for k, v in given.items() if v is not None}
+
+    def constraint_fields(self) -> dict[str, Any]:
+        """The fields that ask for an output constraint, by name."""
         given = {k: getattr(self, k) for k in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
                  if getattr(self, k) is not None}
         rf = self.response_format
         if rf is not None and rf.type != "text":
             given["response_format"] = rf
+        return given
+
+    def constraint(self) -> Constraint | None:
+        """The output constraint from ``response_format`` or a ``guided_*`` field (at most one)."""
+        given, rf = self.constraint_fields(), self.response_format
         if len(given) > 1:
             raise ValueError(f"give at most one output constraint; got {sorted(given)}")
         if rf is not None and "response_format" in given:

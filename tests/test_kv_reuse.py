@@ -12,11 +12,10 @@ import threading
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from promptkit.backends.base import SamplingParams
-from promptkit.engine.chunk_store import StaleKVError, chunk_key
+from promptkit.engine.chunk_store import StaleKVError
 from promptkit.engine.config import KVReuse
 from promptkit.engine.engine import Engine
 from promptkit.engine.kv_pool import run_slots

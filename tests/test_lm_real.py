@@ -5,7 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from promptkit import LM, ContextLengthError, Pipeline, Prompt, load_recipe
+from promptkit import LM, ContextLengthError, Prompt, load_recipe
 from promptkit.engine.models import ModelNotFoundError
 
 QUESTIONS = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import jsonschema
@@ -199,3 +200,102 @@ def test_engine_failure_is_an_error_response_not_a_200(post, monkeypatch):
     assert "device lost" in json.loads(events[-1])["error"]["message"]
     monkeypatch.undo()
     assert ok(post("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 2}))  # the engine serves on
+
+
+def test_seed_must_be_64_bit_and_a_bad_one_spares_the_requests_beside_it(post, real_lm):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from promptkit.backends.base import SamplingParams
+    from promptkit.engine.engine import Request
+
+    greedy = {"prompt": "Count: 1, 2, 3,", "max_tokens": 24}
+    with ThreadPoolExecutor(2) as pool:
+        beside = pool.submit(post, "/v1/completions", greedy)
+        bad = post("/v1/completions", {"prompt": "hi", "max_tokens": 2, "temperature": 1, "seed": 2**64})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "seed"
+        assert ok(beside.result())["choices"][0]["text"] == real_lm.generate("Count: 1, 2, 3,", max_tokens=24,
+                                                                             chat=False)[0].text
+    # the largest seed with n > 1: choices' seeds wrap around instead of overflowing
+    out = ok(post("/v1/completions", {"prompt": "hi", "max_tokens": 2, "temperature": 1, "seed": 2**63 - 1, "n": 2}))
+    assert len(out["choices"]) == 2
+    # the engine refuses a seed that skipped validation, before it can join a batch
+    params = SamplingParams(temperature=1.0).model_copy(update={"seed": 2**64})
+    with pytest.raises(ValueError, match="64-bit"):
+        real_lm.backend.engine.submit(Request(tokens=[1, 2, 3], params=params))
+
+
+def test_logprobs_cover_the_text_before_a_stop_string(post):
+    free = ok(post("/v1/completions", {"prompt": "1, 2, 3, 4,", "max_tokens": 20}))["choices"][0]["text"]
+    stop = free[len(free) // 2 : len(free) // 2 + 3]
+    body = {"prompt": "1, 2, 3, 4,", "max_tokens": 20, "stop": [stop], "logprobs": 1}
+    choice = ok(post("/v1/completions", body))["choices"][0]
+    text, tokens = choice["text"], choice["logprobs"]["tokens"]
+    assert choice["finish_reason"] == "stop" and text == free[: free.index(stop)]
+    assert len("".join(tokens[:-1])) < len(text) <= len("".join(tokens))  # the tokens that spell the text, no more
+    assert len(choice["logprobs"]["token_logprobs"]) == len(tokens)
+    with post.client.stream("POST", "/v1/completions", json={**body, "model": post.client.get("/v1/models").json()
+                                                             ["data"][0]["id"], "stream": True}) as s:
+        chunks = [json.loads(e) for e in sse_events(s.iter_lines())[:-1]]
+    streamed = [t for c in chunks for t in (c["choices"][0]["logprobs"] or {}).get("tokens", [])]
+    assert streamed == tokens and "".join(c["choices"][0]["text"] for c in chunks) == text
+
+
+def test_logprobs_name_tokens_that_split_a_character(post, real_lm):
+    ids = real_lm.backend.encode("Emoji party: 🎉🎉 日本語のテキスト café")
+    echo = ok(post("/v1/completions", {"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 0}))["choices"][0]
+    assert echo["text"] == "Emoji party: 🎉🎉 日本語のテキスト café"
+    offsets = echo["logprobs"]["text_offset"]
+    assert offsets == sorted(offsets) and offsets[-1] < len(echo["text"])
+    tops = ok(post("/v1/completions", {"prompt": "Japanese: 日本語。 Again: ", "max_tokens": 3,
+                                       "logprobs": 5}))["choices"][0]["logprobs"]
+    assert [len(t) for t in tops["top_logprobs"]] == [5, 5, 5]  # byte tokens keep distinct names
+    assert all("\ufffd" not in t for t in tops["tokens"])
+    msgs = [{"role": "user", "content": "Write 日本語 three times."}]
+    chat = ok(post("/v1/chat/completions", {"messages": msgs, "max_tokens": 12, "logprobs": True,
+                                            "top_logprobs": 2}))["choices"][0]
+    joined = bytes(b for entry in chat["logprobs"]["content"] for b in entry["bytes"])
+    assert joined.decode("utf-8", errors="replace") == chat["message"]["content"]
+
+
+def test_model_card_utf8_errors_usage_chunks_and_constraint_params(post, real_lm):
+    c = post.client
+    assert c.get(f"/v1/models/{real_lm.model}").json()["id"] == real_lm.model
+    assert c.get("/v1/models/nope").status_code == 404
+    r = c.post("/v1/completions", content=b'{"model": "m", "prompt": "\xff\xfe"}',
+               headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "UTF-8" in r.json()["error"]["message"]
+    body = {"model": real_lm.model, "prompt": "Hi", "max_tokens": 3, "n": 2, "stream": True}
+    with c.stream("POST", "/v1/completions", json=body) as s:
+        assert all("usage" not in json.loads(e) for e in sse_events(s.iter_lines())[:-1])  # only when asked for
+    err = post("/v1/completions", {"prompt": "hi", "max_tokens": 2, "guided_choice": []}).json()["error"]
+    assert err["param"] == "guided_choice" and "validation error" not in err["message"]
+
+
+def test_a_non_streamed_request_stops_when_its_client_leaves(server, real_lm):
+    msgs = [{"role": "user", "content": "Tell a very long story."}]
+    before = httpx.get(server.url + "/stats").json()["server"]["cancelled"]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/chat/completions", timeout=1.5,
+                   json={"model": real_lm.model, "messages": msgs, "max_tokens": 4000, "temperature": 0.7, "seed": 1})
+    for _ in range(100):  # 4,000 tokens would take minutes; an abort takes a step
+        stats = httpx.get(server.url + "/stats").json()["server"]
+        if stats["cancelled"] > before and stats["active"] == 0:
+            break
+        time.sleep(0.1)
+    assert stats["cancelled"] > before and stats["active"] == 0
+
+
+def test_a_served_pipeline_honours_sampling_fields_or_refuses_them(real_lm):
+    from pathlib import Path
+
+    from promptkit import load_recipe
+
+    recipe = load_recipe(Path(__file__).parents[1] / "cookbook" / "serve_openai" / "recipe.yaml")
+    with BackgroundServer(create_app(real_lm, pipelines={"docs-bot": recipe})) as srv, \
+            httpx.Client(base_url=srv.url, timeout=300) as c:
+        msgs = [{"role": "user", "content": "What is green tea?"}]
+        out = ok(c.post("/v1/chat/completions", json={"model": "docs-bot", "messages": msgs, "max_tokens": 2}))
+        assert out["usage"]["completion_tokens"] == 2
+        for field, value in [("logprobs", True), ("n", 2), ("guided_choice", ["a", "b"]), ("presence_penalty", 1.0)]:
+            r = c.post("/v1/chat/completions", json={"model": "docs-bot", "messages": msgs, field: value})
+            assert r.status_code == 400 and field in r.json()["error"]["message"], (field, r.text)

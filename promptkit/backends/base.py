@@ -6,6 +6,7 @@ engine, plain transformers and any OpenAI-compatible server implement it.
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Iterator
 from typing import Any, Protocol, runtime_checkable
 
@@ -61,7 +62,7 @@ class SamplingParams(BaseModel):
     temperature: float = Field(default=0.0, ge=0.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: list[str] = Field(default_factory=list)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63, description="any 64-bit signed integer")
     logprobs: bool = False
     top_logprobs: int = Field(default=0, ge=0, le=20, description="also return this many most likely tokens per step")
     truncate: bool = False
@@ -126,6 +127,33 @@ class Backend(Protocol):
         ...
 
     def stats(self) -> dict[str, Any]: ...
+
+
+def token_text(piece: bytes) -> str:
+    """A token as logprobs name it: its text, or ``bytes:\\xe6\\x97`` when it holds only part of a
+    character (byte-level tokenizers split characters), so distinct tokens keep distinct names."""
+    try:
+        return piece.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{c:02x}" for c in piece)
+
+
+def text_bytes(name: str) -> bytes:
+    """The bytes of a token named by :func:`token_text`."""
+    if name.startswith("bytes:\\x"):
+        return bytes(int(h, 16) for h in name[len("bytes:\\x"):].split("\\x"))
+    return name.encode("utf-8")
+
+
+def kept_tokens(pieces: list[bytes], chars: int) -> int:
+    """How many of the tokens whose bytes are ``pieces`` it takes to spell the first ``chars``
+    characters of their text (the tokens of a generation cut at a stop string)."""
+    decoder, done = codecs.getincrementaldecoder("utf-8")(errors="replace"), 0
+    for k, piece in enumerate(pieces):
+        if done >= chars:
+            return k
+        done += len(decoder.decode(piece))
+    return len(pieces)
 
 
 def truncate_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:

@@ -8,7 +8,8 @@ local backend shares (loading, tokenizing, chat templates, context checks).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+import codecs
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -17,9 +18,9 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from ..engine.models import gguf_source, resolve_llm
 from ..engine.threads import on_fresh_thread
 from ..engine.weights import activation_dtype, apply_format, gguf_cache_file, is_q4_gguf, resolve_format
-from ..structured import accept_tokens, process_logits, processor_for
+from ..structured import accept_tokens, ll_tokenizer, process_logits, processor_for
 from ..types import Generation, TokenLogprobs, Usage
-from .base import ContextLengthError, PromptInput, SamplingParams, StreamEvent, truncate_at_stop
+from .base import ContextLengthError, PromptInput, SamplingParams, StreamEvent, kept_tokens, token_text, truncate_at_stop
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -122,6 +123,25 @@ class TransformersBase:
     def count_tokens(self, text: str) -> int:
         return len(self.encode(text))
 
+    def token_pieces(self, ids: Sequence[int], specials: bool = True) -> list[bytes]:
+        """Each token's own bytes: part of a character stays a part; a special token is spelled out,
+        or empty with ``specials=False`` (as :meth:`decode` drops it)."""
+        ll = ll_tokenizer(self.tokenizer, self.vocab_size, sorted(self.eos_ids))
+        return [b"" if not specials and ll.is_special_token(t) else ll.decode_bytes([t]) for t in ids]
+
+    def token_texts(self, ids: Sequence[int]) -> list[str]:
+        """Each token as logprobs name it (see :func:`promptkit.backends.base.token_text`)."""
+        return [token_text(b) for b in self.token_pieces(ids)]
+
+    def char_offsets(self, ids: Sequence[int], start: int = 0) -> list[int]:
+        """Where each token begins in the decoded text of ``ids`` (from ``start``): the characters
+        completed before it, so a token holding part of a character points at that character."""
+        decoder, pos, out = codecs.getincrementaldecoder("utf-8")(errors="replace"), start, []
+        for piece in self.token_pieces(ids, specials=False):
+            out.append(pos)
+            pos += len(decoder.decode(piece))
+        return out
+
     def valid_ids(self, ids: list[int]) -> list[int]:
         """Token ids given as a prompt, checked against the vocabulary."""
         bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
@@ -146,12 +166,10 @@ class TransformersBase:
         if isinstance(prompt, str):
             enc = self.tokenizer(prompt, return_offsets_mapping=True)
             return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-        ids, spans, pos = self.valid_ids(prompt), [], 0
-        for t in ids:
-            n = len(self.decode([t]))
-            spans.append((pos, pos + n))
-            pos += n
-        return ids, spans
+        ids = self.valid_ids(prompt)
+        starts = self.char_offsets(ids)
+        ends = starts[1:] + [len(self.decode(ids))]
+        return ids, list(zip(starts, ends))
 
     def check_length(self, ids: list[int], new_tokens: int, truncate: bool = False) -> list[int]:
         """Return ``ids`` if they fit the context with ``new_tokens`` more, else raise (or left-truncate)."""
@@ -222,9 +240,13 @@ class HFBackend(TransformersBase):
             if params.logprobs:  # of the raw logits, as the local engine reports them
                 lps = [float(torch.log_softmax(gen.logits[j][row].float(), -1)[t]) for j, t in enumerate(new)]
             text, stopped = truncate_at_stop(self.decode(new), params.stop)
+            generated = len(new)
+            if stopped:  # the tokens (and logprobs) that spell the text returned
+                new = new[: kept_tokens(self.token_pieces(new, specials=False), len(text))]
+                lps = lps[: len(new)] if lps is not None else None
             results.append(Generation(
                 text=text, token_ids=new, logprobs=lps, finish_reason="stop" if stopped else finish,
-                usage=Usage(prompt_tokens=len(s), completion_tokens=len(new), seconds=seconds),
+                usage=Usage(prompt_tokens=len(s), completion_tokens=generated, seconds=seconds),
             ))
         return results
 
@@ -267,7 +289,7 @@ class HFBackend(TransformersBase):
             tops = None
             if top_logprobs:
                 vals, idx = logp.topk(top_logprobs)
-                tops = [None] + [{self.decode([t]): v for t, v in zip(i, vs)}
+                tops = [None] + [dict(zip(self.token_texts(i), vs))
                                  for i, vs in zip(idx.tolist(), vals.tolist())]
             out.append(TokenLogprobs(token_ids=ids, tokens=self.tokenizer.convert_ids_to_tokens(ids),
                                      logprobs=[None] + lp[:, 0].tolist(), offsets=offsets, top_logprobs=tops))

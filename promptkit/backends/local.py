@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from ..engine.chunk_store import StaleKVError, read_meta, write_store
 from ..engine.config import EngineConfig, KVReuse
-from ..engine.engine import Engine, Request
+from ..engine.engine import Cancelled, Engine, Request
 from ..engine.kv_pool import KVBudgetError
 from ..engine.request import Reuse
 from ..types import Generation, TokenLogprobs, Usage
-from .base import GenerationError, PromptInput, SamplingParams, StreamEvent, truncate_at_stop
+from .base import GenerationError, PromptInput, SamplingParams, StreamEvent, kept_tokens, truncate_at_stop
 from .hf import TransformersBase
 
 Spans = list[tuple[int, int]]
@@ -37,6 +38,7 @@ class LocalBackend(TransformersBase):
     """
 
     supports_kv_reuse = True
+    supports_cancel = True  # generate() takes cancel=
 
     def __init__(self, model: str, engine: EngineConfig | None = None, kv_lead_in: str | None = None,
                  **kw: Any) -> None:
@@ -103,19 +105,20 @@ class LocalBackend(TransformersBase):
     def _generation(self, r: Request) -> Generation:
         text, stopped = truncate_at_stop(self.decode(r.generated), r.params.stop)
         return Generation(
-            text=text, **self._step_logprobs(r, 0, len(r.generated)),
+            text=text, **self._step_logprobs(r, 0, self._kept(r, text) if stopped else len(r.generated)),
             finish_reason="stop" if stopped else r.finish_reason,
             usage=usage_of(r, completion_tokens=len(r.generated)),
         )
 
     def generate(self, texts: list[PromptInput], params: SamplingParams,
                  documents: Sequence[Spans | None] | None = None,
-                 kv_reuse: KVReuse | str | None = None) -> list[Generation]:
+                 kv_reuse: KVReuse | str | None = None, cancel: threading.Event | None = None) -> list[Generation]:
+        """One generation per prompt, decoded together; setting ``cancel`` aborts them (raises :class:`Cancelled`)."""
         docs = documents or [None] * len(texts)
         reqs = [self._request(t, params, d, kv_reuse) for t, d in zip(texts, docs)]
         try:
-            done = self.engine.run(reqs)
-        except KVBudgetError:
+            done = self.engine.run(reqs, cancel)
+        except (KVBudgetError, Cancelled):
             raise
         except Exception as e:
             raise GenerationError(f"the generation failed in the engine: {type(e).__name__}: {e}") from e
@@ -141,9 +144,13 @@ class LocalBackend(TransformersBase):
                 raise GenerationError(f"the generation failed in the engine: {type(e).__name__}: {e}") from e
             gen = self._generation(req)
             yield StreamEvent(text=gen.text[len(shown):], generation=gen,
-                              **self._step_logprobs(req, sent, len(req.generated)))
+                              **self._step_logprobs(req, sent, max(sent, len(gen.token_ids))))
         finally:
             tokens.close()
+
+    def _kept(self, r: Request, text: str) -> int:
+        """How many generated tokens spell ``text``, the generation cut at a stop string."""
+        return kept_tokens(self.token_pieces(r.generated, specials=False), len(text))
 
     def _step_logprobs(self, r: Request, start: int, end: int) -> dict:
         """Generated tokens ``start:end``, with their logprobs when the request wants them."""
@@ -151,8 +158,12 @@ class LocalBackend(TransformersBase):
         if r.params.logprobs or r.params.top_logprobs:
             out["logprobs"] = r.logprobs[start:end]
         if r.params.top_logprobs:
-            out["top_logprobs"] = [{self.decode([t]): lp for t, lp in step} for step in r.top_logprobs[start:end]]
+            out["top_logprobs"] = [self._named(step) for step in r.top_logprobs[start:end]]
         return out
+
+    def _named(self, step: list[tuple[int, float]]) -> dict[str, float]:
+        """One step's likeliest tokens, by name (see :meth:`token_texts`)."""
+        return dict(zip(self.token_texts([t for t, _ in step]), [lp for _, lp in step]))
 
     # -- scoring -----------------------------------------------------------------
     def score(self, texts: list[str], choices: list[list[str]], documents: Sequence[Spans | None] | None = None,
@@ -192,7 +203,7 @@ class LocalBackend(TransformersBase):
         self.engine.run(ok)
         return [TokenLogprobs(token_ids=r.tokens, tokens=self.tokenizer.convert_ids_to_tokens(r.tokens),
                               logprobs=[None] + r.logprobs, offsets=offs,
-                              top_logprobs=[None] + [{self.decode([t]): lp for t, lp in step} for step in r.top_logprobs]
+                              top_logprobs=[None] + [self._named(step) for step in r.top_logprobs]
                               if top_logprobs else None)
                 for r, (_, offs) in zip(reqs, encs)]
 

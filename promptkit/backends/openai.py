@@ -191,7 +191,7 @@ class OpenAIBackend:
         import json
 
         t0 = time.perf_counter()
-        body = self._body(text, params, stream=True)
+        body = self._body(text, params, stream=True, stream_options={"include_usage": True})
         parts: list[str] = []
         finish, usage = "length", {}
         with self.http.stream("POST", "/completions", json=body) as r:

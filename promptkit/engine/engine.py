@@ -44,6 +44,11 @@ from .threads import on_fresh_thread
 log = logging.getLogger(__name__)
 _engines: weakref.WeakSet = weakref.WeakSet()
 IDLE_EXIT_SECONDS = 5.0  # the loop thread ends after this long without work
+CANCEL_POLL_S = 0.1  # how often a cancellable wait looks at its cancel event
+
+
+class Cancelled(Exception):
+    """The caller cancelled the requests it was waiting for (they were aborted)."""
 
 
 @atexit.register
@@ -132,6 +137,9 @@ class Engine:
                 f"a {len(req.tokens)}-token request needs {(len(req.tokens) + 1) * self.bytes_per_token:,} bytes "
                 f"of KV, more than the engine's KV budget of {self.pool.capacity * self.bytes_per_token:,} bytes; "
                 "raise max_kv_bytes or shorten the prompt")
+        seed = req.params.seed
+        if seed is not None and not -(2**63) <= seed < 2**63:  # one bad seed would fail its whole batch
+            raise ValueError(f"seed must be a 64-bit signed integer; got {seed}")
         if req.params.temperature > 0:
             req.seed = req.params.seed if req.params.seed is not None else secrets.randbits(63)
         if req.reuse is not None and req.reuse.config.reuses:
@@ -145,10 +153,17 @@ class Engine:
                 raise ValueError(f"select_layer {req.reuse.config.select_layer} is past the model's "
                                  f"{self.pool.kv.shape[0]} layers")
 
-    def run(self, reqs: list[Request]) -> list[Request]:
-        """Submit ``reqs`` and wait until all are finished; raise the first error among them."""
+    def run(self, reqs: list[Request], cancel: threading.Event | None = None) -> list[Request]:
+        """Submit ``reqs`` and wait until all are finished; raise the first error among them.
+        Setting ``cancel`` aborts those still running and raises :class:`Cancelled`."""
         self.submit_many(reqs)
-        wait([r.future for r in reqs])
+        futures = [r.future for r in reqs]
+        while wait(futures, timeout=None if cancel is None else CANCEL_POLL_S).not_done:
+            if cancel is not None and cancel.is_set():
+                for r in reqs:
+                    self.abort(r)
+                wait(futures)
+                raise Cancelled(f"{sum(r.finish_reason == 'abort' for r in reqs)} of {len(reqs)} requests cancelled")
         for r in reqs:
             if r.error is not None:
                 raise r.error
