@@ -20,7 +20,8 @@ from ..engine.threads import on_fresh_thread
 from ..engine.weights import activation_dtype, apply_format, gguf_cache_file, is_q4_gguf, resolve_format
 from ..structured import accept_tokens, ll_tokenizer, process_logits, processor_for
 from ..types import Generation, TokenLogprobs, Usage
-from .base import ContextLengthError, PromptInput, SamplingParams, StreamEvent, kept_tokens, token_text, truncate_at_stop
+from .base import (ContextLengthError, PromptInput, SamplingParams, StreamEvent, kept_tokens, token_text,
+                   truncate_at_stop)
 
 
 def pick_device(device: str | None = None) -> torch.device:
