@@ -36,7 +36,7 @@ from promptkit.types import Document
 from .base import Filter, Retriever, check_k, check_query, filter_mask, top_k, with_score
 from .corpus import check_documents
 from .errors import IndexFormatError
-from .storage import DOCS, read_docs, read_manifest, write_docs, write_index_dir
+from .storage import DOCS, manifest_settings, read_docs, read_manifest, write_docs, write_index_dir
 from .tokenize import Tokenizer
 
 Variant = Literal["okapi", "plus", "l"]
@@ -205,8 +205,9 @@ class BM25(Retriever):
         """Read an index directory written by :meth:`save`."""
         path = Path(path)
         s = read_manifest(path, kind=cls.kind)["settings"]
-        self = cls(variant=s["variant"], k1=s["k1"], b=s["b"], delta=s["delta"], epsilon=s["epsilon"],
-                   tokenizer=Tokenizer(**s["tokenizer"]), dtype=s.get("dtype", "float64"))
+        with manifest_settings(path):
+            self = cls(variant=s["variant"], k1=s["k1"], b=s["b"], delta=s["delta"], epsilon=s["epsilon"],
+                       tokenizer=Tokenizer(**s["tokenizer"]), dtype=s.get("dtype", "float64"))
         with np.load(path / "bm25.npz", allow_pickle=False) as z:
             self.tf = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"]))
             self.doc_len = z["doc_len"]

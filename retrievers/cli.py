@@ -25,7 +25,8 @@ def build(
     corpus: Annotated[Path, typer.Argument(help="A JSONL file (id, text per line) or a folder of .txt/.md files.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Index directory to create.")],
     kind: Annotated[str, typer.Option("--kind", help="bm25, dense or hybrid.")] = "bm25",
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing index directory.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing index directory (an index only; "
+                                                      "any other file or directory is refused).")] = False,
     kv: Annotated[bool, typer.Option("--kv", help="Also encode every document's KV alone with --model and "
                                      "save it next to the index (kv.safetensors), for kv_reuse.")] = False,
     model: Annotated[str, typer.Option("--model", help="The model whose KV --kv saves.")] = "smollm2-135m-instruct",
@@ -33,34 +34,48 @@ def build(
                                                    "(default: a chat turn opening with 'Context:').")] = None,
 ) -> None:
     """Index CORPUS into directory OUT."""
-    from .errors import CorpusError
+    from .errors import CorpusError, IndexFormatError
     from .index import KINDS, build_index
     from .corpus import load_corpus
+    from .storage import check_replaceable
 
     if kind not in KINDS:
         _fail(f"unknown --kind {kind!r}; choose one of {', '.join(KINDS)}")
     if out.exists() and not force:
         _fail(f"{out} already exists; pass --force to replace it")
+    src, dst = corpus.resolve(), out.resolve()
+    if dst == src or dst.is_relative_to(src) or src.is_relative_to(dst):
+        _fail(f"--out {out} overlaps the corpus {corpus}; write the index outside it")
     try:
+        check_replaceable(out, force)
         docs = load_corpus(corpus)
-    except CorpusError as e:
+    except (CorpusError, IndexFormatError) as e:
         _fail(str(e))
-    with err.status(f"indexing {len(docs)} documents ({kind}) ...", spinner="dots"):
-        retriever = build_index(docs, kind)
-        retriever.save(out, force=force)
-    err.print(f"[green]indexed[/] {len(docs)} documents into {out} ({kind})")
-    if kv:
+    lm = None
+    if kv:  # the model first, so a model that cannot load leaves nothing written
         from promptkit.lm import get_lm
 
+        with err.status(f"loading {model} ...", spinner="dots"):
+            try:
+                lm = get_lm(model)
+            except ValueError as e:  # an unknown model, a refused setting
+                _fail(str(e))
+    with err.status(f"indexing {len(docs)} documents ({kind}) ...", spinner="dots"):
+        retriever = build_index(docs, kind)
+        try:
+            retriever.save(out, force=force)
+        except (FileExistsError, IndexFormatError) as e:  # ``out`` appeared or changed meanwhile
+            _fail(str(e))
+    err.print(f"[green]indexed[/] {len(docs)} documents into {out} ({kind})")
+    if lm is not None:
         from .stages import KV_STORE
 
         with err.status(f"encoding the KV of {len(docs)} documents with {model} ...", spinner="dots"):
             try:
-                lm = get_lm(model)
                 n = lm.backend.save_kv_store(str(out / KV_STORE), [d.text for d in docs], lead_in,  # type: ignore[attr-defined]
                                              extra={"documents": len(docs)})
             except ValueError as e:  # a model whose KV cannot be reused, a document without tokens
-                _fail(str(e))
+                _fail(f"{e} (the index in {out} was written without KV)")
         err.print(f"[green]saved[/] the KV of {n} documents to {out / KV_STORE}")
 
 

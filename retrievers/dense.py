@@ -22,7 +22,7 @@ from promptkit.types import Document
 from .base import Filter, Retriever, check_k, check_query, filter_mask, with_score
 from .corpus import check_documents
 from .errors import IndexFormatError
-from .storage import DOCS, read_docs, read_manifest, write_docs, write_index_dir
+from .storage import DOCS, manifest_settings, read_docs, read_manifest, write_docs, write_index_dir
 
 IndexType = Literal["auto", "flat", "hnsw", "ivf"]
 
@@ -172,17 +172,19 @@ class Dense(Retriever):
 
         path = Path(path)
         s = read_manifest(path, kind=cls.kind)["settings"]
-        if embedder is not None and embedder != s["embedder"]:
-            raise IndexFormatError(f"{path}: built with embedder {s['embedder']!r}, not {embedder!r}; "
-                                   "query it with the same embedder or rebuild it")
-        self = cls(embedder=s["embedder"], index_type=s["index_type"], hnsw_m=s["hnsw_m"],
-                   ef_search=s["ef_search"], nlist=s["nlist"], nprobe=s["nprobe"])
+        with manifest_settings(path):
+            if embedder is not None and embedder != s["embedder"]:
+                raise IndexFormatError(f"{path}: built with embedder {s['embedder']!r}, not {embedder!r}; "
+                                       "query it with the same embedder or rebuild it")
+            self = cls(embedder=str(s["embedder"]), index_type=s["index_type"], hnsw_m=int(s["hnsw_m"]),
+                       ef_search=int(s["ef_search"]), nlist=None if s["nlist"] is None else int(s["nlist"]),
+                       nprobe=int(s["nprobe"]))
+            self.dim = int(s["dim"])
         try:
             self.faiss_index = faiss.read_index(str(path / "dense.faiss"))
         except RuntimeError as e:
             reason = str(e).splitlines()[0]
             raise IndexFormatError(f"{path / 'dense.faiss'}: unreadable FAISS index ({reason})") from None
-        self.dim = int(s["dim"])
         self.docs = read_docs(path / DOCS)
         if self.faiss_index.d != self.dim or self.faiss_index.ntotal != len(self.docs):
             raise IndexFormatError(f"{path}: FAISS index ({self.faiss_index.ntotal} x {self.faiss_index.d}) does "

@@ -10,7 +10,7 @@ from promptkit.types import Document
 
 from .base import Filter, Retriever, check_k, check_query
 from .fusion import reciprocal_rank_fusion, weighted_score_fusion
-from .storage import read_manifest, write_index_dir
+from .storage import manifest_settings, read_manifest, write_index_dir
 
 Method = Literal["rrf", "weighted"]
 
@@ -76,5 +76,6 @@ class Hybrid(Retriever):
 
         path = Path(path)
         s = read_manifest(path, kind=cls.kind)["settings"]
-        parts = [load_index(path / name) for name in s["parts"]]
-        return cls(parts, method=s["method"], weights=s["weights"], rrf_k=s["rrf_k"], depth=s["depth"])
+        with manifest_settings(path):
+            parts = [load_index(path / name) for name in s["parts"]]
+            return cls(parts, method=s["method"], weights=s["weights"], rrf_k=int(s["rrf_k"]), depth=int(s["depth"]))

@@ -17,7 +17,7 @@ from pydantic import Field, PrivateAttr, model_validator
 
 from promptkit.engine.models import DEFAULT_EMBEDDER, DEFAULT_LLM
 from promptkit.lm import get_lm
-from promptkit.pipeline import Record, Stage
+from promptkit.pipeline import MissingInputError, Record, Stage
 from promptkit.prompt import PromptTemplate
 from promptkit.registry import register_stage
 from promptkit.types import Document
@@ -38,8 +38,8 @@ def _queries(records: list[Record], key: str) -> list[str]:
     out = []
     for r in records:
         if key not in r.inputs:
-            raise KeyError(f"record has no input {key!r} to use as the query; inputs: {sorted(r.inputs)} "
-                           "(set query_key)")
+            raise MissingInputError(f"record has no input {key!r} to use as the query; inputs: "
+                                    f"{sorted(r.inputs)} (set query_key)")
         out.append(str(r.inputs[key]))
     return out
 

@@ -7,11 +7,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from promptkit.pipeline import Pipeline
+from promptkit.pipeline import InputError, MissingInputError, Pipeline
 from promptkit.registry import get_stage_class
 from promptkit.stages import BuildPrompt
 from promptkit.types import Document
-from retrievers import CorpusError, chunk_documents, chunk_text, load_corpus
+from retrievers import BM25, CorpusError, IndexFormatError, chunk_documents, chunk_text, load_corpus, load_index
 from retrievers.chunk import paragraph_spans, sentence_spans
 from retrievers.cli import app
 from retrievers.samples import python_reference
@@ -90,6 +90,86 @@ def test_cli_refuses_existing_dir_and_bad_input(jsonl, tmp_path):
     assert res.exit_code == 1 and "not an index directory" in res.output
 
 
+def test_force_replaces_only_an_index_directory(jsonl, tmp_path):
+    corpus = tmp_path / "docs"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("alpha text", encoding="utf-8")
+    (corpus / "b.md").write_text("beta text", encoding="utf-8")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "keep.txt").write_text("mine", encoding="utf-8")
+    single = tmp_path / "file.txt"
+    single.write_text("mine", encoding="utf-8")
+    snapshot = lambda: {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}  # noqa: E731
+    before = snapshot()
+    for out, why in [(corpus, "overlaps the corpus"), (tmp_path, "overlaps the corpus"),
+                     (corpus / "idx", "overlaps the corpus"), (notes, "not a promptkit index"),
+                     (single, "not a directory")]:
+        res = runner.invoke(app, ["build", str(corpus), "--out", str(out), "--force"])
+        assert res.exit_code == 1 and why in res.output and "Traceback" not in res.output, (out, res.output)
+        assert snapshot() == before
+    with pytest.raises(IndexFormatError, match="not a promptkit index"):
+        BM25().index(load_corpus(corpus)).save(notes, force=True)
+    with pytest.raises(IndexFormatError, match="not a directory"):
+        BM25().index(load_corpus(corpus)).save(single, force=True)
+    assert snapshot() == before
+    # an index directory, or an empty one, is replaced
+    idx = tmp_path / "idx"
+    assert runner.invoke(app, ["build", str(jsonl), "--out", str(idx)]).exit_code == 0
+    res = runner.invoke(app, ["build", str(corpus), "--out", str(idx), "--force"])
+    assert res.exit_code == 0, res.output
+    assert len(load_index(idx).search("alpha", 5)) == 2
+    (tmp_path / "empty").mkdir()
+    assert runner.invoke(app, ["build", str(corpus), "--out", str(tmp_path / "empty"), "--force"]).exit_code == 0
+
+
+def test_bad_manifests_are_index_format_errors(jsonl, tmp_path):
+    idx = tmp_path / "idx"
+    assert runner.invoke(app, ["build", str(jsonl), "--out", str(idx)]).exit_code == 0
+    manifest = json.loads((idx / "manifest.json").read_text(encoding="utf-8"))
+
+    def rewrite(m):
+        (idx / "manifest.json").write_text(json.dumps(m), encoding="utf-8")
+
+    for bad, why in [([1, 2], "a JSON list, not an object"),
+                     ({**manifest, "settings": {**manifest["settings"], "k1": "abc"}}, "invalid settings"),
+                     ({**manifest, "settings": {k: v for k, v in manifest["settings"].items() if k != "b"}},
+                      "missing setting 'b'"),
+                     ({k: v for k, v in manifest.items() if k != "files"}, "'files' must list"),
+                     ({**manifest, "files": {"docs.jsonl": {"bytes": "many"}}}, "'files' must list")]:
+        rewrite(bad)
+        with pytest.raises(IndexFormatError, match=why):
+            load_index(idx)
+        res = runner.invoke(app, ["search", str(idx), "assert"])
+        assert res.exit_code == 1 and "Traceback" not in res.output and why in res.output, res.output
+    rewrite(manifest)
+    assert load_index(idx).search("The assert statement", 1)[0].id == "assert"
+
+
+def test_index_build_kv_with_an_unknown_model_writes_nothing(jsonl, tmp_path):
+    out = tmp_path / "idx"
+    res = runner.invoke(app, ["build", str(jsonl), "--out", str(out), "--kv", "--model", "nope"])
+    assert res.exit_code == 1 and "unknown model 'nope'" in res.output and "Traceback" not in res.output
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_run_cli_names_a_wrong_input_key_and_a_non_object_line(jsonl, tmp_path):
+    from promptkit.cli import app as main_app
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"stages:\n  - stage: bm25\n    corpus: {jsonl}\n    k: 2\n", encoding="utf-8")
+    wrong = tmp_path / "w.jsonl"
+    wrong.write_text('{"q": "How tall is Everest?"}\n', encoding="utf-8")
+    res = runner.invoke(main_app, ["run", str(recipe), "--input-file", str(wrong)])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert "no input 'question'" in res.output and "['q']" in res.output
+    wrong.write_text('{"question": "assert"}\n[1, 2]\n', encoding="utf-8")
+    res = runner.invoke(main_app, ["run", str(recipe), "--input-file", str(wrong)])
+    assert res.exit_code == 1 and "w.jsonl:2" in res.output and "JSON list" in res.output, res.output
+    with pytest.raises(InputError, match="got list"):
+        Pipeline(get_stage_class("bm25")(corpus=str(jsonl)))([[1, 2]])
+
+
 def test_retriever_stages_fill_documents_and_context(jsonl, tmp_path):
     index = tmp_path / "idx"
     assert runner.invoke(app, ["build", str(jsonl), "--out", str(index)]).exit_code == 0
@@ -102,8 +182,9 @@ def test_retriever_stages_fill_documents_and_context(jsonl, tmp_path):
     rec = Pipeline(from_corpus).run([{"q": "The raise statement"}])[0]
     assert "raise" in [d.id for d in rec.documents] and len(rec.documents) == 3
     assert from_corpus.config() == {"stage": "bm25", "corpus": str(jsonl), "k": 3, "rm3": True, "query_key": "q"}
-    with pytest.raises(KeyError, match="no input 'q'"):
+    with pytest.raises(MissingInputError, match="no input 'q'") as e:
         Pipeline(from_corpus)("no q here")
+    assert isinstance(e.value, ValueError) and isinstance(e.value, KeyError)
     with pytest.raises(ValueError, match="exactly one of 'index'"):
         bm25(index=str(index), corpus=str(jsonl))
     with pytest.raises(ValueError, match="is a 'bm25' index"):
