@@ -224,8 +224,9 @@ class PrefixScheduler:
             except Exception as e:  # a broken metric must name the example it broke on
                 raise OptimizerError(f"metric {self.metric_name!r} raised on example {ex.inputs} "
                                      f"(prediction {rec.output!r}, gold {ex.output!r}): {e!r}") from e
-            if math.isnan(s):
-                raise OptimizerError(f"metric {self.metric_name!r} returned NaN on example {ex.inputs}")
+            if not math.isfinite(s):  # NaN or an infinity would swamp the mean and every comparison
+                raise OptimizerError(f"metric {self.metric_name!r} returned {s} on example {ex.inputs}; "
+                                     "a metric must return a finite number")
             scores.append(s)
             soft.append(gold_probability(rec, ex, s))
         n = len(scores)

@@ -9,7 +9,7 @@ from pydantic import Field, PrivateAttr, model_validator
 
 from promptkit.embed import get_embedder
 from promptkit.engine.models import DEFAULT_EMBEDDER
-from promptkit.pipeline import Record, Stage
+from promptkit.pipeline import MissingInputError, Record, Stage
 from promptkit.registry import register_stage
 from promptkit.types import Example
 
@@ -69,7 +69,7 @@ class KNNExemplars(Stage):
     def process(self, records: list[Record]) -> list[Record]:
         for i, r in enumerate(records):
             if self.input_key not in r.inputs:
-                raise KeyError(f"record {i} has no input {self.input_key!r}; inputs: {sorted(r.inputs)}")
+                raise MissingInputError(f"record {i} has no input {self.input_key!r}; inputs: {sorted(r.inputs)}")
         if not records:
             return records
         pool, vecs = self.examples(), self._pool_vectors()

@@ -128,16 +128,46 @@ def _load_pipeline(recipe: Path):
         _fail(str(e))
 
 
+def _json(value) -> str:
+    from pydantic_core import to_jsonable_python
+
+    # Structured outputs are pydantic models (or hold them); dump those as their JSON form.
+    return json.dumps(value, ensure_ascii=False, default=to_jsonable_python)
+
+
 def _print_record(record, json_out: bool) -> None:
     if json_out:
-        print(json.dumps({
+        print(_json({
             "inputs": record.inputs,
             "output": record.output,
             "documents": [d.model_dump(mode="json") for d in record.documents],
             "usage": record.generation.usage.model_dump() if record.generation else None,
-        }, ensure_ascii=False))
+        }))
     else:
-        print(record.output if isinstance(record.output, str) else json.dumps(record.output))
+        print(record.output if isinstance(record.output, str) else _json(record.output))
+
+
+def _read_inputs(path: Path) -> list:
+    """The inputs of a JSONL file: each line a JSON object (the record's inputs) or string (its input)."""
+    from .data import DataError, read_text
+
+    items = []
+    try:
+        lines = read_text(path).splitlines()
+    except DataError as e:
+        _fail(str(e))
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            _fail(f"{path}:{n}: not valid JSON ({e.msg})")
+        if not isinstance(item, (dict, str)):
+            _fail(f"{path}:{n}: each line must be a JSON object of inputs (or a string), "
+                  f"not a JSON {type(item).__name__}")
+        items.append(item)
+    return items
 
 
 @app.command()
@@ -151,12 +181,7 @@ def run(
     pipe = _load_pipeline(recipe)
     items: list = list(input or [])
     if input_file:
-        from .data import DataError, read_text
-
-        try:
-            items += [json.loads(line) for line in read_text(input_file).splitlines() if line.strip()]
-        except (DataError, json.JSONDecodeError) as e:
-            _fail(str(e))
+        items += _read_inputs(input_file)
     if not items:
         _fail("give at least one --input or an --input-file")
     try:
@@ -201,7 +226,10 @@ def quickstart(
 ) -> None:
     """Answer a question over a few bundled documents with the embedded models (retrieve, prompt, generate)."""
     pipe = _load_pipeline(QUICKSTART / "recipe.yaml")
-    record = pipe(question)
+    try:
+        record = pipe(question)
+    except ValueError as e:  # a model that is not installed
+        _fail(str(e))
     if json_out:
         _print_record(record, True)
         return
@@ -245,7 +273,12 @@ def serve(
 
     if kv_reuse not in ("full", "blend", "sink", "none"):
         _fail(f"unknown --kv-reuse {kv_reuse!r}; choose full, blend, sink or none")
-    pipelines = {r.stem: _load_pipeline(r) for r in recipe or []}
+    pipelines = {}
+    for r in recipe or []:
+        if r.stem in pipelines or r.stem == model:  # the name is the id clients send: it must be unique
+            _fail(f"two served models would be named {r.stem!r} (--recipe {r}); each recipe is served under its "
+                  "file name, so rename or copy the file")
+        pipelines[r.stem] = _load_pipeline(r)
     lm = _load_lm(model, max_kv_bytes=max_kv_bytes, prefix_cache=prefix_cache, max_batch_tokens=max_batch_tokens,
                   max_running=max_running, **({"kv_reuse": kv_reuse} if kv_reuse != "full" else {}))
     if kv_reuse != "full":

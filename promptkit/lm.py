@@ -88,8 +88,10 @@ class LM:
         for p in items:
             if isinstance(p, str) and not p.strip() or isinstance(p, Prompt) and not p.text().strip():
                 raise ValueError("empty prompt: give the model some text to condition on")
+        if kv_reuse is not None:  # checked even when no prompt has documents, so a typo never passes
+            kv_reuse = KVReuse.model_validate(kv_reuse)
         if not getattr(self.backend, "supports_kv_reuse", False):
-            if kv_reuse is not None and KVReuse.model_validate(kv_reuse).reuses:
+            if kv_reuse is not None and kv_reuse.reuses:
                 raise ValueError("kv_reuse needs the local backend (the promptkit engine's chunk store)")
             return [self.render(p, chat) for p in items], {}
         template = self.backend.apply_chat_template if (self.chat if chat is None else chat) else None

@@ -21,6 +21,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from .types import Document, Example, Generation, Prompt, Usage
 
 
+class InputError(ValueError):
+    """A pipeline input that is not usable: not a mapping of inputs, or without an input a stage needs."""
+
+
+class MissingInputError(InputError, KeyError):
+    """A record without the input a stage reads (also a KeyError, which such lookups raised before)."""
+
+    def __str__(self) -> str:
+        # KeyError would print the message quoted, as if it were the missing key itself.
+        return str(self.args[0]) if self.args else ""
+
+
 class TraceStep(BaseModel):
     """What one stage changed on one record."""
 
@@ -52,6 +64,9 @@ class Record(BaseModel):
             return cls(inputs=x.inputs)
         if isinstance(x, str):
             return cls(inputs={key: x})
+        if not isinstance(x, Mapping):
+            raise InputError(f"a pipeline input must be a string, a mapping of inputs, an Example or a Record; "
+                             f"got {type(x).__name__} {x!r:.80}")
         return cls(inputs=dict(x))
 
 

@@ -67,7 +67,8 @@ class PromptTemplate(BaseModel):
             return None, []
         text, spans = self.context_header or "", []
         for i, d in enumerate(documents):
-            line = fill(self.document_format, {"index": i + 1, "id": d.id, "text": d.text, **d.metadata})
+            # Metadata fields come first: one named index, id or text must not replace the document's own.
+            line = fill(self.document_format, {**d.metadata, "index": i + 1, "id": d.id, "text": d.text})
             text += "\n" if i or self.context_header else ""
             at = line.find(d.text) if d.text else -1
             if at >= 0:  # a format that rewrites the text leaves the document unmarked

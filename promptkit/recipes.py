@@ -64,10 +64,19 @@ def _format_errors(where: str, err: ValidationError, cls: type[Stage]) -> str:
     return "\n".join(lines)
 
 
+def _check_keys(data: dict[Any, Any], where: str) -> None:
+    # YAML reads `on:`, `yes:` or `1:` as a bool or a number, never a field name (a CI file, say).
+    odd = [k for k in data if not isinstance(k, str)]
+    if odd:
+        raise RecipeError(f"{where}: keys must be field names, got {', '.join(repr(k) for k in odd)} "
+                          "(YAML reads on/off/yes/no as booleans)")
+
+
 def build_stage(settings: dict[str, Any], where: str = "stage") -> Stage:
     """Build one stage from ``{'stage': name, **settings}``."""
     if not isinstance(settings, dict) or "stage" not in settings:
         raise RecipeError(f"{where}: each stage needs a 'stage' key naming one of: {', '.join(stage_names())}")
+    _check_keys(settings, where)
     settings = dict(settings)
     name = settings.pop("stage")
     try:
@@ -84,6 +93,7 @@ def recipe_from_dict(data: Any, base: Path = Path(".")) -> Pipeline:
     """Validate a parsed recipe and build its pipeline."""
     if not isinstance(data, dict):
         raise RecipeError("a recipe must be a mapping with a 'stages' list")
+    _check_keys(data, "not a promptkit recipe (a mapping with a 'stages' list)")
     try:
         recipe = Recipe(**data)
     except ValidationError as e:

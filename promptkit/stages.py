@@ -216,9 +216,22 @@ class Classify(LMStage):
     def _check(self) -> Classify:
         if len(self.labels) < 2:
             raise ValueError("classify needs at least two labels")
+        if any(not lab.strip() for lab in self.labels):
+            raise ValueError(f"classify labels must not be empty; labels: {self.labels}")
+        dup = sorted({lab for lab in self.labels if self.labels.count(lab) > 1})
+        if dup:
+            raise ValueError(f"duplicate labels {dup}; each label must be given once")
         unknown = set(self.verbalizers) - set(self.labels)
         if unknown:
             raise ValueError(f"verbalizers for unknown labels {sorted(unknown)}; labels: {self.labels}")
+        # Labels scored by the same words would tie on every input, and an empty word scores nothing.
+        words = [w.strip() for w in self.words()]
+        if not all(words):
+            raise ValueError(f"empty verbalizers for labels {[lab for lab, w in zip(self.labels, words) if not w]}")
+        same = sorted({w for w in words if words.count(w) > 1})
+        if same:
+            raise ValueError(f"labels {[lab for lab, w in zip(self.labels, words) if w in same]} share the "
+                             f"verbalizer(s) {same}; each label needs words of its own")
         return self
 
     def words(self) -> list[str]:

@@ -1,15 +1,18 @@
 """Types, prompt building, the pipeline DSL, recipes, metrics and data loading (no model)."""
 
+import datetime
 import json
 
 import pytest
 import yaml
+from pydantic import BaseModel, ValidationError
 
-from promptkit import Document, Example, Pipeline, Prompt, PromptTemplate, Record, SegmentKind, Stage
+from promptkit import LM, Classify, Document, Example, Pipeline, Prompt, PromptTemplate, Record, SegmentKind, Stage
 from promptkit.data import DataError, load_examples
+from promptkit.engine.models import ModelNotFoundError, resolve_llm
 from promptkit.metrics import accuracy, exact_match, normalize_answer, token_f1
 from promptkit.prompt import TemplateError, render, to_messages
-from promptkit.recipes import RecipeError, load_recipe, recipe_from_dict
+from promptkit.recipes import RecipeError, build_stage, load_recipe, recipe_from_dict
 from promptkit.registry import get_stage_class, register_stage, stage_names
 
 
@@ -144,3 +147,165 @@ def test_load_examples_jsonl_csv_and_errors(tmp_path):
         load_examples(tmp_path / "empty.jsonl")
     with pytest.raises(DataError, match="output field 'answer'"):
         load_examples(tmp_path / "d.csv")
+
+
+def _cli_output(res) -> str:
+    return " ".join(res.output.split())  # the error console wraps long lines
+
+
+def test_load_examples_csv_with_bom_and_multiline_fields(tmp_path):
+    text = 'question,answer\r\n"Two\nlines?","yes, ""quoted"""\r\nq2,a2\r\n'
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    exs = load_examples(tmp_path / "bom.csv")
+    assert [e.fields for e in exs] == [{"question": "Two\nlines?", "answer": 'yes, "quoted"'},
+                                       {"question": "q2", "answer": "a2"}]
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + b'{"question": "q", "answer": "a"}\n')
+    assert load_examples(tmp_path / "bom.jsonl")[0].output == "a"
+
+
+def test_load_examples_names_rows_without_the_gold_field_and_malformed_rows(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"question": "q1", "answer": "a1"}\n{"question": "q2"}\n\n'
+                                      '{"question": "q3", "answer": "a3"}\n{"question": "q4"}\n')
+    with pytest.raises(DataError, match=r"2 of 4 examples have no output field 'answer' \(lines 2, 5\)"):
+        load_examples(tmp_path / "d.jsonl")
+    (tmp_path / "d.csv").write_text('question,answer\nq1,a1\n"multi\nline",a2\nq3\n')
+    with pytest.raises(DataError, match=r"d\.csv:5: 1 fields but the header has 2"):
+        load_examples(tmp_path / "d.csv")
+    (tmp_path / "d.csv").write_text("question,answer\nq1,a1,extra\n")
+    with pytest.raises(DataError, match=r"d\.csv:2: 3 fields"):
+        load_examples(tmp_path / "d.csv")
+
+
+class City(BaseModel):
+    name: str
+    founded: datetime.date
+
+
+class TypedCity(Stage):
+    def process(self, records):
+        for r in records:
+            r.output = City(name=str(r.inputs["question"]), founded=datetime.date(1889, 3, 31))
+        return records
+
+
+register_stage("test-typed-city")(TypedCity)
+
+
+def test_run_prints_structured_outputs_as_json(tmp_path):
+    from typer.testing import CliRunner
+
+    from promptkit.cli import app
+
+    (tmp_path / "r.yaml").write_text("stages:\n  - stage: test-typed-city\n")
+    res = CliRunner().invoke(app, ["run", str(tmp_path / "r.yaml"), "--input", "Paris"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout) == {"name": "Paris", "founded": "1889-03-31"}
+    res = CliRunner().invoke(app, ["run", str(tmp_path / "r.yaml"), "--input", "Paris", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["output"] == {"name": "Paris", "founded": "1889-03-31"}
+
+
+def test_foreign_yaml_is_not_a_recipe(tmp_path):
+    from typer.testing import CliRunner
+
+    from promptkit.cli import app
+
+    gha = tmp_path / "gha.yaml"
+    gha.write_text("on: push\njobs:\n  build:\n    runs-on: ubuntu\n")
+    with pytest.raises(RecipeError, match=r"not a promptkit recipe.*got True"):
+        load_recipe(gha)
+    res = CliRunner().invoke(app, ["run", str(gha), "-i", "hi"])
+    assert res.exit_code == 1 and "not a promptkit recipe" in _cli_output(res), res.output
+    with pytest.raises(RecipeError, match=r"stages\[0\]: keys must be field names, got 1"):
+        build_stage({"stage": "generate", 1: "x"}, where="stages[0]")
+
+
+def test_serve_refuses_two_recipes_served_under_one_name(tmp_path):
+    from typer.testing import CliRunner
+
+    from promptkit.cli import app
+
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "recipe.yaml").write_text("stages:\n  - stage: test-upper\n")
+    res = CliRunner().invoke(app, ["serve", "--recipe", str(tmp_path / "a" / "recipe.yaml"),
+                                   "--recipe", str(tmp_path / "b" / "recipe.yaml")])
+    assert res.exit_code == 1 and "two served models would be named 'recipe'" in _cli_output(res), res.output
+
+
+def test_unknown_models_are_clear_cli_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from promptkit.cli import app
+
+    runner = CliRunner()
+    (tmp_path / "r.yaml").write_text("stages:\n  - stage: generate\n    model: nope\n")
+    for args in (["ask", "hi", "--model", "nope"], ["serve", "--model", "nope"],
+                 ["run", str(tmp_path / "r.yaml"), "-i", "hi"], ["ask", "hi", "--model", str(tmp_path / "x")]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 1 and "Traceback" not in res.output, (args, res.output)
+        assert "unknown model 'nope'" in _cli_output(res) or "does not exist" in _cli_output(res), res.output
+    assert issubclass(ModelNotFoundError, ValueError) and issubclass(ModelNotFoundError, RuntimeError)
+
+
+def test_local_model_paths_must_exist_and_hold_a_model(tmp_path):
+    for name in (str(tmp_path / "nonexist"), "./no/such/dir", "../no/such/dir", "~/no-such-promptkit-model"):
+        with pytest.raises(ModelNotFoundError, match="does not exist"):
+            resolve_llm(name)
+    with pytest.raises(ModelNotFoundError, match="no config.json"):
+        resolve_llm(str(tmp_path))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ModelNotFoundError, match=r"only GGUF files \(m\.gguf\)"):
+        resolve_llm(str(tmp_path))
+    with pytest.raises(ModelNotFoundError, match="is a file"):
+        resolve_llm(str(tmp_path / "m.gguf"))
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve_llm(str(tmp_path)) == str(tmp_path)
+    assert resolve_llm("some-org/some-model") == "some-org/some-model"  # a hub id: left to the HF cache
+
+
+def test_classify_refuses_duplicate_and_empty_labels_and_shared_verbalizers():
+    with pytest.raises(ValidationError, match=r"duplicate labels \['pos'\]"):
+        Classify(labels=["pos", "neg", "pos"])
+    with pytest.raises(ValidationError, match="labels must not be empty"):
+        Classify(labels=["pos", " "])
+    with pytest.raises(ValidationError, match=r"share the verbalizer\(s\) \['good'\]"):
+        Classify(labels=["pos", "neg"], verbalizers={"pos": "good", "neg": "good"})
+    with pytest.raises(ValidationError, match=r"share the verbalizer\(s\) \['neg'\]"):
+        Classify(labels=["pos", "neg"], verbalizers={"pos": "neg"})
+    with pytest.raises(ValidationError, match=r"empty verbalizers for labels \['neg'\]"):
+        Classify(labels=["pos", "neg"], verbalizers={"neg": ""})
+    assert Classify(labels=["pos", "neg"], verbalizers={"pos": "good", "neg": "bad"}).words() == [" good", " bad"]
+
+
+def test_document_metadata_does_not_replace_the_template_fields():
+    doc = Document(id="d1", text="alpha", metadata={"index": 99, "id": "fake", "text": "spoof", "source": "wiki"})
+    text, spans = PromptTemplate(document_format="[{index}] ({id}, {source}) {text}").context_segment([doc])
+    assert text == "Context:\n[1] (d1, wiki) alpha"
+    assert [text[a:b] for a, b in spans] == ["alpha"]
+
+
+class _NoDocsBackend:
+    """A backend that reuses KV, records what it is sent and generates nothing."""
+
+    is_chat = False
+    supports_kv_reuse = True
+
+    def __init__(self):
+        self.calls = []
+
+    def apply_chat_template(self, messages):
+        return "\n".join(m["content"] for m in messages)
+
+    def generate(self, texts, params, **docs):
+        self.calls.append(docs)
+        return []
+
+
+def test_kv_reuse_is_validated_even_without_documents():
+    lm = LM("stub", backend=_NoDocsBackend())
+    with pytest.raises(ValueError, match="'full', 'blend', 'sink' or 'none'"):
+        lm.generate("plain prompt", kv_reuse="blendz")
+    with pytest.raises(ValueError, match="recompute_ratio"):
+        lm.generate("plain prompt", kv_reuse={"mode": "blend", "recompute_ratio": 2})
+    assert lm.generate("plain prompt", kv_reuse="blend") == [] and lm.backend.calls == [{}]

@@ -181,3 +181,19 @@ def test_serve_refuses_an_unknown_kv_reuse_mode():
 
     res = CliRunner().invoke(app, ["serve", "--kv-reuse", "fast"])
     assert res.exit_code == 1 and "unknown --kv-reuse 'fast'" in res.output
+
+
+def test_a_corrupt_kv_store_is_a_clear_error(tmp_path):
+    import torch
+
+    from promptkit.engine.chunk_store import read_meta, write_store
+
+    path = tmp_path / "kv.safetensors"
+    kv = torch.zeros(2, 2, 1, 5, 4)
+    assert write_store(path, [(kv, [1, 2, 3, 4, 5], [2, 3])], [7, 8], {"model": "m"}) == 2
+    assert read_meta(path)["lead_in"] == [7, 8]
+    data = path.read_bytes()
+    for broken in (data[: len(data) // 2], data[:6], b"not safetensors at all"):
+        path.write_bytes(broken)
+        with pytest.raises(StaleKVError, match=r"corrupt or truncated .*rebuild it with promptkit index build --kv"):
+            read_meta(path)

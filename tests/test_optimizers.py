@@ -202,3 +202,19 @@ def test_linucb_prefers_unexplored_arms_and_learns_rewards():
 def test_clean_instruction():
     assert clean_instruction('Instruction: "Name the topic."\nmore') == "Name the topic."
     assert clean_instruction("\n- Read it.") == "Read it."
+
+
+def test_a_metric_returning_an_infinity_or_nan_is_refused():
+    from types import SimpleNamespace
+
+    from optimizers.schedule import PrefixScheduler
+    from promptkit.pipeline import Record
+
+    exs = [Example(text="x", label="a", output_key="label")]
+    records = [Record(inputs={"text": "x"}, output="a")]
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        sched = PrefixScheduler(exs, lambda pred, gold, bad=bad: bad, SimpleNamespace(backend=None), metric_name="m")
+        with pytest.raises(OptimizerError, match=f"metric 'm' returned {bad} .*must return a finite number"):
+            sched._score("c", records, exs, {}, 0.0, [0])
+    sched = PrefixScheduler(exs, lambda pred, gold: 1.0, SimpleNamespace(backend=None))
+    assert sched._score("c", records, exs, {}, 0.0, [0]).score == 1.0

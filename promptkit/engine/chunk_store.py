@@ -31,7 +31,7 @@ FORMAT = "promptkit-chunk-kv/1"
 
 
 class StaleKVError(ValueError):
-    """A saved chunk store made for another model, tokenizer or lead-in."""
+    """A saved chunk store made for another model, tokenizer or lead-in, or corrupt."""
 
 
 def chunk_key(lead_in: Sequence[int], tokens: Sequence[int]) -> bytes:
@@ -190,12 +190,18 @@ class ChunkStore:
             raise StaleKVError(f"{path} was encoded after another lead-in (or tokenizer); rebuild it")
         if self.lead_in is not None and self.lead_in != saved_lead:
             raise StaleKVError(f"{path} uses a lead-in other than the store already loaded")
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         lead = chunk_key(saved_lead, [])
         loaded = 0
-        with safe_open(str(path), framework="pt") as f:
-            kv, tokens, lengths = f.get_tensor("kv"), f.get_tensor("tokens").tolist(), f.get_tensor("lengths").tolist()
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                kv, tokens = f.get_tensor("kv"), f.get_tensor("tokens").tolist()
+                lengths = f.get_tensor("lengths").tolist()
+        except (SafetensorError, OSError, RuntimeError) as e:  # truncated or overwritten after read_meta
+            raise StaleKVError(_corrupt(path, e)) from None
+        if kv.dim() != 5 or not kv.shape[3] == len(tokens) == sum(lengths) or min(lengths, default=1) < 1:
+            raise StaleKVError(_corrupt(path, "its tensors disagree in length"))
         if tuple(kv.shape[:3]) != tuple(self.pool.kv.shape[:3]) or kv.shape[4] != self.pool.kv.shape[4]:
             raise StaleKVError(f"{path} has KV of shape {tuple(kv.shape)}, the pool {tuple(self.pool.kv.shape)}")
         at = 0
@@ -232,12 +238,27 @@ def write_store(path: str | Path, parts: list[tuple[torch.Tensor, list[int], lis
 
 def read_meta(path: str | Path) -> dict[str, Any]:
     """The metadata of a saved chunk store (model identity, lead-in, ...), without its tensors."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"no chunk store at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get("promptkit")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("promptkit")
+    except (SafetensorError, OSError) as e:
+        raise StaleKVError(_corrupt(path, e)) from None
     if raw is None:
         raise StaleKVError(f"{path} is not a promptkit chunk store")
-    return json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise StaleKVError(_corrupt(path, f"unreadable metadata: {e}")) from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("identity"), dict) or not isinstance(
+            meta.get("lead_in"), list):
+        raise StaleKVError(_corrupt(path, "its metadata lacks the model identity or the lead-in"))
+    return meta
+
+
+def _corrupt(path: str | Path, reason: object) -> str:
+    return (f"{path} is corrupt or truncated ({reason}); rebuild it with promptkit index build --kv "
+            "(with --force to replace the index)")

@@ -21,8 +21,11 @@ DEFAULT_EMBEDDER = "minilm-l6-v2"
 GEMMA3_270M = "gemma3-270m"
 
 
-class ModelNotFoundError(RuntimeError):
-    """A model name that resolves to nothing on this machine."""
+class ModelNotFoundError(RuntimeError, ValueError):
+    """A model name that resolves to nothing on this machine.
+
+    Also a ValueError: like any bad setting, a wrong model name is the caller's to fix.
+    """
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,8 @@ def resolve_llm(name: str = DEFAULT_LLM, progress: bool = False) -> str:
     """Return a path or hub id ``transformers.from_pretrained`` can load.
 
     Embedded models are converted to safetensors on first use. A local
-    directory is returned as is; anything else is treated as a hub id.
+    directory (a name that exists on disk or starts with ``/``, ``./``, ``../``
+    or ``~``) must hold a model; anything else is treated as a hub id.
     """
     canon = canonical_name(name)
     if canon in EMBEDDED:
@@ -136,16 +140,40 @@ def resolve_llm(name: str = DEFAULT_LLM, progress: bool = False) -> str:
         if model.kind != "llm":
             raise ModelNotFoundError(f"{canon!r} is an embedder, not a language model")
         return str(_prepare_gguf(model, progress=progress))
-    if os.path.isdir(name):
-        return name
-    if os.path.exists(name):
-        raise ModelNotFoundError(f"{name!r} is a file; pass a model directory (config.json + weights)")
+    if _is_path(name):
+        return _local_model_dir(name)
     if "/" not in name:
         raise ModelNotFoundError(
-            f"unknown model {name!r}; embedded models: {sorted(EMBEDDED)}; or pass a local HF "
+            f"unknown model {name!r}; embedded models: {_llm_names()}; or pass a local HF "
             "directory or a hub id like 'org/model'"
         )
     return name
+
+
+def _is_path(name: str) -> bool:
+    # A hub id is "org/model"; these spell a place on disk, which must not be mistaken for one.
+    return name.startswith(("/", "./", "../", "~")) or name in (".", "..") or os.path.exists(name)
+
+
+def _llm_names() -> list[str]:
+    return sorted(k for k, v in EMBEDDED.items() if v.kind == "llm")
+
+
+def _local_model_dir(name: str) -> str:
+    """``name`` (a path) if it is a directory holding a Hugging Face model, else a clear error."""
+    path = os.path.expanduser(name)
+    if not os.path.exists(path):
+        raise ModelNotFoundError(f"model directory {name!r} does not exist; pass a local model directory "
+                                 f"(config.json + weights), an embedded model ({', '.join(_llm_names())}) "
+                                 "or a hub id like 'org/model' already in the Hugging Face cache")
+    if not os.path.isdir(path):
+        raise ModelNotFoundError(f"{name!r} is a file; pass a model directory (config.json + weights)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        ggufs = sorted(p.name for p in Path(path).glob("*.gguf"))
+        found = f"only GGUF files ({', '.join(ggufs)})" if ggufs else "no config.json"
+        raise ModelNotFoundError(f"{name!r} holds {found}: not a Hugging Face model directory "
+                                 "(config.json + weights)")
+    return path
 
 
 def gguf_source(name: str) -> Path | None:
