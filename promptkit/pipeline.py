@@ -10,6 +10,7 @@ is a pydantic model so recipes can build and validate it by name.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -148,6 +149,7 @@ class Pipeline(Stage):
         """Write the pipeline as a recipe file (YAML or JSON by extension)."""
         path = Path(path)
         data = self.config()
+        data["stages"] = [_relative_to(stage, path.parent) for stage in data["stages"]]
         text = json.dumps(data, indent=2) if path.suffix == ".json" else yaml.safe_dump(data, sort_keys=False)
         path.write_text(text, encoding="utf-8")
 
@@ -157,6 +159,22 @@ class Pipeline(Stage):
         from .recipes import load_recipe
 
         return load_recipe(path)
+
+
+def _relative_to(settings: dict[str, Any], recipe_dir: Path) -> dict[str, Any]:
+    """A stage's settings with each relative path that exists here (a corpus, an index) rewritten
+    from the working directory to the recipe's, as ``./`` or ``../``, which is how a recipe file
+    names paths beside it; so the saved recipe runs from any directory."""
+    def fix(v: Any) -> Any:
+        if isinstance(v, list):
+            return [fix(x) for x in v]
+        if not isinstance(v, str) or not v or "\n" in v or len(v) > 1024 or Path(v).is_absolute() \
+                or not Path(v).exists():
+            return v
+        rel = os.path.relpath(Path(v).resolve(), recipe_dir.resolve())
+        return rel if rel.startswith("../") else f"./{rel}"
+
+    return {k: fix(v) for k, v in settings.items()}
 
 
 def stages_of(stages: Sequence[Stage]) -> list[str]:

@@ -309,3 +309,20 @@ def test_kv_reuse_is_validated_even_without_documents():
     with pytest.raises(ValueError, match="recompute_ratio"):
         lm.generate("plain prompt", kv_reuse={"mode": "blend", "recompute_ratio": 2})
     assert lm.generate("plain prompt", kv_reuse="blend") == [] and lm.backend.calls == [{}]
+
+
+def test_a_saved_recipe_finds_its_corpus_from_any_directory(tmp_path, monkeypatch):
+    from promptkit.stages import BuildPrompt
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "tea.md").write_text("Green tea is made from the leaves of Camellia sinensis.\n")
+    (tmp_path / "docs" / "rock.md").write_text("Granite is an igneous rock.\n")
+    (tmp_path / "docs" / "sea.md").write_text("The Pacific is the largest ocean.\n")
+    monkeypatch.chdir(tmp_path)
+    pipe = get_stage_class("bm25")(corpus="docs", k=1) >> BuildPrompt()
+    (tmp_path / "recipes").mkdir()
+    pipe.save(tmp_path / "recipes" / "rag.yaml")
+    assert yaml.safe_load((tmp_path / "recipes" / "rag.yaml").read_text())["stages"][0]["corpus"] == "../docs"
+    monkeypatch.chdir(tmp_path / "recipes")
+    again = load_recipe("rag.yaml")
+    assert [d.id for d in again("What is green tea made from?").documents] == ["tea.md"]
