@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from promptkit import Prompt, SegmentKind
 
-from .base import Compressor, Piece, merge_words, spans_from_offsets
+from .base import Compressor, Piece, merge_words, spans_from_offsets, window_bounds
 
 
 class AttentionCompressor(Compressor):
@@ -25,12 +25,18 @@ class AttentionCompressor(Compressor):
         if engine is None:
             raise ValueError("attention-guided compression needs the local engine backend")
         q_ids = backend.encode_continuation("\n\nQuestion: " + (question.strip() or "Summarize the text."))
+        longest = max(64, backend.max_context // 2 - len(q_ids))  # a longer segment is read in windows
         out: list[Piece] = []
         for seg, text in texts.items():
-            enc = backend.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-            ids = list(enc["input_ids"])
-            attn = engine.attention_to(ids + q_ids, len(ids), self.layers, self.first_layer)
-            tokens = [Piece(seg, a, b, float(attn[i])) for i, a, b in
-                      spans_from_offsets(enc["offset_mapping"], 0, len(text))]
-            out.extend(merge_words(tokens, text, reduce=sum))
+            for start, end in window_bounds(self.lm(), text, longest):
+                window = text[start:end]
+                enc = backend.tokenizer(window, add_special_tokens=False, return_offsets_mapping=True)
+                ids = list(enc["input_ids"])
+                attn = engine.attention_to(ids + q_ids, len(ids), self.layers, self.first_layer)
+                tokens = [Piece(seg, a, b, float(attn[i])) for i, a, b in
+                          spans_from_offsets(enc["offset_mapping"], 0, len(window))]
+                for p in merge_words(tokens, window, reduce=sum):
+                    for x in [p] + (p.parts or []):
+                        x.start, x.end = x.start + start, x.end + start
+                    out.append(p)
         return out

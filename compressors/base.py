@@ -165,6 +165,17 @@ def select_exact(pieces: Sequence[Piece], budget: int, texts: dict[SegmentKind, 
     return render(keep)
 
 
+def window_bounds(lm: LM, text: str, window: int) -> list[tuple[int, int]]:
+    """Character spans of consecutive windows of about ``window`` tokens that together cover ``text``."""
+    enc = lm.backend.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offs = enc["offset_mapping"]
+    if len(offs) <= window:
+        return [(0, len(text))]
+    cuts = [offs[i][0] for i in range(window, len(offs), window)]
+    edges = [0] + cuts + [len(text)]
+    return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
+
+
 class Compressor(BaseModel):
     """Base class: subclasses score pieces of the compressible segments."""
 
@@ -190,7 +201,8 @@ class Compressor(BaseModel):
         texts = {k: prompt.get(k) for k in self.segments}
         texts = {k: v for k, v in texts.items() if v and v.strip()}
         before = sum(self.count(t) for t in texts.values())
-        budget = resolve_budget(before, target_tokens, rate) if before else 0
+        budget = resolve_budget(before, target_tokens, rate)  # validates the request even with nothing to compress
+        budget = budget if before else 0
         q = question if question is not None else (prompt.get(SegmentKind.question) or "")
         if before <= budget or not texts:
             return CompressionResult(prompt=prompt, tokens_before=before, tokens_after=before,

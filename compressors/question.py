@@ -16,7 +16,7 @@ import re
 from promptkit import Prompt, SegmentKind
 from promptkit.types import TokenLogprobs
 
-from .base import Compressor, Piece, merge_words, spans_from_offsets
+from .base import Compressor, Piece, merge_words, spans_from_offsets, window_bounds
 
 _NUMBERED = re.compile(r"(?m)^\[\d+\] ")
 
@@ -39,10 +39,19 @@ class QuestionAwareCompressor(Compressor):
     reorder: bool = False
     contrast_weight: float = 1.0
 
+    def _windows(self, doc: str, longest: int) -> list[str]:
+        """``doc`` as consecutive pieces of at most about ``longest`` tokens."""
+        if self.count(doc) <= longest:
+            return [doc]
+        return [doc[a:b] for a, b in window_bounds(self.lm(), doc, longest)]
+
     def pieces(self, prompt: Prompt, texts: dict[SegmentKind, str], question: str, budget: int) -> list[Piece]:
         q = question.strip()
         before = sum(self.count(t) for t in texts.values())
-        split = {seg: split_documents(text) for seg, text in texts.items()}
+        # A document and the question must fit one prompt: a longer document is ranked in windows.
+        longest = max(64, self.lm().backend.max_context // 2 - self.count(q) - 16)
+        split = {seg: (header, [w for d in docs for w in self._windows(d, longest)])
+                 for seg, (header, docs) in ((seg, split_documents(text)) for seg, text in texts.items())}
         docs_all = [d for _, docs in split.values() for d in docs]
         heads = [h for h, _ in split.values() if h]
         # One engine batch. "document, then question" gives each document's tokens unconditioned

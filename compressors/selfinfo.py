@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from promptkit import Prompt, SegmentKind
 
-from .base import Compressor, Piece, merge_words, token_pieces
+from .base import Compressor, Piece, merge_words, token_pieces, window_bounds
 
 
 class SelfInformationCompressor(Compressor):
@@ -55,8 +55,7 @@ class SelfInformationCompressor(Compressor):
         compressed = ""  # conditioning text: what precedes, already compressed
         for seg in (k for k in SegmentKind if k in texts):
             text = texts[seg]
-            ids = lm.backend.encode_continuation(text)
-            bounds = _window_bounds(lm, text, ids, self.window_tokens)
+            bounds = window_bounds(lm, text, self.window_tokens)
             for a, b in bounds:
                 window = text[a:b]
                 ps = merge_words(token_pieces(lm, seg, window, compressed), window)
@@ -73,13 +72,3 @@ class SelfInformationCompressor(Compressor):
             compressed += "\n\n"
         return out
 
-
-def _window_bounds(lm, text: str, ids: list[int], window: int) -> list[tuple[int, int]]:
-    """Character spans of consecutive windows of about ``window`` tokens."""
-    if len(ids) <= window:
-        return [(0, len(text))]
-    enc = lm.backend.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    offs = enc["offset_mapping"]
-    cuts = [offs[i][0] for i in range(window, len(offs), window)]
-    edges = [0] + cuts + [len(text)]
-    return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]

@@ -34,6 +34,7 @@ class BootstrapFewShot(Optimizer):
         records = self._scheduler.run(teacher, pool)
         demos = []
         for ex, rec in zip(pool, records):
+            self._scheduler.metric_calls += 1  # a trace's check counts toward the budget like any score
             try:
                 ok = float(self._scheduler.metric(rec.output, ex.output)) >= self.threshold
             except Exception as e:
@@ -44,9 +45,12 @@ class BootstrapFewShot(Optimizer):
         self._info.update(traces=len(pool), passed=len(demos))
         if not demos:
             return
-        cands = []
+        cands, seen = [], set()
         for c in range(self.num_candidates):
             k = self._rng.randint(1, min(self.max_demos, len(demos)))
             chosen = as_demos(sample_demos(demos, k, self._rng))
+            if repr(chosen) in seen:  # a few demos give few distinct subsets: score each once
+                continue
+            seen.add(repr(chosen))
             cands.append((f"demos{c}", with_prompt(pipeline, exemplars=chosen), {"exemplars": chosen}))
         yield from self.evaluate_pipes(cands)

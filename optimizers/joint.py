@@ -71,8 +71,13 @@ class JointSearch(Optimizer):
                 for scorer in self._scorers(pipeline):
                     cands.append((f"i{i}-{name}" + "".join(f"-{k}{int(v)}" for k, v in scorer.items()),
                                   with_scorer(pipe, scorer), {"instruction": instruction, **settings, **scorer}))
-        given = pipeline.config()
-        cands = [c for c in cands if c[1].config() != given]  # the pipeline as given is the baseline
+        seen, unique = [pipeline.config()], []  # the pipeline as given is the baseline
+        for cand in cands:  # a small trainset can draw the same demonstration set twice: score it once
+            config = cand[1].config()
+            if config not in seen:
+                seen.append(config)
+                unique.append(cand)
+        cands = unique
         self._info.update(instructions=instructions, candidates=len(cands))
         yield from self.evaluate_pipes(cands)
 

@@ -139,19 +139,23 @@ def check_torch(compile: bool = True) -> list[Check]:
 def check_weights() -> Check:
     """The CPU's features and the weight format ``LM()`` picks from them by default."""
     from .engine.models import DEFAULT_LLM, gguf_source
-    from .engine.weights import FORMATS, cpu_features, default_format, is_q4_gguf
+    from .engine.weights import FORMATS, cpu_features, default_format, is_q4_gguf, resolve_format
+
+    pinned = os.environ.get("PROMPTKIT_WEIGHTS")
 
     def describe() -> str:
         feats = cpu_features()
         fast = [f for f in FORMATS if feats.runs_fast(f)]
-        pinned = os.environ.get("PROMPTKIT_WEIGHTS")
+        if pinned:
+            resolve_format(pinned, features=feats, q4_gguf=True)  # LM() would refuse an unknown format
         q4 = default_format(features=feats, q4_gguf=True)
         embedded = "" if is_q4_gguf(gguf_source(DEFAULT_LLM)) else " (not Q4_1 here)"
         return (f"default {default_format()} on this CPU ({feats.describe()}), {q4} for a Q4_1 GGUF model "
                 f"such as the embedded {DEFAULT_LLM}{embedded}; fast here: {', '.join(fast)}"
                 + (f"; PROMPTKIT_WEIGHTS={pinned} overrides the default" if pinned else ""))
 
-    found = _attempt("weight format", False, describe, "")
+    found = _attempt("weight format", bool(pinned), describe,
+                     f"PROMPTKIT_WEIGHTS must be one of {', '.join(FORMATS)}; unset it for this CPU's default")
     if found.ok and not cpu_features().bf16:
         found.fix = "no bfloat16 instructions (AVX512-BF16 or AMX) on this CPU: weights='bfloat16' runs as float32"
     return found

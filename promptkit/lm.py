@@ -136,7 +136,7 @@ class LM:
         class), ``regex``, ``grammar`` (Lark or GBNF) or ``choices`` (the output is exactly one of them).
         ``presence_penalty``, ``frequency_penalty`` and ``logit_bias`` work as OpenAI's do.
 
-        >>> lm.generate("Is the sky blue?", choices=["yes", "no"])[0].text
+        >>> lm.generate("Is water wet? Answer yes or no.", choices=["yes", "no"])[0].text
         'yes'
         """
         params = SamplingParams(

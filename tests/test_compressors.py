@@ -131,3 +131,22 @@ def test_compress_stage_in_a_pipeline(qa, real_lm):
     assert out.get("question") == full.get("question") and out.get("instruction") == "Answer."
     with pytest.raises(ValueError, match="exactly one"):
         Compress(method="selfinfo")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_bad_rate_is_refused_even_with_nothing_to_compress(method, real_lm):
+    for prompt in (Prompt.from_parts(question="Question: what?"), Prompt.from_parts(context="  \n", question="q")):
+        with pytest.raises(ValueError, match="rate must be"):
+            COMPRESSORS[method]().compress(prompt, rate=1.5)
+
+
+@pytest.mark.parametrize("method", ["question", "attention"])
+def test_one_document_longer_than_half_the_context_is_read_in_windows(method, qa, real_lm, monkeypatch):
+    comp = COMPRESSORS[method]()
+    monkeypatch.setattr(comp.lm().backend, "max_context", 512)  # the same shape as a 9,000-token document at 8k
+    text = " ".join(x["context"].replace("\n", " ") for x in qa[:4])  # one paragraph, no blank lines
+    assert comp.count(text) > 600
+    p = Prompt.from_parts(context=text, question="Question: " + qa[0]["question"])
+    res = comp.compress(p, rate=0.3)
+    assert abs(res.tokens_after - res.target_tokens) <= 1
+    assert is_subsequence(res.prompt.get("context"), text)

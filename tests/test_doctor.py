@@ -43,3 +43,13 @@ def test_doctor_exits_1_when_an_essential_check_fails(tmp_path, monkeypatch):
     assert res.exit_code == 1
     assert "fix:" in res.stdout and "cache dir writable" in res.stdout
     assert "torch.compile" not in res.stdout  # --quick skips compiling
+
+
+def test_an_unknown_pinned_weight_format_fails_the_doctor(monkeypatch):
+    from promptkit.doctor import check_weights
+
+    monkeypatch.setenv("PROMPTKIT_WEIGHTS", "bogus")
+    found = check_weights()
+    assert not found.ok and found.essential and "int4+bf16" in found.fix
+    monkeypatch.setenv("PROMPTKIT_WEIGHTS", "int8")
+    assert check_weights().ok

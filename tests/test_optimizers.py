@@ -218,3 +218,26 @@ def test_a_metric_returning_an_infinity_or_nan_is_refused():
             sched._score("c", records, exs, {}, 0.0, [0])
     sched = PrefixScheduler(exs, lambda pred, gold: 1.0, SimpleNamespace(backend=None))
     assert sched._score("c", records, exs, {}, 0.0, [0]).score == 1.0
+
+
+def test_one_training_example_gives_one_candidate_and_every_metric_call_is_counted(real_lm, topics):
+    from optimizers import JointSearch
+
+    train, val, labels = topics
+    calls = []
+
+    def counting(pred, gold):
+        calls.append(1)
+        return 1.0
+
+    counting.__name__ = "counting"
+    _, report = BootstrapFewShot(seed=0, threshold=0.0).compile(zero_shot(labels), train[:1], counting, val[:2])
+    exemplar_sets = [repr(c.settings.get("exemplars")) for c in report.candidates if c.settings.get("exemplars")]
+    assert len(exemplar_sets) == len(set(exemplar_sets)) == 1  # six draws from one demonstration: scored once
+    assert report.metric_calls == len(calls)
+    calls.clear()
+    _, report = JointSearch(seed=0, num_instructions=0, knn=False, num_sets=3).compile(
+        zero_shot(labels), train[:1], counting, val[:2])
+    configs = [repr(c.settings) for c in report.candidates if c.settings.get("exemplars")]
+    assert len(configs) == len(set(configs))
+    assert report.metric_calls == len(calls)

@@ -200,6 +200,9 @@ class Engine:
 
     def attention_to(self, tokens: list[int], query_from: int, num_layers: int, first_layer: int = 0) -> torch.Tensor:
         """See :meth:`ModelRunner.attention_to`; runs between engine steps."""
+        limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        if limit and len(tokens) > limit:  # positions past the context would be attended to wrongly
+            raise ValueError(f"{len(tokens)} tokens exceed the model's context of {limit}")
         with self._lock:
             return on_fresh_thread(self.runner.attention_to, tokens, query_from, num_layers, first_layer)
 
