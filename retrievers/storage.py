@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -62,6 +63,12 @@ def check_replaceable(out: str | Path, force: bool = False) -> None:
                                "output path") from None
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_index_dir(out: str | Path, kind: str, settings: dict[str, Any],
                     write: Callable[[Path], None], force: bool = False) -> Path:
     """Create index directory ``out``: ``write(tmpdir)`` writes the data files, then the manifest is added.
@@ -81,6 +88,7 @@ def write_index_dir(out: str | Path, kind: str, settings: dict[str, Any],
         check_replaceable(out, force)  # again: ``out`` may have changed while the data was written
         if out.exists():
             shutil.rmtree(out)
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; an index is as shareable as any directory
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

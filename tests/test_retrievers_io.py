@@ -237,3 +237,15 @@ def test_chunk_stage():
     r = Record(inputs={"question": "q"}, documents=[Document(id="d", text="One two three. Four five six. " * 10)])
     out = stage.process([r])[0]
     assert len(out.documents) > 1 and all(d.metadata["doc_id"] == "d" for d in out.documents)
+
+
+def test_an_index_directory_gets_the_usual_permissions(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        docs = [Document(id=str(i), text=t) for i, t in enumerate(["green tea", "black rock", "blue sea"])]
+        out = BM25().index(docs).save(tmp_path / "idx")
+    finally:
+        os.umask(mask)
+    assert (out.stat().st_mode & 0o777) == 0o755
