@@ -7,8 +7,8 @@ local backend shares (loading, tokenizing, chat templates, context checks).
 
 from __future__ import annotations
 
-import time
 import codecs
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
