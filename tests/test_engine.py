@@ -78,6 +78,17 @@ def test_requests_outgrowing_the_pool_preempt_the_youngest_and_still_match_hf(re
     eng.check_integrity()
 
 
+def test_requests_waiting_behind_one_that_fills_the_pool_run_once_it_ends(ref_model):
+    long, *short = prompts(3, lo=90, hi=91, seed=21)[:1] + prompts(2, lo=30, hi=31, seed=22)
+    eng = make_engine(max_kv_bytes=100 * BPT)  # the long prompt fits, its 30 new tokens do not
+    reqs = eng.run([Request(tokens=list(long), params=SamplingParams(max_tokens=30)),
+                    *[Request(tokens=list(p), params=SamplingParams(max_tokens=4)) for p in short]])
+    first, *rest = reqs
+    assert first.finish_reason == "length" and first.generated == hf_greedy(ref_model, long, len(first.generated))
+    assert [r.generated for r in rest] == [hf_greedy(ref_model, p, 4) for p in short]  # not refused
+    eng.check_integrity()
+
+
 def test_cache_off_matches_hf(ref_model):
     ps = prompts(4, seed=3, shared=16)
     eng = make_engine(prefix_cache=False)

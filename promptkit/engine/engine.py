@@ -315,11 +315,13 @@ class Engine:
                 for r in assembling:
                     self._fail(r, e)
         batch = self.scheduler.plan()
-        for r in self.scheduler.stalled:
+        stalled = list(self.scheduler.stalled)
+        for r in stalled:
             self._finish(r, "length")  # alone and the pool holds no slot for its next token
         self.scheduler.stalled.clear()
         if not batch:
-            if self.scheduler.waiting and not self.scheduler.running:  # nothing can ever make room for it
+            # Nothing runs and nothing just freed its slots: no later step can make room for it.
+            if self.scheduler.waiting and not self.scheduler.running and not stalled:
                 r = self.scheduler.waiting[0]
                 self._fail(r, KVBudgetError(f"a {len(r.tokens)}-token request does not fit the KV budget"))
             return
