@@ -23,9 +23,11 @@ everyone's decode; see ``bench/decode_threads.py``).
 
 llama-cpp-python is in the ``bench`` extra; build it for this CPU with
 ``CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python``. Without it the
-llama.cpp column is skipped (and the JSON says so). A CPU that lists AMX whose
-kernel does not grant AMX tile data makes a native build die with SIGILL in
-llama.cpp's repacked (AMX) buffers; there the model loads with
+llama.cpp column is skipped (and the JSON says so). On a CPU that lists AMX,
+llama.cpp's repacked (AMX) buffers can kill the process: with SIGILL where the
+kernel does not grant AMX tile data, and with a segfault in decode on some
+hosts that do. So where AMX is listed, a child process first decodes a few
+tokens with the default model params; if it dies, the model loads with
 ``use_extra_bufts=False`` (AVX512 kernels kept), and the output says so.
 """
 
@@ -33,6 +35,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 
@@ -72,6 +76,16 @@ def _model_params(**overrides):
         lc.llama_model_default_params = default
 
 
+def _extra_buffers_work(threads: int) -> bool:
+    """Whether llama.cpp decodes with its default (repacked, AMX) buffers, tried in a child process."""
+    code = (f"import llama_cpp; llm = llama_cpp.Llama(model_path={str(gguf_source(DEFAULT_LLM))!r}, "
+            f"n_threads={threads}, n_ctx=256, verbose=False); llm('Hello, my name is', max_tokens=4)")
+    try:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
 def load_llama_cpp(threads: int, n_ctx: int):
     """(Llama, note): the embedded model's GGUF in llama.cpp, or (None, why not)."""
     if importlib.util.find_spec("llama_cpp") is None:
@@ -79,16 +93,20 @@ def load_llama_cpp(threads: int, n_ctx: int):
     import llama_cpp
 
     feats = cpu_features()
-    safe = feats.amx_listed and not feats.amx_usable
+    if not feats.amx_listed:
+        safe, why = False, "default model params (this CPU does not list AMX)"
+    elif not feats.amx_usable:
+        safe, why = True, "AMX listed but not enabled by the kernel: loaded with use_extra_bufts=False (AVX512 kernels)"
+    elif not _extra_buffers_work(threads):
+        safe, why = True, ("AMX usable, but a decode with llama.cpp's repacked (AMX) buffers crashed a child "
+                           "process: loaded with use_extra_bufts=False (AVX512 kernels)")
+    else:
+        safe, why = False, "default model params (AMX usable)"
     overrides = {"use_extra_bufts": False} if safe else {}
     with _model_params(**overrides):
         llm = llama_cpp.Llama(model_path=str(gguf_source(DEFAULT_LLM)), n_threads=threads, n_threads_batch=threads,
                               n_ctx=n_ctx, n_batch=512, verbose=False)
-    note = (f"llama-cpp-python {llama_cpp.__version__}, {threads} threads; "
-            + ("AMX listed but not enabled by the kernel: loaded with use_extra_bufts=False (AVX512 kernels)"
-               if safe else "default model params (this CPU does not list AMX)" if not feats.amx_listed
-               else "default model params (AMX usable)"))
-    return llm, note
+    return llm, f"llama-cpp-python {llama_cpp.__version__}, {threads} threads; {why}"
 
 
 def llama_decode(llm, ids: list[int], n: int) -> tuple[int, float]:

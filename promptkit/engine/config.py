@@ -80,6 +80,8 @@ class EngineConfig(BaseModel):
                                "without sampling it (computed with the next token in one forward)")
     lean_forward: bool = Field(True, description="run llama-style models through the engine's lean forward "
                                "(fused weights, same numbers as transformers, far fewer operations)")
+    compile_decode: bool = Field(True, description="compile single-stream decode into one graph (CPU, bfloat16 "
+                                 "activations; compiled in the background, eager until ready)")
     sparse: SparseConfig | None = Field(None, description="sparse prefill for long prompts (True: defaults)")
     kv_reuse: KVReuse = Field(default_factory=KVReuse, description="default reuse of documents' stored KV for "
                               "requests that mark their documents ('full', 'blend', 'sink' or 'none')")

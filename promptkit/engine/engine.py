@@ -85,7 +85,7 @@ class Engine:
         self.scheduler = Scheduler(self.pool, self.cache, self.config, self.chunks)
         # Binding the lean forward converts weights: on a thread of its own (see threads.py).
         self.runner = on_fresh_thread(ModelRunner, model, self.pool, self.cache, self.config.sparse,
-                                      self.config.lean_forward)
+                                      self.config.lean_forward, self.config.compile_decode)
         self.vocab_size = model.get_output_embeddings().out_features if model.get_output_embeddings() is not None \
             else model.config.vocab_size
         self.reuse = Assembler(model, self.pool, self.cache, self.chunks, self.scheduler, self.runner,
@@ -256,6 +256,7 @@ class Engine:
                     "tokens_recomputed": self.reuse.recomputed_tokens, "evictions": s.evictions,
                     "evicted_tokens": s.evicted_tokens, "preemptions": sched.preemptions, "steps": self.steps,
                     "fast_forwarded_tokens": self.fast_forwarded,
+                    "compiled_decode_steps": 0 if self.runner.compiled is None else self.runner.compiled.steps,
                     "running": len(sched.running), "waiting": len(sched.waiting) + len(self._inbox),
                     "kv_budget_bytes": pool.capacity * bpt, "kv_used_bytes": pool.used * bpt,
                     "kv_high_water_bytes": pool.high_water * bpt,

@@ -46,16 +46,19 @@ class KVPool:
         return self.kv[:, :, :, run[0] : run[0] + run[1]]
 
     # -- allocation ----------------------------------------------------------------------
-    def alloc(self, n: int) -> list[Run] | None:
-        """``n`` slots, as one run when a free run is long enough; None when fewer are free."""
+    def alloc(self, n: int, roomy: bool = False) -> list[Run] | None:
+        """``n`` slots, as one run when a free run is long enough; None when fewer are free.
+        The first free run that fits, or with ``roomy`` the longest (so the run can grow in place)."""
         if n <= 0:
             return []
         if n > self.free_slots:
             return None
-        for i, (start, length) in enumerate(self._free):
-            if length >= n:
-                self._take(i, n)
-                return [(start, n)]
+        fits = [i for i, (_, length) in enumerate(self._free) if length >= n]
+        if fits:
+            i = max(fits, key=lambda j: self._free[j][1]) if roomy else fits[0]
+            start = self._free[i][0]
+            self._take(i, n)
+            return [(start, n)]
         runs = []  # fragmented: largest runs first, so the request gets few pieces
         while n > 0:
             i = max(range(len(self._free)), key=lambda j: self._free[j][1])

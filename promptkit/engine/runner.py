@@ -15,6 +15,8 @@ from typing import Any
 import torch
 
 from .attention import ATTN_NAME, BatchLayout, SegmentLayout, StopForward, register, set_layout
+from .compiled import CompiledDecode
+from .compiled import usable as compiled_usable
 from .kv_pool import KVPool, merge_runs, run_slots, split_runs
 from .lean import LeanForward
 from .lean import supports as lean_supports
@@ -30,11 +32,13 @@ class ModelRunner:
     """Runs a transformers causal LM whose attention goes through the engine's KV pool."""
 
     def __init__(self, model: Any, pool: KVPool, cache: RadixCache, sparse: SparseConfig | None = None,
-                 lean: bool = True) -> None:
+                 lean: bool = True, compile_decode: bool = True) -> None:
         register()
         model.set_attn_implementation(ATTN_NAME)
         self.model, self.pool, self.cache = model, pool, cache
         self.lean = LeanForward(model) if lean and lean_supports(model) else None
+        self.compiled = CompiledDecode(self.lean, pool) if compile_decode and compiled_usable(self.lean, pool) \
+            else None
         self.device = pool.kv.device
         self.sparse_config = sparse if sparse is not None and sparse.enabled else None
         self.sparse_stats = SparseStats() if self.sparse_config is not None else None
@@ -53,6 +57,10 @@ class ModelRunner:
     def forward(self, batch: list[tuple[Request, int]]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Run ``batch`` (request, new tokens); return the logits rows it needs ([R, V], float32) and
         each request's ``(first, end)`` slice of them (the rows of :func:`logit_rows`)."""
+        if self.compiled is not None and len(batch) == 1:
+            logits = self._compiled_step(*batch[0])
+            if logits is not None:
+                return logits, [(0, 1)]
         layout, input_ids, positions = self._layout(batch)
         rows, spans = [], []
         offset = 0
@@ -68,6 +76,18 @@ class ModelRunner:
         finally:
             set_layout(None)
         return logits[0].float(), spans
+
+    def _compiled_step(self, r: Request, n: int) -> torch.Tensor | None:
+        """The next-token logits [1, V] of a lone request decoding one token, from the compiled graph;
+        None when the step is anything else or the graph cannot take it."""
+        if n != 1 or r.todo is not None or r.kind != "generate" or r.computed + 1 != len(r.tokens):
+            return None
+        if self.lean.window is not None and r.computed >= self.lean.window:
+            return None  # the graph attends to every key; a sliding window needs the eager forward
+        path = r.node.path() if r.node is not None and r.cached_len else []
+        own, _ = split_runs(r.runs, r.own_len + 1)
+        past, last = split_runs(merge_runs([p.run for p in path] + own), r.computed)
+        return self.compiled.step(r.tokens[r.computed], r.computed, past, last[0][0])  # type: ignore[union-attr]
 
     def _logits(self, input_ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         if self.lean is not None:

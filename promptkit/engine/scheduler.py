@@ -84,7 +84,8 @@ class Scheduler:
         need += reserve
         self.cache.lock(node)
         r.node, r.cached_len, r.own_len = node, n, 0
-        r.runs = self.pool.alloc(need) or []
+        # A request that will decode takes the longest free run, where its output extends it in place.
+        r.runs = self.pool.alloc(need, roomy=reserve > 0) or []
         self.waiting.remove(r)
         self.running.append(r)
         r.admitted_seq = next(self._admission)
@@ -177,6 +178,17 @@ class Scheduler:
                 self.stalled.append(r)  # alone and out of room: the engine ends it
         return [(r, n) for r, n in planned if internal or r in self.running]
 
+    def _grow(self, r: Request, short: int) -> list:
+        """New slots for ``r`` when its last run cannot grow in place. A decoding request takes up to
+        ``decode_reserve`` of them from the longest free run, where later tokens extend it in place:
+        its slots stay in few runs, which a decode step reads without gathering."""
+        if r.kind == "generate" and short < self.config.decode_reserve:
+            left = r.params.max_tokens - len(r.generated)
+            chunk = min(self.config.decode_reserve, max(short, left), self.pool.free_slots)
+            if chunk >= short:
+                return self.pool.alloc(chunk, roomy=True) or []
+        return self.pool.alloc(short) or []
+
     def _reserve(self, r: Request, n: int, internal: bool) -> bool:
         """Make sure ``r`` holds slots for ``n`` more tokens: grow its last run in place, else take
         a new run, evicting cached prefixes and then preempting the youngest running request."""
@@ -188,7 +200,7 @@ class Scheduler:
                     r.runs[-1] = (start, length + got)
                     continue
             if self._make_room(short):
-                r.runs.extend(self.pool.alloc(short) or [])
+                r.runs.extend(self._grow(r, short))
                 continue
             if internal:
                 return False
