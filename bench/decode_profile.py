@@ -12,7 +12,10 @@ After a short chat prompt, the engine decodes ``--tokens`` tokens one at a time
   (Python, dispatch between ops).
 
 The profiler also counts the aten ops a step issues (top-level ones: inside
-the model's attention function, matmuls, and the others).
+the model's attention function, matmuls, and the others). Formats with
+bfloat16 activations decode one request through a compiled graph (see
+``promptkit/engine/compiled.py``); the script waits until it is compiled, and
+the ops it counts are then the ones the graph's C++ wrapper calls.
 
     python bench/decode_profile.py                 # every format, 64 tokens
     python bench/decode_profile.py --quick         # float32 and int8, 16 tokens
@@ -106,6 +109,9 @@ def profile(lm: LM, tokens: int) -> dict:
     # Before the engine's loop thread starts, on a thread that ends: two live OpenMP teams would slow both
     # measurements (see promptkit/engine/threads.py).
     mm_ms = on_fresh_thread(matmul_ms, lm.backend.model)
+    graph = lm.backend.engine.runner.compiled  # bfloat16 activations: single-stream decode as one compiled graph
+    if graph is not None and not graph.ready.wait(1800):
+        raise RuntimeError(f"the decode graph did not compile: {graph.error!r}")
     decode_steps(lm, 4)  # warm-up
     n, secs = decode_steps(lm, tokens)
     every_thread = torch._C._profiler._ExperimentalConfig(profile_all_threads=True)  # the engine steps on its own
@@ -116,7 +122,7 @@ def profile(lm: LM, tokens: int) -> dict:
     count = {k: sum(kind == k for _, kind in ops) for k in ("matmul", "attention", "other")}
     kernel = sum(e.cpu_time_total for e, _ in ops if "flash_attention" in e.name or "scaled_dot_product" in e.name)
     step_ms, attn_ms = secs * 1000 / n, kernel / 1000 / pn
-    return {"tokens_per_s": round(n / secs, 2), "ms_per_step": round(step_ms, 2),
+    return {"compiled_graph": graph is not None, "tokens_per_s": round(n / secs, 2), "ms_per_step": round(step_ms, 2),
             "ms_matmul": round(mm_ms, 2), "ms_attention_kernel": round(attn_ms, 2),
             "ms_rest": round(step_ms - mm_ms - attn_ms, 2),
             "aten_ops_per_step": round(len(ops) / pn), "ops_per_step": {k: round(v / pn) for k, v in count.items()}}

@@ -11,7 +11,13 @@ the same token ids. Measured:
 - P1 end to end: the few-shot prompts of ``bench/shared_prefix.py`` (a shared
   ~1,070-token prefix), 8 new tokens each: promptkit in one batch,
   llama.cpp one prompt at a time with its own prefix reuse;
-- the share of P1's greedy outputs (text) identical to promptkit float32's.
+- the share of P1's greedy outputs (text) identical to promptkit float32's;
+- for the formats whose single-stream decode runs as a compiled graph
+  (bfloat16 activations): the same decode through the eager forward, and the
+  share of the first 16 P1 prompts' greedy outputs (16 tokens, one request at
+  a time) identical between the two paths and to float32's. The graph
+  compiles in the background when the model loads; the script waits for it
+  and reports how long it waited.
 
 Each contender has the process's OpenMP threads to itself: promptkit's
 engines are closed after their turn, transformers runs on a thread that ends,
@@ -52,6 +58,7 @@ from promptkit.engine.threads import on_fresh_thread
 from promptkit.engine.weights import FORMATS, cpu_features
 
 INSTALL = 'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python'
+SINGLE_TOKENS = 16  # new tokens of each single-stream output compared across formats and decode paths
 DECODE_PROMPT = "Write a long story about a dragon who learns to read. Describe every day of its journey."
 
 
@@ -142,6 +149,33 @@ def ours_decode(lm: LM, text: str, n: int) -> tuple[int, float]:
     return done, time.perf_counter() - t0
 
 
+def wait_for_graph(lm: LM) -> float | None:
+    """Seconds until the engine's compiled decode graph is ready (None: this format has none)."""
+    graph = lm.backend.engine.runner.compiled
+    if graph is None:
+        return None
+    t0 = time.perf_counter()
+    if not graph.ready.wait(1800):
+        raise RuntimeError(f"the decode graph did not compile: {graph.error!r}")
+    return time.perf_counter() - t0
+
+
+@contextmanager
+def eager_decode(lm: LM):
+    """Decode through the eager forward for a while (the same engine, its graph set aside)."""
+    runner = lm.backend.engine.runner
+    graph, runner.compiled = runner.compiled, None
+    try:
+        yield
+    finally:
+        runner.compiled = graph
+
+
+def one_at_a_time(lm: LM, prompts: list[str], n: int) -> list[str]:
+    """Greedy outputs of ``prompts``, one request at a time (single-stream decode)."""
+    return [lm.generate(p, max_tokens=n, chat=False).text for p in prompts]
+
+
 def ours_prefill(lm: LM, text: str) -> float:
     lm.backend.clear_cache()
     t0 = time.perf_counter()
@@ -195,15 +229,30 @@ def main() -> None:
     res.update(decode_new_tokens=n_dec, prefill_prompt_tokens=len(ref.backend.encode(pre_text)), p1_prompts=n_p1,
                p1_prompt_tokens_mean=round(sum(map(len, p1_ids)) / n_p1, 1))
     decode, prefill, p1_secs, agree, memory, tokens_decoded = {}, {}, {}, {}, {}, {}
+    graph: dict[str, dict] = {}
+    single: dict[str, list[str]] = {}  # single-stream greedy outputs of the first P1 prompts
+    n_single = min(n_p1, 16)
     outputs: dict[str, list[str]] = {}
 
     for fmt in formats:
         lm = ref if fmt == "float32" else LM(weights=fmt)
         memory[fmt] = round(lm.backend.weights.bytes / 2**20)
+        with stage(f"promptkit {fmt}: waiting for its decode graph"):
+            waited = wait_for_graph(lm)
         with stage(f"promptkit {fmt}: decode, prefill, P1"):
             ours_decode(lm, decode_text, 4)  # warm-up
+            steps = lm.backend.engine.stats()["compiled_decode_steps"]
             n, secs = ours_decode(lm, decode_text, n_dec)
             decode[fmt], tokens_decoded[fmt] = rate(n, secs), n
+            if waited is not None:
+                graph[fmt] = {"compile_wait_s": round(waited, 1),
+                              "steps_in_graph": lm.backend.engine.stats()["compiled_decode_steps"] - steps}
+                with eager_decode(lm):
+                    ours_decode(lm, decode_text, 4)
+                    n, secs = ours_decode(lm, decode_text, n_dec)
+                    decode[f"{fmt} eager"], tokens_decoded[f"{fmt} eager"] = rate(n, secs), n
+                    single[f"{fmt} eager"] = one_at_a_time(lm, p1[:n_single], SINGLE_TOKENS)
+            single[fmt] = one_at_a_time(lm, p1[:n_single], SINGLE_TOKENS)
             prefill[fmt] = rate(res["prefill_prompt_tokens"], min(ours_prefill(lm, pre_text) for _ in range(2)))
             lm.backend.clear_cache()
             t0 = time.perf_counter()
@@ -244,10 +293,18 @@ def main() -> None:
     if "float32" in outputs:
         want = outputs["float32"]
         agree = {k: round(sum(a == b for a, b in zip(v, want)) / n_p1, 3) for k, v in outputs.items() if k != "float32"}
+    if "float32" in single:
+        want = single["float32"]
+        res["single_stream_outputs_equal_to_float32"] = {
+            k: round(sum(a == b for a, b in zip(v, want)) / n_single, 3) for k, v in single.items() if k != "float32"}
+    res["compiled_vs_eager_single_stream_outputs_equal"] = {
+        f: round(sum(a == b for a, b in zip(single[f], single[f"{f} eager"])) / n_single, 3)
+        for f in formats if f"{f} eager" in single}
     res.update(decode_tokens_per_s=decode, decode_tokens=tokens_decoded, prefill_tokens_per_s=prefill,
-               p1_seconds=p1_secs, p1_outputs_equal_to_float32=agree, memory_mb=memory)
+               p1_seconds=p1_secs, p1_outputs_equal_to_float32=agree, memory_mb=memory, decode_graph=graph,
+               single_stream_prompts=n_single, single_stream_new_tokens=SINGLE_TOKENS)
     if "llama.cpp" in decode:
-        res["decode_vs_llama_cpp"] = {f: round(decode[f] / decode["llama.cpp"], 2) for f in formats}
+        res["decode_vs_llama_cpp"] = {f: round(v / decode["llama.cpp"], 2) for f, v in decode.items() if f != "llama.cpp"}
         res["prefill_vs_llama_cpp"] = {f: round(prefill[f] / prefill["llama.cpp"], 2) for f in formats}
         res["p1_speedup_vs_llama_cpp"] = {f: round(p1_secs["llama.cpp"] / p1_secs[f], 2) for f in formats}
     emit(res)
