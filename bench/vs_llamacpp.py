@@ -173,7 +173,7 @@ def eager_decode(lm: LM):
 
 def one_at_a_time(lm: LM, prompts: list[str], n: int) -> list[str]:
     """Greedy outputs of ``prompts``, one request at a time (single-stream decode)."""
-    return [lm.generate(p, max_tokens=n, chat=False).text for p in prompts]
+    return [lm.generate(p, max_tokens=n, chat=False)[0].text for p in prompts]
 
 
 def ours_prefill(lm: LM, text: str) -> float:
@@ -304,7 +304,8 @@ def main() -> None:
                p1_seconds=p1_secs, p1_outputs_equal_to_float32=agree, memory_mb=memory, decode_graph=graph,
                single_stream_prompts=n_single, single_stream_new_tokens=SINGLE_TOKENS)
     if "llama.cpp" in decode:
-        res["decode_vs_llama_cpp"] = {f: round(v / decode["llama.cpp"], 2) for f, v in decode.items() if f != "llama.cpp"}
+        res["decode_vs_llama_cpp"] = {f: round(v / decode["llama.cpp"], 2) for f, v in decode.items()
+                                      if f != "llama.cpp"}
         res["prefill_vs_llama_cpp"] = {f: round(prefill[f] / prefill["llama.cpp"], 2) for f in formats}
         res["p1_speedup_vs_llama_cpp"] = {f: round(p1_secs["llama.cpp"] / p1_secs[f], 2) for f in formats}
     emit(res)
