@@ -90,10 +90,12 @@ def top_level_ops(prof) -> list[tuple[object, str]]:
 
 def matmul_ms(model: torch.nn.Module, repeats: int = 5) -> float:
     """One decode step's matmuls alone: every linear (and the output projection) on one token, best of ``repeats``."""
-    from promptkit.engine.weights import Int4Linear, Int8Linear
+    from promptkit.engine.weights import Int4Linear, Int8Linear, Int8RowLinear
 
     dtype = next(model.parameters()).dtype
-    mods = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Int8Linear, Int4Linear))]
+    halves = {id(h) for m in model.modules() if isinstance(m, Int8Linear) for h in (m.high, m.low)}
+    mods = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Int8Linear, Int8RowLinear, Int4Linear))
+            and id(m) not in halves]
     xs = [torch.randn(1, m.in_features, dtype=dtype) for m in mods]
     best = float("inf")
     with torch.inference_mode():

@@ -56,6 +56,7 @@ from promptkit.backends.base import SamplingParams
 from promptkit.engine.models import DEFAULT_LLM, gguf_source
 from promptkit.engine.threads import on_fresh_thread
 from promptkit.engine.weights import FORMATS, cpu_features
+from promptkit.metrics import bootstrap_ci
 
 INSTALL = 'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python'
 SINGLE_TOKENS = 16  # new tokens of each single-stream output compared across formats and decode paths
@@ -293,6 +294,9 @@ def main() -> None:
     if "float32" in outputs:
         want = outputs["float32"]
         agree = {k: round(sum(a == b for a, b in zip(v, want)) / n_p1, 3) for k, v in outputs.items() if k != "float32"}
+        res["p1_outputs_equal_to_float32_ci95"] = {
+            k: [round(x, 3) for x in bootstrap_ci([a == b for a, b in zip(v, want)])]
+            for k, v in outputs.items() if k != "float32"}
     if "float32" in single:
         want = single["float32"]
         res["single_stream_outputs_equal_to_float32"] = {

@@ -85,3 +85,12 @@ def test_a_roomy_allocation_takes_the_longest_free_run():
     assert pool.alloc(4) == [(0, 4)]  # first fit
     assert pool.alloc(4, roomy=True) == [(45, 4)]  # the longest run, which can grow in place
     pool.check()
+
+
+def test_grouped_int8_decodes_in_the_graph_with_the_eager_tokens():
+    eng = engine("int8")
+    graph = eng.runner.compiled
+    assert graph is not None and graph.ready.wait(900), f"compiling the decode graph failed: {graph.error!r}"
+    ps = prompts(2, lo=6, hi=20, seed=5, vocab=VOCAB)
+    assert generate(eng, ps) == generate(engine("int8", compile_decode=False), ps)
+    assert eng.stats()["compiled_decode_steps"] >= len(ps) * 20

@@ -49,7 +49,7 @@ def test_each_format_stays_close_to_float32_and_is_smaller(fmt, tolerance):
     if fmt != "bfloat16":
         embed, head = model.get_input_embeddings(), model.get_output_embeddings()
         assert embed.qweight is head.qweight  # tied embeddings stay one table
-        linears = "int4" if fmt == "int4+bf16" else fmt
+        linears = {"int4+bf16": "int4", "int8": "int8 (groups of 32)"}.get(fmt, fmt)
         assert report.linears == {linears: 14, "output int8 (tied to the embedding)": 1}
 
 
@@ -71,14 +71,40 @@ def test_float32_engine_equals_transformers_on_the_tiny_model(tokenizer):
     assert [g.token_ids for g in ours] == [ref.generate(t, max_tokens=10, chat=False)[0].token_ids for t in texts]
 
 
-def test_int8_kernel_and_dense_paths_agree():
+def test_int8_per_row_kernel_and_dense_paths_agree():
     w = torch.randn(64, 96)
-    lin = W.Int8Linear(*(t.to(torch.bfloat16) if t.is_floating_point() else t for t in W.quantize_int8(w)))
+    lin = W.Int8RowLinear(*(t.to(torch.bfloat16) if t.is_floating_point() else t for t in W.quantize_int8_rows(w)))
     x = torch.randn(W.DENSE_ROWS, 96, dtype=torch.bfloat16)
     dense = lin(x).float()  # enough rows: de-quantized GEMM
     kernel = torch.cat([lin(x[i : i + 1]) for i in range(len(x))]).float()  # one row at a time: the kernel
     assert (dense - kernel).norm() / kernel.norm() < 1e-2
     assert (kernel - x.float() @ w.T).norm() / kernel.norm() < 3e-2
+
+
+@pytest.mark.parametrize("rows", [64, 96])  # 96 rows: not a multiple of the packing's 64-row blocks
+def test_grouped_int8_holds_its_codes_and_both_paths_agree(rows):
+    w = torch.randn(rows, 128)
+    codes, scales, minimums = W.quantize_int8(w)
+    assert int(codes.max()) > 15  # the high nibble is used
+    exact = W.Int8Linear.from_codes(codes, scales, minimums, dtype=torch.float32)
+    assert torch.allclose(exact.dequantize(), W.dequantize_int4(codes, scales, minimums), atol=1e-6)
+    assert (exact.dequantize() - w).norm() / w.norm() < 0.01  # groups of 32 with 255 steps: ~0.5 %
+    x32 = torch.randn(5, 128)
+    assert torch.allclose(exact(x32), x32 @ exact.dequantize().T, rtol=1e-4, atol=1e-4)  # both halves' kernels
+    lin = W.Int8Linear.from_codes(codes, scales, minimums, dtype=torch.bfloat16)
+    x = torch.randn(W.INT8_DENSE_ROWS, 128, dtype=torch.bfloat16)
+    dense = lin(x).float()  # enough rows: de-quantized GEMM
+    kernel = torch.cat([lin(x[i : i + 1]) for i in range(len(x))]).float()
+    assert (dense - kernel).norm() / kernel.norm() < 1e-2
+    assert torch.equal(W.row_kernel(lin)(x[:3]), lin(x[:3]))
+
+
+def test_grouped_int8_keeps_a_4_bit_grid_exactly():
+    w = W.dequantize_int4(*W.quantize_int4(torch.randn(64, 96)))  # a GGUF Q4_1 block: codes 0 and 15 used
+    codes, _, _ = W.quantize_int8(w)
+    assert torch.equal(codes % 17, torch.zeros_like(codes))
+    assert torch.allclose(W.Int8Linear.from_codes(*W.quantize_int8(w), dtype=torch.float32).dequantize(), w,
+                          atol=1e-6)
 
 
 def test_int4_kernel_and_dense_paths_agree():
@@ -110,13 +136,29 @@ def test_int4_with_bf16_weights_decodes_from_codes_and_prefills_from_bf16():
     assert torch.equal(torch.cat([kept(wide), other(wide)], -1), want)
 
 
-@pytest.mark.parametrize("fmt", ["float32", "int8"])
+def test_fused_grouped_int8_gives_the_projections_own_numbers():
+    model = make_tiny_llama(vocab=VOCAB)
+    W.apply_format(model, "int8")
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(3, attn.q_proj.in_features, dtype=torch.bfloat16)
+    fused = W.fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+    assert isinstance(fused, W.Int8Linear)
+    assert torch.equal(fused(x), torch.cat([m(x) for m in (attn.q_proj, attn.k_proj, attn.v_proj)], -1))
+
+
+def _per_row_int8(lin: torch.nn.Linear) -> W.Int8RowLinear:
+    q, s = W.quantize_int8_rows(lin.weight.detach())
+    return W.Int8RowLinear(q, s.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("fmt", ["float32", "int8 per row"])
 def test_fused_projections_share_their_weights_with_the_originals(fmt):
     model = make_tiny_llama(vocab=VOCAB)
-    if fmt != "float32":
-        W.apply_format(model, fmt)
     attn = model.model.layers[0].self_attn
-    x = torch.randn(3, attn.q_proj.in_features, dtype=W.activation_dtype(fmt))
+    if fmt != "float32":
+        for name in ("q_proj", "k_proj", "v_proj"):
+            setattr(attn, name, _per_row_int8(getattr(attn, name)))
+    x = torch.randn(3, attn.q_proj.in_features, dtype=torch.float32 if fmt == "float32" else torch.bfloat16)
     want = [m(x) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
     fused = W.fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
     weight = "weight" if fmt == "float32" else "qweight"
@@ -273,10 +315,12 @@ def test_real_model_in_each_format(fmt):
     scores = lm.score("The opposite of hot is", [" cold", " blue"])
     assert scores[0] > scores[1]
     info = lm.backend.weights
-    limit = {"float32": 6e8, "bfloat16": 3e8, "int8": 1.5e8, "int4": 1e8, "int4+bf16": 4e8}[fmt]
+    limit = {"float32": 6e8, "bfloat16": 3e8, "int8": 1.7e8, "int4": 1e8, "int4+bf16": 4e8}[fmt]
     assert info.format == fmt and info.bytes < limit
     if fmt in W.INT4:
         assert info.linears["int4 from GGUF blocks"] == 210 and not info.note  # every Q4_1 tensor kept as is
+    if fmt == "int8":
+        assert info.linears["int8 (groups of 32)"] == 210  # none fell back to one scale per row
 
 
 @pytest.mark.slow

@@ -5,8 +5,11 @@ composes with whatever runs the model (the engine, ``generate``):
 
 - ``float32``: as loaded; equal to transformers token for token.
 - ``bfloat16``: every parameter in bfloat16.
-- ``int8``: each decoder ``nn.Linear`` keeps int8 weights with one scale per
-  output row and multiplies with ``aten._weight_int8pack_mm``.
+- ``int8``: decoder linears keep 8-bit codes in groups of 32 with a scale and
+  a minimum per group, held as two 4-bit halves that
+  ``aten._weight_int4pack_mm_for_cpu`` multiplies (PyTorch's int8 kernel takes
+  one scale per output row: ~1 % weight error, and a GGUF's groups lost). A
+  GGUF Q4_1 block maps to codes ``17 * q``, so its numbers are kept.
 - ``int4``: decoder linears keep 4-bit codes in groups of 32 with a scale and a
   minimum per group (GGUF Q4_1's layout) and multiply with
   ``aten._weight_int4pack_mm_for_cpu``. For a model converted from a GGUF file
@@ -18,12 +21,12 @@ composes with whatever runs the model (the engine, ``generate``):
   The default on a CPU with AVX512-BF16 for a model shipped as a Q4_1 GGUF.
 
 In int8 and int4 the activations, norms and KV cache are bfloat16
-(:func:`activation_dtype`), and from :data:`DENSE_ROWS` rows on (prefill) a
-linear de-quantizes its weight and runs a dense GEMM instead of the kernel. The
-token embedding and the output projection share one int8 table with a scale
-per row (tied, as in SmolLM2; llama.cpp also keeps that tensor in 8 bits): the
-lookup de-quantizes the rows it picks and the output projection uses the int8
-kernel.
+(:func:`activation_dtype`), and from :data:`DENSE_ROWS` rows on (prefill;
+:data:`INT8_DENSE_ROWS` for int8) a linear de-quantizes its weight and runs a
+dense GEMM instead of the kernel. The token embedding and the output
+projection share one int8 table with a scale per row (tied, as in SmolLM2;
+llama.cpp also keeps that tensor in 8 bits): the lookup de-quantizes the rows
+it picks and the output projection uses ``aten._weight_int8pack_mm``.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ INT4 = ("int4", "int4+bf16")  # the formats whose decoder linears are Int4Linear
 GROUP = 32  # values per int4 group: a GGUF Q4_1 block
 DEFAULT_ORDER = ("bfloat16", "float32")  # the default: the first this CPU runs fast (see the README table)
 DENSE_ROWS = 32  # from this many rows on, int8/int4 de-quantize and run a dense GEMM (measured crossover)
+INT8_DENSE_ROWS = 64  # the same for grouped int8, whose two kernel calls cost twice per row (measured)
 
 
 class WeightFormatError(ValueError):
@@ -155,8 +159,12 @@ def resolve_format(weights: str | None, device: torch.device | str = "cpu",
 
 
 # -- compact modules ----------------------------------------------------------------------------
-class Int8Linear(nn.Module):
+class Int8RowLinear(nn.Module):
     """``y = x @ (q * scale).T + bias`` with int8 ``q`` and one scale per output row.
+
+    The output projection's layout (an int8 table shared with the token
+    embedding), and decoder linears whose shape the grouped :class:`Int8Linear`
+    cannot tile.
 
     Few rows (decode) go through the weight-only kernel, which reads a quarter
     of float32's bytes; from :data:`DENSE_ROWS` rows on (prefill, wide decode
@@ -182,7 +190,7 @@ class Int8Linear(nn.Module):
 
 
 class Int8Embedding(nn.Module):
-    """A token embedding over an int8 table with one scale per row (shared with a tied :class:`Int8Linear`)."""
+    """A token embedding over an int8 table with one scale per row (shared with a tied :class:`Int8RowLinear`)."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, padding_idx: int | None = None) -> None:
         super().__init__()
@@ -202,7 +210,7 @@ class Int4Linear(nn.Module):
     Q4_1). PyTorch's kernel computes ``(code - 8) * scale + zero``, so it is
     given ``zero = minimum + 8 * scale``. From :data:`DENSE_ROWS` rows on the
     weight is de-quantized from the packed codes and a dense GEMM runs, as in
-    :class:`Int8Linear`; with ``dense`` (the weight in the activation dtype, kept
+    :class:`Int8RowLinear`; with ``dense`` (the weight in the activation dtype, kept
     beside the codes) that GEMM reads it instead.
     """
 
@@ -232,17 +240,71 @@ class Int4Linear(nn.Module):
 
     def codes_scales_minimums(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The codes [out, in], scales and minimums [out, in / 32] this module was built from."""
-        n, k = self.out_features, self.in_features
-        codes = _nibbles(self.packed)[self.order].reshape(n, k)
+        codes = _in_weight_order(_nibbles(self.packed), self.out_features, self.in_features)
         scale, zero = self.scale_zero.float().transpose(0, 1).unbind(-1)
         return codes.to(torch.uint8), scale, zero - 8 * scale
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight ``(code - 8) * scale + zero``, [out, in]."""
-        n, k = self.out_features, self.in_features
-        codes = _nibbles(self.packed)[self.order].reshape(n, k // GROUP, GROUP).float()
+        codes = _in_weight_order(_nibbles(self.packed), self.out_features, self.in_features)
         scale, zero = self.scale_zero.float().transpose(0, 1).unbind(-1)
-        return ((codes - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
+        return _scaled(codes, scale, zero - 8 * scale)
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 in groups of 32 input values: weight = ``scale * code + minimum``, code in 0..255.
+
+    PyTorch's int8 weight-only CPU kernel takes one scale per output row, which
+    costs ~1 % weight error (and, on a model already quantized in groups, the
+    groups' own numbers). Here each code is split into its high and low nibble,
+    held as two :class:`Int4Linear` (scales ``16 * scale`` and ``scale``, the
+    minimum with the high half), and a decode step runs the int4 kernel on both
+    and adds: int8's bytes, with a scale and a minimum per 32 values. From
+    :data:`INT8_DENSE_ROWS` rows on the weight is de-quantized for a dense GEMM.
+    """
+
+    def __init__(self, high: Int4Linear, low: Int4Linear, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = high.out_features, high.in_features
+        self.high, self.low = high, low
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, minimums: torch.Tensor, dtype: torch.dtype,
+                   bias: torch.Tensor | None = None) -> Int8Linear:
+        """From 8-bit ``codes`` [out, in] and ``scales``, ``minimums`` [out, in / 32] (see :func:`quantize_int8`)."""
+        codes, scales = codes.to(torch.uint8), scales.float()
+        return cls(Int4Linear(codes >> 4, 16 * scales, minimums, dtype),
+                   Int4Linear(codes & 0x0F, scales, torch.zeros_like(scales), dtype), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] >= INT8_DENSE_ROWS:
+            y = nn.functional.linear(rows, self.dequantize().to(rows.dtype))
+        else:
+            y = _int4_mm(rows, self.high) + _int4_mm(rows, self.low)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight, [out, in]: one pass over the joined codes (both halves share a layout)."""
+        high, low = self.high.packed, self.low.packed  # each byte: two codes' high (low) nibbles
+        joined = torch.stack([(high << 4) | (low & 0x0F), (high & 0xF0) | (low >> 4)], -1).reshape(-1)
+        codes = _in_weight_order(joined, self.out_features, self.in_features)
+        scale = self.low.scale_zero[..., 0].float().transpose(0, 1)
+        high_scale, high_zero = self.high.scale_zero.float().transpose(0, 1).unbind(-1)
+        return _scaled(codes, scale, high_zero - 8 * high_scale)
+
+
+def _scaled(codes: torch.Tensor, scales: torch.Tensor, minimums: torch.Tensor) -> torch.Tensor:
+    """``scale * code + minimum`` per group of 32, float32, [out, in]."""
+    n, k = codes.shape
+    w = codes.reshape(n, k // GROUP, GROUP).float() * scales[..., None] + minimums[..., None]
+    return w.reshape(n, k)
+
+
+def _int4_mm(x: torch.Tensor, lin: Int4Linear) -> torch.Tensor:
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, lin.packed, GROUP, lin.scale_zero)
 
 
 def row_kernel(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -253,6 +315,9 @@ def row_kernel(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         packed, scale_zero, mm4 = module.packed, module.scale_zero, torch.ops.aten._weight_int4pack_mm_for_cpu
         return lambda x: mm4(x, packed, GROUP, scale_zero)
     if isinstance(module, Int8Linear) and bias is None:
+        high, low = row_kernel(module.high), row_kernel(module.low)
+        return lambda x: high(x) + low(x)
+    if isinstance(module, Int8RowLinear) and bias is None:
         qweight, scales, mm8 = module.qweight, module.scales, torch.ops.aten._weight_int8pack_mm
         return lambda x: mm8(x, qweight, scales)
     if isinstance(module, nn.Linear):
@@ -281,9 +346,14 @@ def fuse_linears(linears: list[nn.Module]) -> nn.Module | None:
         if bias is not None:
             fused.bias.data = bias
         shared = ("weight",)
-    elif kind is Int8Linear:
-        fused = Int8Linear(torch.cat([m.qweight for m in linears]), torch.cat([m.scales for m in linears]), bias)
+    elif kind is Int8RowLinear:
+        fused = Int8RowLinear(torch.cat([m.qweight for m in linears]), torch.cat([m.scales for m in linears]), bias)
         shared = ("qweight", "scales")
+    elif kind is Int8Linear:
+        high, low = fuse_linears([m.high for m in linears]), fuse_linears([m.low for m in linears])
+        if high is None or low is None:
+            return None
+        fused, shared = Int8Linear(high, low, bias), ()
     elif kind is Int4Linear and all(m.order is not None for m in linears):
         parts = [m.codes_scales_minimums() for m in linears]
         dense = None if any(m.dense is None for m in linears) else torch.cat([m.dense for m in linears])
@@ -314,6 +384,23 @@ def _nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 0x0F, packed >> 4], -1).reshape(-1)
 
 
+def _in_weight_order(nibbles: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Packed-order nibbles (or per-nibble values) of an [n, k] int4 weight, as [n, k] in weight order."""
+    if _blocks_of_64(n, k):  # a reshape and a transpose instead of a gather of n * k indices
+        return nibbles.reshape(n // 64, k, 32, 2).permute(0, 3, 2, 1).reshape(n, k)
+    return nibbles[_unpack_order(n, k)].reshape(n, k)
+
+
+@cache
+def _blocks_of_64(n: int, k: int) -> bool:
+    """Whether this PyTorch packs an [n, k] weight in blocks of 64 rows, row ``r`` and ``r + 32`` of a
+    block sharing a byte (its AVX512 layout): checked against :func:`_unpack_order`, not assumed."""
+    if n % 64 or _unpack_order(n, k) is None:
+        return False
+    blocked = torch.arange(n * k).reshape(n // 64, k, 32, 2).permute(0, 3, 2, 1).reshape(-1)
+    return torch.equal(blocked, _unpack_order(n, k))
+
+
 @cache
 def _unpack_order(n: int, k: int) -> torch.Tensor | None:
     """For each weight position of an [n, k] int4 weight, the packed nibble that holds it (None: not a permutation).
@@ -333,7 +420,7 @@ def _unpack_order(n: int, k: int) -> torch.Tensor | None:
 
 
 # -- quantizers ---------------------------------------------------------------------------------
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8: ``(codes, scales)`` with ``w ≈ codes * scales[:, None]``."""
     w = w.float()
     scales = (w.abs().amax(1) / 127).clamp_min(1e-12)
@@ -342,12 +429,25 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric 4-bit in groups of 32 along the input (GGUF Q4_1's rule): ``(codes, scales, minimums)``."""
+    return _quantize_groups(w, 15)
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 8-bit in groups of 32 along the input: ``(codes, scales, minimums)``.
+
+    A group already on a 4-bit grid (a GGUF Q4_1 block, whose minimum and
+    maximum are codes 0 and 15) maps to codes ``17 * q``: its numbers are kept.
+    """
+    return _quantize_groups(w, 255)
+
+
+def _quantize_groups(w: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n, k = w.shape
     g = w.float().reshape(n, k // GROUP, GROUP)
     lo, hi = g.amin(-1), g.amax(-1)
-    scales = (hi - lo) / 15
+    scales = (hi - lo) / top
     inv = torch.where(scales == 0, 0.0, 1 / scales)
-    codes = torch.floor((g - lo[..., None]) * inv[..., None] + 0.5).clamp(0, 15).to(torch.uint8)
+    codes = torch.floor((g - lo[..., None]) * inv[..., None] + 0.5).clamp(0, top).to(torch.uint8)
     return codes.reshape(n, k), scales, lo
 
 
@@ -497,19 +597,23 @@ def _quantize_linears(model: nn.Module, fmt: str, act: torch.dtype, source: GGUF
             setattr(parent, child_name, _compact_linear(child, fmt, act, source.blocks.get(params[id(child.weight)]),
                                                         report))
     # Embedding and output projection: one int8 table with a scale per row (kept tied when tied).
-    q, s = quantize_int8(embed.weight.detach())
+    q, s = quantize_int8_rows(embed.weight.detach())
     model.set_input_embeddings(Int8Embedding(q, s.to(act), embed.padding_idx))
     if head is not None:
         if not tied:
-            q, s = quantize_int8(head.weight.detach())
-        model.set_output_embeddings(Int8Linear(q, s.to(act), _bias(head, act)))
+            q, s = quantize_int8_rows(head.weight.detach())
+        model.set_output_embeddings(Int8RowLinear(q, s.to(act), _bias(head, act)))
         report.count("output int8 (tied to the embedding)" if tied else "output int8")
 
 
 def _compact_linear(lin: nn.Linear, fmt: str, act: torch.dtype, blocks: tuple | None,
                     report: WeightReport) -> nn.Module:
     w = lin.weight.detach()
-    if fmt in INT4 and lin.in_features % GROUP == 0 and lin.out_features % 16 == 0:  # the kernel's tiles
+    tiles = lin.in_features % GROUP == 0 and lin.out_features % 16 == 0  # the int4 kernel's tiles
+    if fmt == "int8" and tiles:
+        report.count("int8 (groups of 32)")
+        return Int8Linear.from_codes(*quantize_int8(w), dtype=act, bias=_bias(lin, act))
+    if fmt in INT4 and tiles:
         if blocks is not None and torch.equal(dequantize_int4(*blocks), w.float()):
             report.count("int4 from GGUF blocks")
         else:
@@ -519,9 +623,9 @@ def _compact_linear(lin: nn.Linear, fmt: str, act: torch.dtype, blocks: tuple | 
             report.count("int4")
         dense = w.to(act) if fmt == "int4+bf16" else None
         return Int4Linear(*blocks, dtype=act, bias=_bias(lin, act), dense=dense)
-    q, s = quantize_int8(w)
-    report.count("int8")
-    return Int8Linear(q, s.to(act), _bias(lin, act))
+    q, s = quantize_int8_rows(w)
+    report.count("int8 per row")
+    return Int8RowLinear(q, s.to(act), _bias(lin, act))
 
 
 def _bias(lin: nn.Module, act: torch.dtype) -> torch.Tensor | None:
