@@ -27,12 +27,20 @@ def generate(eng: Engine, ps: list[list[int]], n: int = 24) -> list[list[int]]:
     return [eng.run([Request(tokens=list(p), params=SamplingParams(max_tokens=n))])[0].generated for p in ps]
 
 
+def wait_for_graph(eng: Engine) -> None:
+    """Until the background compile ends; it must have succeeded."""
+    graph = eng.runner.compiled
+    assert graph is not None
+    for _ in range(9000):
+        if graph.ready.wait(0.1) or graph.error is not None:
+            break
+    assert graph.ready.is_set(), f"compiling the decode graph failed: {graph.error!r}"
+
+
 @pytest.fixture(scope="module")
 def compiled_int4() -> Engine:
     eng = engine("int4")
-    graph = eng.runner.compiled
-    assert graph is not None
-    assert graph.ready.wait(900), f"compiling the decode graph failed: {graph.error!r}"
+    wait_for_graph(eng)
     return eng
 
 
@@ -89,8 +97,22 @@ def test_a_roomy_allocation_takes_the_longest_free_run():
 
 def test_grouped_int8_decodes_in_the_graph_with_the_eager_tokens():
     eng = engine("int8")
-    graph = eng.runner.compiled
-    assert graph is not None and graph.ready.wait(900), f"compiling the decode graph failed: {graph.error!r}"
+    wait_for_graph(eng)
     ps = prompts(2, lo=6, hi=20, seed=5, vocab=VOCAB)
     assert generate(eng, ps) == generate(engine("int8", compile_decode=False), ps)
     assert eng.stats()["compiled_decode_steps"] >= len(ps) * 20
+
+
+def test_every_engine_in_a_process_gets_its_own_graph():
+    # Dynamo caches compiled graphs per code object, one entry per model shape: engines sharing one
+    # code object would fail to compile past its recompile limit (8 shapes in a process).
+    limit = torch._dynamo.config.recompile_limit
+    engines = []
+    for i in range(limit + 2):
+        model = make_tiny_llama(seed=0, layers=1, vocab=VOCAB + 16 * i)  # a shape of its own
+        W.apply_format(model, "bfloat16")
+        engines.append(Engine(model, eos_ids=set()))
+        wait_for_graph(engines[-1])
+    ps = prompts(1, lo=6, hi=10, seed=6, vocab=VOCAB)
+    assert engines[-1].run([Request(tokens=ps[0], params=SamplingParams(max_tokens=8))])[0].generated
+    assert engines[-1].stats()["compiled_decode_steps"] > 0

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import types
 from typing import Any
 
 import torch
@@ -44,6 +45,16 @@ MIN_RUN = 2  # a run this short would be a constant size to the graph (inductor 
 _OPTIONS = {"cpp_wrapper": True,  # the step's kernels called from C++, not from generated Python
             "cpp.threads": 1}  # fused loops over a few hundred values: an OpenMP region each would cost more
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def _own_code(method: Any) -> Any:
+    """``method`` over a copy of its code object. Dynamo keeps compiled graphs per code object, each
+    guarded on the instance it was traced for; with one shared code object, every engine in a
+    process would add an entry to one list, and the ninth (``recompile_limit``) would fail to
+    compile. A copy per engine keeps one entry per code object, freed with the engine."""
+    fn = method.__func__
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    return types.MethodType(own, method.__self__)
 
 
 def usable(lean: Any, pool: KVPool) -> bool:
@@ -72,7 +83,7 @@ class CompiledDecode:
         """Trace and compile by running the graph once on real pool views (their strides are part of
         what the graph is specialized to); the outputs are dropped and no slot is written."""
         try:
-            self._fn = torch.compile(self._graph, fullgraph=True, dynamic=False, options=_OPTIONS)
+            self._fn = torch.compile(_own_code(self._graph), fullgraph=True, dynamic=False, options=_OPTIONS)
             with torch.inference_mode():  # as the engine calls it: inference tensors in, or the guards differ
                 cos, sin = torch.zeros(2, 1, 1, self.pool.kv.shape[-1], dtype=self.pool.kv.dtype).unbind()
                 self._fn(torch.zeros(1, dtype=torch.long), cos.clone(), sin.clone(),

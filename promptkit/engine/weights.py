@@ -234,7 +234,7 @@ class Int4Linear(nn.Module):
         elif rows.shape[0] >= DENSE_ROWS and self.order is not None:
             y = nn.functional.linear(rows, self.dequantize().to(rows.dtype))
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP, self.scale_zero)
+            y = _int4_mm(rows, self)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
