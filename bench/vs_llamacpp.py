@@ -231,6 +231,7 @@ def main() -> None:
                p1_prompt_tokens_mean=round(sum(map(len, p1_ids)) / n_p1, 1))
     decode, prefill, p1_secs, agree, memory, tokens_decoded = {}, {}, {}, {}, {}, {}
     graph: dict[str, dict] = {}
+    held: dict[str, int] = {}  # the model and the lean forward's joined projections
     single: dict[str, list[str]] = {}  # single-stream greedy outputs of the first P1 prompts
     n_single = min(n_p1, 16)
     outputs: dict[str, list[str]] = {}
@@ -238,6 +239,7 @@ def main() -> None:
     for fmt in formats:
         lm = ref if fmt == "float32" else LM(weights=fmt)
         memory[fmt] = round(lm.backend.weights.bytes / 2**20)
+        held[fmt] = round(lm.backend.engine.stats()["weight_bytes"] / 2**20)
         with stage(f"promptkit {fmt}: waiting for its decode graph"):
             waited = wait_for_graph(lm)
         with stage(f"promptkit {fmt}: decode, prefill, P1"):
@@ -305,7 +307,7 @@ def main() -> None:
         f: round(sum(a == b for a, b in zip(single[f], single[f"{f} eager"])) / n_single, 3)
         for f in formats if f"{f} eager" in single}
     res.update(decode_tokens_per_s=decode, decode_tokens=tokens_decoded, prefill_tokens_per_s=prefill,
-               p1_seconds=p1_secs, p1_outputs_equal_to_float32=agree, memory_mb=memory, decode_graph=graph,
+               p1_seconds=p1_secs, p1_outputs_equal_to_float32=agree, memory_mb=memory, weights_held_mb=held, decode_graph=graph,
                single_stream_prompts=n_single, single_stream_new_tokens=SINGLE_TOKENS)
     if "llama.cpp" in decode:
         res["decode_vs_llama_cpp"] = {f: round(v / decode["llama.cpp"], 2) for f, v in decode.items()

@@ -136,6 +136,28 @@ def test_int4_with_bf16_weights_decodes_from_codes_and_prefills_from_bf16():
     assert torch.equal(torch.cat([kept(wide), other(wide)], -1), want)
 
 
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_fused_packed_codes_are_shared_where_the_packing_splits_at_the_linears(fmt):
+    def make(rows):
+        w = torch.randn(rows, 96)
+        if fmt == "int4":
+            return W.Int4Linear(*W.quantize_int4(w), dtype=torch.bfloat16)
+        return W.Int8Linear.from_codes(*W.quantize_int8(w), dtype=torch.bfloat16)
+
+    def packed(m):
+        return [m.packed] if fmt == "int4" else [m.high.packed, m.low.packed]
+
+    x = torch.randn(3, 96, dtype=torch.bfloat16)
+    for rows, shared in (((64, 128), True), ((48, 96), False)):  # 64-row packing blocks, or not
+        parts = [make(n) for n in rows]
+        want = torch.cat([m(x) for m in parts], -1)
+        fused = W.fuse_linears(parts)
+        assert torch.equal(fused(x), want) and torch.equal(torch.cat([m(x) for m in parts], -1), want)
+        same = [a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+                for m in parts for a, b in zip(packed(m), packed(fused))]
+        assert all(same) if shared else not any(same)
+
+
 def test_fused_grouped_int8_gives_the_projections_own_numbers():
     model = make_tiny_llama(vocab=VOCAB)
     W.apply_format(model, "int8")
@@ -321,6 +343,8 @@ def test_real_model_in_each_format(fmt):
         assert info.linears["int4 from GGUF blocks"] == 210 and not info.note  # every Q4_1 tensor kept as is
     if fmt == "int8":
         assert info.linears["int8 (groups of 32)"] == 210  # none fell back to one scale per row
+    # The lean forward's joined q/k/v and gate/up share the model's weights (only int4/int8 scales are copied).
+    assert info.bytes <= lm.stats()["weight_bytes"] < 1.12 * info.bytes
 
 
 @pytest.mark.slow

@@ -257,6 +257,7 @@ class Engine:
                     "evicted_tokens": s.evicted_tokens, "preemptions": sched.preemptions, "steps": self.steps,
                     "fast_forwarded_tokens": self.fast_forwarded,
                     "compiled_decode_steps": 0 if self.runner.compiled is None else self.runner.compiled.steps,
+                    "weight_bytes": self.runner.weight_bytes,
                     "running": len(sched.running), "waiting": len(sched.waiting) + len(self._inbox),
                     "kv_budget_bytes": pool.capacity * bpt, "kv_used_bytes": pool.used * bpt,
                     "kv_high_water_bytes": pool.high_water * bpt,

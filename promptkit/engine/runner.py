@@ -24,6 +24,7 @@ from .prepack import packed_positions
 from .radix_cache import RadixCache
 from .request import Request
 from .sparse import SparseConfig, SparseStats, sparse_attention
+from .weights import model_bytes
 
 SPARSE_MIN_CHUNK = 128  # a prefill chunk shorter than this gains nothing from sparse attention
 
@@ -40,6 +41,8 @@ class ModelRunner:
         self.compiled = CompiledDecode(self.lean, pool) if compile_decode and compiled_usable(self.lean, pool) \
             else None
         self.device = pool.kv.device
+        fused = [m for lay in self.lean.layers for m in (lay.qkv, lay.gate_up)] if self.lean else []
+        self.weight_bytes = model_bytes(model, *fused)  # the model and the lean forward's joined projections
         self.sparse_config = sparse if sparse is not None and sparse.enabled else None
         self.sparse_stats = SparseStats() if self.sparse_config is not None else None
 

@@ -330,7 +330,8 @@ def fuse_linears(linears: list[nn.Module]) -> nn.Module | None:
     """One module computing ``cat([lin(x) for lin in linears], -1)`` (for q/k/v, or gate/up), in the
     linears' own format: their output rows side by side, so no number changes. None if they differ
     in format or cannot be joined. The linears keep working on views of the joined tensors (their
-    own copies are freed), except int4's packed codes, whose layout has no row views."""
+    own copies are freed); int4's (and int8's) packed codes too where the packing's row blocks
+    split at the linears' boundaries (64 rows here), and their scales stay their own."""
     kinds = {type(m) for m in linears}
     if len(kinds) != 1:
         return None
@@ -360,11 +361,23 @@ def fuse_linears(linears: list[nn.Module]) -> nn.Module | None:
         fused = Int4Linear(*(torch.cat(x) for x in zip(*parts)), dtype=linears[0].scale_zero.dtype, bias=bias,
                            dense=dense)
         shared = ("dense",) if dense is not None else ()
+        if _holds_rows(fused.packed, [m.packed for m in linears]):  # rows packed in blocks that split there
+            shared += ("packed",)
     else:
         return None
     for name in (*shared, *(("bias",) if bias is not None else ())):
         _share_rows(linears, name, getattr(fused, name))
     return fused
+
+
+def _holds_rows(joined: torch.Tensor, parts: list[torch.Tensor]) -> bool:
+    """Whether ``joined`` is ``parts`` stacked row after row, so each part can be a view of it."""
+    start = 0
+    for part in parts:
+        if not torch.equal(joined[start : start + part.shape[0]], part):
+            return False
+        start += part.shape[0]
+    return start == joined.shape[0]
 
 
 def _share_rows(linears: list[nn.Module], name: str, joined: torch.Tensor) -> None:
@@ -632,9 +645,9 @@ def _bias(lin: nn.Module, act: torch.dtype) -> torch.Tensor | None:
     return None if getattr(lin, "bias", None) is None else lin.bias.detach().to(act)
 
 
-def model_bytes(model: nn.Module) -> int:
-    """Bytes held by the model's parameters and buffers, each storage counted once."""
+def model_bytes(*modules: nn.Module) -> int:
+    """Bytes held by the modules' parameters and buffers, each storage counted once."""
     seen: dict[int, int] = {}
-    for t in [*model.parameters(), *model.buffers()]:
+    for t in (t for m in modules for t in [*m.parameters(), *m.buffers()]):
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return sum(seen.values())
