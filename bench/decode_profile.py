@@ -112,8 +112,8 @@ def profile(lm: LM, tokens: int) -> dict:
     # measurements (see promptkit/engine/threads.py).
     mm_ms = on_fresh_thread(matmul_ms, lm.backend.model)
     graph = lm.backend.engine.runner.compiled  # bfloat16 activations: single-stream decode as one compiled graph
-    if graph is not None and not graph.ready.wait(1800):
-        raise RuntimeError(f"the decode graph did not compile: {graph.error!r}")
+    if graph is not None and not graph.wait(1800):
+        raise RuntimeError(f"the decode graph did not compile: {graph.status}")
     decode_steps(lm, 4)  # warm-up
     n, secs = decode_steps(lm, tokens)
     every_thread = torch._C._profiler._ExperimentalConfig(profile_all_threads=True)  # the engine steps on its own

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -26,6 +27,12 @@ app.add_typer(models_app, name="models")
 err = Console(stderr=True)
 out = Console()
 QUICKSTART = Path(__file__).parent / "data" / "quickstart"
+
+
+def _one_shot() -> None:
+    """A command that answers and exits uses a cached decode graph but never starts compiling one
+    (it would not live to use it); ``$PROMPTKIT_COMPILE_DECODE`` still decides if set."""
+    os.environ.setdefault("PROMPTKIT_COMPILE_DECODE", "cached")
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -94,6 +101,22 @@ def models_prepare(
         except ModelNotFoundError as e:
             _fail(str(e))
         err.print(f"[green]ready[/] {name}: {path}")
+        if kind == "llm":
+            _prepare_graph(name)
+
+
+def _prepare_graph(name: str) -> None:
+    """Compile the model's decode graph into the cache once, so later processes decode compiled at once."""
+    from .doctor import decode_graph
+
+    with err.status(f"compiling the decode graph of {name} once (a minute or two; later runs load it) ...",
+                    spinner="dots"):
+        try:
+            ok, detail = decode_graph(name, build=True)
+        except ValueError as e:
+            _fail(str(e))
+    err.print(f"[green]ready[/] {name} decode graph: {detail}" if ok else f"[yellow]warning:[/] {name} decode "
+              f"graph: {detail}")
 
 
 @app.command()
@@ -106,6 +129,7 @@ def ask(
     json_out: Annotated[bool, typer.Option("--json", help="Print the whole Generation as JSON.")] = False,
 ) -> None:
     """Ask the model one question; prints the answer alone (or JSON with --json)."""
+    _one_shot()
     from .types import Prompt
 
     if not question.strip():
@@ -178,6 +202,7 @@ def run(
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per output line.")] = False,
 ) -> None:
     """Run a recipe's pipeline on inputs given inline or in a JSONL file."""
+    _one_shot()
     pipe = _load_pipeline(recipe)
     items: list = list(input or [])
     if input_file:
@@ -225,6 +250,7 @@ def quickstart(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON with the retrieved documents.")] = False,
 ) -> None:
     """Answer a question over a few bundled documents with the embedded models (retrieve, prompt, generate)."""
+    _one_shot()
     pipe = _load_pipeline(QUICKSTART / "recipe.yaml")
     try:
         record = pipe(question)

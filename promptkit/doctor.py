@@ -139,7 +139,7 @@ def check_torch(compile: bool = True) -> list[Check]:
 def check_weights() -> Check:
     """The CPU's features and the weight format ``LM()`` picks from them by default."""
     from .engine.models import DEFAULT_LLM, gguf_source
-    from .engine.weights import FORMATS, cpu_features, default_format, is_q4_gguf, resolve_format
+    from .engine.weights import FORMATS, cpu_features, cpu_model, default_format, is_q4_gguf, resolve_format
 
     pinned = os.environ.get("PROMPTKIT_WEIGHTS")
 
@@ -150,7 +150,7 @@ def check_weights() -> Check:
             resolve_format(pinned, features=feats, q4_gguf=True)  # LM() would refuse an unknown format
         q4 = default_format(features=feats, q4_gguf=True)
         embedded = "" if is_q4_gguf(gguf_source(DEFAULT_LLM)) else " (not Q4_1 here)"
-        return (f"default {default_format()} on this CPU ({feats.describe()}), {q4} for a Q4_1 GGUF model "
+        return (f"CPU {cpu_model()}: {feats.describe()}. Default {default_format()}, {q4} for a Q4_1 GGUF model "
                 f"such as the embedded {DEFAULT_LLM}{embedded}; fast here: {', '.join(fast)}"
                 + (f"; PROMPTKIT_WEIGHTS={pinned} overrides the default" if pinned else ""))
 
@@ -158,6 +158,37 @@ def check_weights() -> Check:
                      f"PROMPTKIT_WEIGHTS must be one of {', '.join(FORMATS)}; unset it for this CPU's default")
     if found.ok and not cpu_features().bf16:
         found.fix = "no bfloat16 instructions (AVX512-BF16 or AMX) on this CPU: weights='bfloat16' runs as float32"
+    return found
+
+
+def decode_graph(model: str, build: bool = False) -> tuple[bool, str]:
+    """Whether ``model`` decodes through a cached compiled graph in its default format, and a line
+    saying so; ``build`` compiles the graph first if it is not cached (a minute or two, once)."""
+    from .lm import LM
+
+    lm = LM(model, compile_decode="build" if build else "cached")
+    engine = getattr(lm.backend, "engine", None)
+    graph = engine.runner.compiled if engine is not None else None
+    fmt = lm.stats().get("weights", "?")
+    if graph is None:
+        return True, f"none needed: {model} decodes eagerly in its default format ({fmt})"
+    if graph.ready:
+        return True, f"cached ({graph.path})"
+    return False, f"{graph.status} ({fmt}); until it is, decode runs eagerly at about two thirds of the speed"
+
+
+def check_decode_graph() -> Check:
+    """Whether the default model's compiled decode graph is in the cache."""
+    from .engine.models import DEFAULT_LLM
+
+    found = _attempt("decode graph", False, lambda: "", "")
+    try:
+        ok, detail = decode_graph(DEFAULT_LLM)
+    except Exception as e:  # reported, as every check's failure is
+        ok, detail = False, f"{type(e).__name__}: {e}"[:500]
+    found.ok, found.detail = ok, detail
+    if not ok:
+        found.fix = f"run `promptkit models prepare {DEFAULT_LLM}` once to compile it"
     return found
 
 
@@ -175,7 +206,7 @@ def check_stage_packages() -> list[Check]:
 def run_checks(quick: bool = False) -> list[Check]:
     """Every check, essential ones first; ``quick`` skips loading the models and compiling."""
     return [*check_models(load=not quick), check_cache_dir(), *check_torch(compile=not quick), check_weights(),
-            *check_stage_packages()]
+            *([] if quick else [check_decode_graph()]), *check_stage_packages()]
 
 
 def print_report(checks: list[Check], console: Any) -> None:

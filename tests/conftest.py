@@ -10,6 +10,9 @@ from tiny import make_tiny_llama
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The exact mode: outputs equal transformers' and do not depend on batching or caching (bfloat16 rounding would).
 os.environ.setdefault("PROMPTKIT_WEIGHTS", "float32")
+# Engines decode eagerly unless a test asks for the compiled graph (whether one is cached would
+# otherwise depend on which tests ran before).
+os.environ.setdefault("PROMPTKIT_COMPILE_DECODE", "off")
 
 
 @pytest.fixture(scope="session")

@@ -196,27 +196,28 @@ class ChunkStore:
         loaded = 0
         try:
             with safe_open(str(path), framework="pt") as f:
-                kv, tokens = f.get_tensor("kv"), f.get_tensor("tokens").tolist()
-                lengths = f.get_tensor("lengths").tolist()
+                tokens, lengths = f.get_tensor("tokens").tolist(), f.get_tensor("lengths").tolist()
+                kv = f.get_slice("kv")  # read chunk by chunk: only what fits the budget is ever in memory
+                shape = tuple(kv.get_shape())
+                if len(shape) != 5 or not shape[3] == len(tokens) == sum(lengths) or min(lengths, default=1) < 1:
+                    raise StaleKVError(_corrupt(path, "its tensors disagree in length"))
+                if shape[:3] != tuple(self.pool.kv.shape[:3]) or shape[4] != self.pool.kv.shape[4]:
+                    raise StaleKVError(f"{path} has KV of shape {shape}, the pool {tuple(self.pool.kv.shape)}")
+                at = 0
+                for n in lengths:
+                    toks = tokens[at : at + n]
+                    if make_room is not None and not make_room(n):
+                        break
+                    runs = self.pool.alloc(n)
+                    if runs is None:
+                        break
+                    self.pool.kv[:, :, :, run_slots(runs, self.pool.kv.device)] = kv[:, :, :, at : at + n].to(
+                        self.pool.kv.device, self.pool.kv.dtype)
+                    self.add(chunk_key(saved_lead, toks), toks, runs, base=len(saved_lead), lead=lead)
+                    at += n
+                    loaded += 1
         except (SafetensorError, OSError, RuntimeError) as e:  # truncated or overwritten after read_meta
             raise StaleKVError(_corrupt(path, e)) from None
-        if kv.dim() != 5 or not kv.shape[3] == len(tokens) == sum(lengths) or min(lengths, default=1) < 1:
-            raise StaleKVError(_corrupt(path, "its tensors disagree in length"))
-        if tuple(kv.shape[:3]) != tuple(self.pool.kv.shape[:3]) or kv.shape[4] != self.pool.kv.shape[4]:
-            raise StaleKVError(f"{path} has KV of shape {tuple(kv.shape)}, the pool {tuple(self.pool.kv.shape)}")
-        at = 0
-        for n in lengths:
-            toks = tokens[at : at + n]
-            if make_room is not None and not make_room(n):
-                break
-            runs = self.pool.alloc(n)
-            if runs is None:
-                break
-            self.pool.kv[:, :, :, run_slots(runs, self.pool.kv.device)] = kv[:, :, :, at : at + n].to(
-                self.pool.kv.device, self.pool.kv.dtype)
-            self.add(chunk_key(saved_lead, toks), toks, runs, base=len(saved_lead), lead=lead)
-            at += n
-            loaded += 1
         self.lead_in = saved_lead
         return loaded
 

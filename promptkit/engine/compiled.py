@@ -1,162 +1,289 @@
-"""Single-stream decode as one compiled graph: a step's small operations fused between the matmuls.
+"""Single-stream decode as one ahead-of-time compiled graph: a step's small operations fused between the matmuls.
 
 A decode step of one request does little arithmetic per operation. On a CPU,
 dispatching the norms, rotations, residual adds and attention bookkeeping of
 every layer (about 1,600 operations for a 30-layer model) costs as much as
-the matmuls themselves. Here the whole step, from the token's embedding
-through every layer to the output projection, is traced once by
-``torch.compile``: inductor fuses what lies between the matmuls into a few C++
-loops, keeps PyTorch's own matmul and attention kernels, and with its C++
-wrapper no Python runs between kernels.
+the matmuls themselves. Here the whole step (``decode_graph.py``), from the
+token's embedding through every layer to the output projection, is compiled
+ahead of time by AOTInductor into a shared library: the small operations fused
+into a few C++ loops around PyTorch's own matmul and attention kernels, and no
+Python between kernels.
 
-The graph reads the request's cached keys and values in place, as two runs of
-pool slots (a cached prefix and the request's own slots, or one run cut in
-two; the run lengths are dynamic, so the graph is traced once), and attends
-to the new token's own key inside the graph; the three partial results merge
-by their log-sum-exp. It returns the logits and the new token's keys and
-values, which are then written to its slot.
+Where the library lives, and when it is built:
 
-Compiling takes a minute the first time on a small machine (seconds once
-inductor's on-disk cache holds the result), so it runs on a thread of its own
-started with the engine, and decode runs eagerly until the graph is ready. A
-machine without a C++ compiler, or a model the graph cannot trace, keeps the
-eager forward (a warning says why). Only bfloat16 activations (the bfloat16,
-int8 and int4 weight formats) take this path: float32 keeps the eager forward
-that equals transformers bit for bit. A compiled bfloat16 step rounds
-differently from an eager one (the fused loops keep float32 between
+- The promptkit cache keeps one library per graph key (the step's spec:
+  shapes, dtypes and kinds of product; PyTorch's version; this code; the CPU),
+  ``graphs/<key>.so``. The weights are arguments of the graph, so every model
+  of one shape and format shares a library. Loading it takes milliseconds, so
+  an engine whose graph is cached decodes compiled from its first step.
+- Building takes a minute or two on a small machine. It never runs in the
+  process that serves requests: a child process builds it at the lowest CPU
+  priority while decode runs eagerly, and the library is loaded between two
+  steps once the child is done. ``promptkit models prepare`` (run by set-up)
+  builds the default model's graph once.
+- ``compile_decode`` picks the policy: ``auto`` (load the cached graph, or build
+  it in the background), ``cached`` (load it if cached, never build: one-shot
+  commands, which would not live to use it), ``build`` (build now and wait) and
+  ``off``. ``$PROMPTKIT_COMPILE_DECODE`` sets the default.
+
+A child still building when the process exits is stopped with it, so nothing
+compiles, and no thread runs compiler code, while the interpreter shuts down.
+A machine without a C++ compiler, or a model the graph cannot describe, keeps
+the eager forward (a warning says why). Only bfloat16 activations (the
+bfloat16, int8 and int4 weight formats) take this path: float32 keeps the
+eager forward that equals transformers bit for bit. A compiled bfloat16 step
+rounds differently from an eager one (the fused loops keep float32 between
 operations).
 """
 
 from __future__ import annotations
 
+import atexit
+import fcntl
+import hashlib
+import json
 import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
 import threading
-import types
-from typing import Any
+import zipfile
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 
+from .decode_graph import DecodeStep, Spec, describe, empty_weights
 from .kv_pool import KVPool, Run
 
 log = logging.getLogger("promptkit.engine")
 
-MIN_RUN = 2  # a run this short would be a constant size to the graph (inductor specializes sizes 0 and 1)
-_OPTIONS = {"cpp_wrapper": True,  # the step's kernels called from C++, not from generated Python
-            "cpp.threads": 1}  # fused loops over a few hundred values: an OpenMP region each would cost more
-_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-
-
-def _own_code(method: Any) -> Any:
-    """``method`` over a copy of its code object. Dynamo keeps compiled graphs per code object, each
-    guarded on the instance it was traced for; with one shared code object, every engine in a
-    process would add an entry to one list, and the ninth (``recompile_limit``) would fail to
-    compile. A copy per engine keeps one entry per code object, freed with the engine."""
-    fn = method.__func__
-    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-    return types.MethodType(own, method.__self__)
+CompileMode = Literal["auto", "cached", "build", "off"]
+MODES = ("auto", "cached", "build", "off")
+BUILD_TIMEOUT_S = 1800
+BUILD_COMMAND = [sys.executable, "-m", "promptkit.engine.compiled"]  # + spec file, library path
+_children: set[subprocess.Popen] = set()
 
 
 def usable(lean: Any, pool: KVPool) -> bool:
     """Whether a decode graph applies: the lean forward, on CPU, with bfloat16 activations and KV."""
     return (lean is not None and lean.rope_table and pool.kv.device.type == "cpu"
-            and pool.kv.dtype == torch.bfloat16 and pool.capacity >= 4 * MIN_RUN)
+            and pool.kv.dtype == torch.bfloat16 and pool.capacity >= 8)
+
+
+def default_mode() -> CompileMode:
+    mode = os.environ.get("PROMPTKIT_COMPILE_DECODE", "auto").strip().lower()
+    if mode not in MODES:
+        raise ValueError(f"PROMPTKIT_COMPILE_DECODE={mode!r}: choose one of {', '.join(MODES)}")
+    return mode  # type: ignore[return-value]
+
+
+def graphs_dir() -> Path:
+    from .models import cache_dir
+
+    return cache_dir() / "graphs"
+
+
+def graph_key(spec: Spec) -> str:
+    """What a compiled library depends on: the spec, PyTorch, this code, the CPU."""
+    here = Path(__file__).parent
+    code = hashlib.sha256(b"".join((here / f).read_bytes() for f in ("compiled.py", "decode_graph.py")))
+    from .weights import cpu_features
+
+    facts = {"spec": spec, "torch": torch.__version__, "code": code.hexdigest(), "machine": platform.machine(),
+             "cpu": cpu_features().describe(), "python": sys.version_info[:2]}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def graph_path(spec: Spec) -> Path:
+    return graphs_dir() / f"{graph_key(spec)}.so"
 
 
 class CompiledDecode:
-    """The decode step of one request as a compiled graph over the lean forward's bound layers.
+    """The decode step of one request through the compiled library of its lean forward's spec.
 
-    :meth:`step` returns None (the caller runs the eager forward) until the graph is compiled,
+    :meth:`step` returns None (the caller runs the eager forward) until the library is loaded,
     or when the request's keys do not fit its shape.
     """
 
-    def __init__(self, lean: Any, pool: KVPool) -> None:
-        self.lean, self.pool = lean, pool
-        self.ready = threading.Event()
-        self.error: BaseException | None = None
+    def __init__(self, lean: Any, pool: KVPool, mode: CompileMode = "auto") -> None:
+        self.pool = pool
+        self.error: str | None = None
         self.steps = 0  # decode steps run by the graph
-        self._fn: Any = None
+        self._runner: Any = None
+        self._child: subprocess.Popen | None = None
+        self._lock = threading.Lock()
         self._hidden = torch.empty(1, lean.model.config.hidden_size, dtype=pool.kv.dtype)
-        threading.Thread(target=self._compile, name="promptkit-compile", daemon=True).start()
+        self._rope = lean._rope
+        described = describe(lean)
+        if described is None:
+            self.spec, self._weights, self.path = None, [], None
+            self.error = "the model has a module the graph has no form for"
+            return
+        spec, self._weights = described
+        self.spec = {**spec, "head_dim": pool.kv.shape[-1], "dtype": str(pool.kv.dtype).removeprefix("torch.")}
+        self.path = graph_path(self.spec)
+        if mode == "off":
+            return
+        if self.path.exists():
+            self._load()
+        elif mode == "build":
+            self._child = _start_build(self.spec, self.path, background=False)
+            self.wait()
+        elif mode == "auto":
+            self._child = _start_build(self.spec, self.path, background=True)
+            log.info("decode runs eagerly while its graph compiles in the background (%s)", self.path.name)
 
-    def _compile(self) -> None:
-        """Trace and compile by running the graph once on real pool views (their strides are part of
-        what the graph is specialized to); the outputs are dropped and no slot is written."""
+    @property
+    def ready(self) -> bool:
+        return self._runner is not None
+
+    @property
+    def status(self) -> str:
+        """``ready``, ``building``, ``not cached`` or ``failed: ...``."""
+        if self.error is not None:
+            return f"failed: {self.error}"
+        if self._runner is not None:
+            return "ready"
+        return "building" if self._child is not None else "not cached"
+
+    def wait(self, timeout: float | None = BUILD_TIMEOUT_S) -> bool:
+        """Wait for a build under way to end and load its library; whether the graph is ready."""
+        child = self._child
+        if child is not None:
+            try:
+                child.wait(timeout)
+            except subprocess.TimeoutExpired:
+                return False
+            self._collect()
+        return self.ready
+
+    def _collect(self) -> None:
+        """Load the library once its build has ended (or record why it failed)."""
+        with self._lock:
+            child, self._child = self._child, None
+            if child is None:
+                return
+            _children.discard(child)
+            if child.returncode == 0 and self.path.exists():
+                self._load()
+            else:
+                self._failed(f"the build exited with status {child.returncode}: {_tail(child)}")
+
+    def _load(self) -> None:
         try:
-            self._fn = torch.compile(_own_code(self._graph), fullgraph=True, dynamic=False, options=_OPTIONS)
-            with torch.inference_mode():  # as the engine calls it: inference tensors in, or the guards differ
-                cos, sin = torch.zeros(2, 1, 1, self.pool.kv.shape[-1], dtype=self.pool.kv.dtype).unbind()
-                self._fn(torch.zeros(1, dtype=torch.long), cos.clone(), sin.clone(),
-                         *self._views((0, MIN_RUN + 1), (MIN_RUN + 1, MIN_RUN)))
-            self.ready.set()
-        except Exception as e:  # no compiler, or a model the graph cannot trace: decode stays eager
-            self.error = e
-            log.warning("single-stream decode stays eager: compiling its graph failed (%s: %s)",
-                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            self._runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(self.path), 1)
+        except Exception as e:  # a library from another build of PyTorch, or a damaged file
+            self._failed(f"loading {self.path} failed ({type(e).__name__}: {e})")
 
-    def _views(self, first: Run, second: Run) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pool's K/V of two runs, ``[layers, 2, kv_heads, n, head_dim]`` each, with n dynamic."""
-        kv = self.pool.kv
-        views = kv[:, :, :, first[0] : first[0] + first[1]], kv[:, :, :, second[0] : second[0] + second[1]]
-        for v in views:
-            torch._dynamo.mark_dynamic(v, 3)
-        return views
+    def _failed(self, why: str) -> None:
+        self.error = why
+        log.warning("single-stream decode stays eager: compiling its graph failed (%s)", why)
 
     @torch.inference_mode()
     def step(self, token: int, position: int, past: list[Run], slot: int) -> torch.Tensor | None:
         """Logits ``[1, V]`` (float32) after ``token`` at ``position``, whose keys are the pool runs
         ``past`` and its own slot ``slot`` (written here); None if the graph is not ready or ``past``
-        is not one or two runs of at least :data:`MIN_RUN` slots (the caller runs the eager step)."""
-        if not self.ready.is_set():
-            return None
-        if len(past) == 1 and past[0][1] >= 2 * MIN_RUN:
+        is not one or two runs (the caller runs the eager step)."""
+        if self._runner is None:
+            if self._child is None or self._child.poll() is None:
+                return None
+            self._collect()  # the background build has just ended
+            if self._runner is None:
+                return None
+        if len(past) == 1 and past[0][1] >= 2:
             (a, n), half = past[0], past[0][1] // 2
-            first, second = (a, half), (a + half, n - half)
-        elif len(past) == 2 and min(n for _, n in past) >= MIN_RUN:
-            first, second = past
+            runs = [(a, half), (a + half, n - half)]
+        elif len(past) == 2:
+            runs = past
         else:
             return None
-        cos, sin = self.lean._rope(self._hidden, torch.tensor([[position]]))
-        logits, new = self._fn(torch.tensor([token]), cos, sin, *self._views(first, second))
+        cos, sin = self._rope(self._hidden, torch.tensor([[position]]))
+        logits, new = self._runner.run([torch.tensor([token]), cos, sin, self.pool.kv, torch.tensor(runs),
+                                        *self._weights])
         self.pool.kv[:, :, :, slot].copy_(new)
         self.steps += 1
         return logits.float()
 
-    def _graph(self, ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, first: torch.Tensor,
-               second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """ids [1]; cos, sin [1, 1, D] (the lean forward's rotation at the token's position); first,
-        second: cached K/V [L, 2, Hkv, n, D]. Returns logits [1, V] and the token's K/V [L, 2, Hkv, D].
-        The lean forward's decode arithmetic, with attention over the two runs and the new key."""
-        lean = self.lean
-        hq, hkv = lean.heads, lean.kv_heads
-        h = lean.base.embed_tokens(ids)  # [1, hidden]
-        dim = h.shape[-1]
-        new = []
-        for i, lay in enumerate(lean.layers):
-            qkv_mm, o_mm, gate_up_mm, down_mm = lay.small
-            x = F.rms_norm(h, (dim,), lay.ln1, lay.eps)
-            qkv = qkv_mm(x).view(1, hq + 2 * hkv, 2, -1)  # [1, heads, 2 halves, D / 2]
-            qk, v = qkv[:, : hq + hkv], qkv[0, hq + hkv :].flatten(1)
-            qk = (qk.flatten(2) * cos + qk.flip(2).flatten(2) * sin)[0]
-            q, k = qk[:hq].view(hkv, hq // hkv, -1), qk[hq:]
-            out = _attend(q, k, v, first[i], second[i], lay.attn.scaling)
-            new.append(torch.stack((k, v)))
-            h = h + o_mm(out.reshape(1, -1))
-            x = F.rms_norm(h, (dim,), lay.ln2, lay.eps)
-            gate, up = gate_up_mm(x).chunk(2, dim=-1)
-            h = h + down_mm(F.silu(gate) * up)
-        return lean.model.lm_head(lean.base.norm(h)), torch.stack(new)
+
+# -- building -------------------------------------------------------------------------------------
+def _start_build(spec: Spec, path: Path, background: bool) -> subprocess.Popen:
+    """A child process compiling ``spec`` into ``path`` (at the lowest priority in the background)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, spec_file = tempfile.mkstemp(prefix="spec-", suffix=".json", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(spec, f)
+    errors = tempfile.TemporaryFile(mode="w+")
+    child = subprocess.Popen([*BUILD_COMMAND, spec_file, str(path)],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors,
+                             preexec_fn=_lowest_priority if background else None)
+    child.errors = errors  # type: ignore[attr-defined]
+    _children.add(child)
+    return child
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
-            scale: float) -> torch.Tensor:
-    """q [Hkv, g, D] (the query heads of each KV head) over the cached K/V ``first`` and ``second``
-    ([2, Hkv, n, D]) and the new key and value k, v [Hkv, D]: [Hkv, g, D]."""
-    o1, l1 = _FLASH(q[None], first[0][None], first[1][None], scale=scale)[:2]  # [1, Hkv, g, D], [1, Hkv, g]
-    o2, l2 = _FLASH(q[None], second[0][None], second[1][None], scale=scale)[:2]
-    s = (q.float() * k.float()[:, None]).sum(-1) * scale  # [Hkv, g]: each query head with its new key
-    l1, l2 = l1[0].float(), l2[0].float()
-    top = torch.maximum(torch.maximum(l1, l2), s)
-    w1, w2, w3 = torch.exp(l1 - top), torch.exp(l2 - top), torch.exp(s - top)
-    out = o1[0].float() * w1[..., None] + o2[0].float() * w2[..., None] + v.float()[:, None] * w3[..., None]
-    return (out / (w1 + w2 + w3)[..., None]).to(q.dtype)
+def _lowest_priority() -> None:
+    os.nice(19)
+
+
+def _tail(child: subprocess.Popen) -> str:
+    errors = getattr(child, "errors", None)
+    if errors is None:
+        return ""
+    errors.seek(0)
+    lines = [line.strip() for line in errors.read().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "no output"
+
+
+@atexit.register
+def _stop_builds() -> None:
+    """A build the process did not wait for ends with it (its library would be for nobody here)."""
+    for child in list(_children):
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def build(spec: Spec, path: Path) -> None:
+    """Export :func:`decode_step` for ``spec`` and compile it with AOTInductor into the library ``path``.
+
+    One build per path at a time (a lock file); a library already there is kept."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            return
+        dtype = getattr(torch, spec["dtype"])
+        rot = torch.zeros(1, 1, spec["head_dim"], dtype=dtype)
+        kv = torch.zeros(spec["layers"], 2, spec["kv_heads"], 8, spec["head_dim"], dtype=dtype)
+        weights = empty_weights(spec)
+        args = (torch.zeros(1, dtype=torch.long), rot, rot.clone(), kv, torch.tensor([[0, 4], [4, 4]]), weights)
+        slots = torch.export.Dim("slots", min=4, max=1 << 30)
+        with torch.inference_mode():
+            program = torch.export.export(DecodeStep(spec), args, strict=False,
+                                          dynamic_shapes=(None, None, None, {3: slots}, None, [None] * len(weights)))
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            package = torch._inductor.aoti_compile_and_package(
+                program, package_path=os.path.join(tmp, "step.pt2"),
+                inductor_configs={"cpp.threads": 1})  # fused loops over a few hundred values: one thread each
+            with zipfile.ZipFile(package) as z:
+                [lib] = [n for n in z.namelist() if n.endswith(".so")]
+                with z.open(lib) as src, open(os.path.join(tmp, "step.so"), "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+            os.replace(os.path.join(tmp, "step.so"), path)
+
+
+def _main(spec_file: str, out: str) -> int:
+    try:
+        spec = json.loads(Path(spec_file).read_text())
+    finally:
+        Path(spec_file).unlink(missing_ok=True)
+    build(spec, Path(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(*sys.argv[1:]))

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .compiled import CompileMode, default_mode
 from .sparse import SparseConfig
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
@@ -80,8 +81,11 @@ class EngineConfig(BaseModel):
                                "without sampling it (computed with the next token in one forward)")
     lean_forward: bool = Field(True, description="run llama-style models through the engine's lean forward "
                                "(fused weights, same numbers as transformers, far fewer operations)")
-    compile_decode: bool = Field(True, description="compile single-stream decode into one graph (CPU, bfloat16 "
-                                 "activations; compiled in the background, eager until ready)")
+    compile_decode: CompileMode = Field(default_factory=default_mode, description="single-stream decode through "
+                                        "one compiled graph (CPU, bfloat16 activations): 'auto' loads the cached "
+                                        "graph or builds it in a background process, eager until ready; 'cached' "
+                                        "never builds; 'build' builds now and waits; 'off' (True: auto, False: off; "
+                                        "default $PROMPTKIT_COMPILE_DECODE or auto)")
     sparse: SparseConfig | None = Field(None, description="sparse prefill for long prompts (True: defaults)")
     kv_reuse: KVReuse = Field(default_factory=KVReuse, description="default reuse of documents' stored KV for "
                               "requests that mark their documents ('full', 'blend', 'sink' or 'none')")
@@ -104,6 +108,11 @@ class EngineConfig(BaseModel):
     @classmethod
     def _bytes(cls, v: Any) -> int:
         return parse_bytes(v)
+
+    @field_validator("compile_decode", mode="before")
+    @classmethod
+    def _compile_mode(cls, v: Any) -> Any:
+        return {True: "auto", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     @field_validator("sparse", mode="before")
     @classmethod

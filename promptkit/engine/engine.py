@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 _engines: weakref.WeakSet = weakref.WeakSet()
 IDLE_EXIT_SECONDS = 5.0  # the loop thread ends after this long without work
 CANCEL_POLL_S = 0.1  # how often a cancellable wait looks at its cancel event
+# At exit the loop thread finishes the step it is in (a step is bounded by max_batch_tokens): a
+# thread stopped inside a torch kernel while the interpreter shuts down aborts the process.
+EXIT_JOIN_SECONDS = 120.0
 
 
 class Cancelled(Exception):
@@ -55,7 +58,7 @@ class Cancelled(Exception):
 def _close_all() -> None:
     """Stop loop threads before the interpreter tears down the libraries they use."""
     for engine in list(_engines):
-        engine.close(join_timeout=2)
+        engine.close(join_timeout=EXIT_JOIN_SECONDS)
 
 __all__ = ["Engine", "EngineConfig", "KVBudgetError", "Request"]
 
@@ -257,6 +260,7 @@ class Engine:
                     "evicted_tokens": s.evicted_tokens, "preemptions": sched.preemptions, "steps": self.steps,
                     "fast_forwarded_tokens": self.fast_forwarded,
                     "compiled_decode_steps": 0 if self.runner.compiled is None else self.runner.compiled.steps,
+                    "compiled_decode": "off" if self.runner.compiled is None else self.runner.compiled.status,
                     "weight_bytes": self.runner.weight_bytes,
                     "running": len(sched.running), "waiting": len(sched.waiting) + len(self._inbox),
                     "kv_budget_bytes": pool.capacity * bpt, "kv_used_bytes": pool.used * bpt,
@@ -506,6 +510,8 @@ class Engine:
         r.seconds = time.perf_counter() - r.started
         if r.events is not None:
             r.events.put(r.error if r.error is not None else None)
+        if not r.future.set_running_or_notify_cancel():
+            return  # its caller cancelled the future: nobody waits for this result (and set_result would raise)
         if r.error is not None:
             r.future.set_exception(r.error)
         else:

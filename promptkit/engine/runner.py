@@ -33,13 +33,13 @@ class ModelRunner:
     """Runs a transformers causal LM whose attention goes through the engine's KV pool."""
 
     def __init__(self, model: Any, pool: KVPool, cache: RadixCache, sparse: SparseConfig | None = None,
-                 lean: bool = True, compile_decode: bool = True) -> None:
+                 lean: bool = True, compile_decode: str = "auto") -> None:
         register()
         model.set_attn_implementation(ATTN_NAME)
         self.model, self.pool, self.cache = model, pool, cache
         self.lean = LeanForward(model) if lean and lean_supports(model) else None
-        self.compiled = CompiledDecode(self.lean, pool) if compile_decode and compiled_usable(self.lean, pool) \
-            else None
+        self.compiled = CompiledDecode(self.lean, pool, compile_decode) \
+            if compile_decode != "off" and compiled_usable(self.lean, pool) else None
         self.device = pool.kv.device
         fused = [m for lay in self.lean.layers for m in (lay.qkv, lay.gate_up)] if self.lean else []
         self.weight_bytes = model_bytes(model, *fused)  # the model and the lean forward's joined projections

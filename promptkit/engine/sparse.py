@@ -83,27 +83,33 @@ class SparseInfo:
 
 
 class SparseStats:
-    """Per-layer sparsity of the long prefills seen so far (read by the engine and the benchmarks)."""
+    """Per-layer sparsity of the long prefills seen so far (read by the engine and the benchmarks):
+    running sums, so a server that prefills for days holds a few numbers per layer."""
 
     def __init__(self) -> None:
-        self.by_layer: dict[int, list[float]] = {}
+        self.calls = 0
+        self._sums: dict[int, list[float]] = {}  # layer -> [sum of sparsities, calls]
         self.patterns: dict[str, int] = {}
 
     def record(self, layer: int, info: SparseInfo) -> None:
-        self.by_layer.setdefault(layer, []).append(info.sparsity)
+        self.calls += 1
+        acc = self._sums.setdefault(layer, [0.0, 0])
+        acc[0] += info.sparsity
+        acc[1] += 1
         for p in info.patterns:
             self.patterns[p] = self.patterns.get(p, 0) + 1
 
     def layer_sparsity(self) -> dict[int, float]:
         """Mean sparsity per layer."""
-        return {k: sum(v) / len(v) for k, v in sorted(self.by_layer.items())}
+        return {k: total / n for k, (total, n) in sorted(self._sums.items())}
 
     def mean_sparsity(self) -> float:
-        vals = [x for v in self.by_layer.values() for x in v]
-        return sum(vals) / len(vals) if vals else 0.0
+        total, n = sum(v[0] for v in self._sums.values()), sum(v[1] for v in self._sums.values())
+        return total / n if n else 0.0
 
     def reset(self) -> None:
-        self.by_layer.clear()
+        self.calls = 0
+        self._sums.clear()
         self.patterns.clear()
 
 

@@ -36,7 +36,7 @@ import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,20 @@ class CpuFeatures:
     def describe(self) -> str:
         amx = "usable" if self.amx_usable else "listed but not enabled by the kernel" if self.amx_listed else "no"
         return f"{self.capability}, AVX512-BF16 {'yes' if self.avx512_bf16 else 'no'}, AMX {amx}"
+
+
+@cache
+def cpu_model() -> str:
+    """The CPU's model name as the OS reports it (``/proc/cpuinfo``), and its core count."""
+    name = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    import platform
+
+    return f"{name or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
 @cache
@@ -225,13 +239,13 @@ class Int4Linear(nn.Module):
                              .transpose(0, 1).contiguous().to(dtype))
         self.register_buffer("bias", bias)
         self.register_buffer("dense", dense)
-        self.order = _unpack_order(self.out_features, self.in_features)
+        self.unpackable = _unpack_order(self.out_features, self.in_features) is not None  # codes can be read back
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] >= DENSE_ROWS and self.dense is not None:
             y = nn.functional.linear(rows, self.dense.to(rows.dtype))
-        elif rows.shape[0] >= DENSE_ROWS and self.order is not None:
+        elif rows.shape[0] >= DENSE_ROWS and self.unpackable:
             y = nn.functional.linear(rows, self.dequantize().to(rows.dtype))
         else:
             y = _int4_mm(rows, self)
@@ -355,7 +369,7 @@ def fuse_linears(linears: list[nn.Module]) -> nn.Module | None:
         if high is None or low is None:
             return None
         fused, shared = Int8Linear(high, low, bias), ()
-    elif kind is Int4Linear and all(m.order is not None for m in linears):
+    elif kind is Int4Linear and all(m.unpackable for m in linears):
         parts = [m.codes_scales_minimums() for m in linears]
         dense = None if any(m.dense is None for m in linears) else torch.cat([m.dense for m in linears])
         fused = Int4Linear(*(torch.cat(x) for x in zip(*parts)), dtype=linears[0].scale_zero.dtype, bias=bias,
@@ -414,7 +428,7 @@ def _blocks_of_64(n: int, k: int) -> bool:
     return torch.equal(blocked, _unpack_order(n, k))
 
 
-@cache
+@lru_cache(maxsize=4)  # an int64 per weight: kept for the few shapes in use, not for every shape seen
 def _unpack_order(n: int, k: int) -> torch.Tensor | None:
     """For each weight position of an [n, k] int4 weight, the packed nibble that holds it (None: not a permutation).
 
