@@ -56,8 +56,8 @@ def test_the_compiled_step_gives_the_eager_tokens_fresh_and_from_a_cached_prefix
 
 def test_a_step_the_graph_cannot_take_runs_eagerly(compiled_int4):
     graph = compiled_int4.runner.compiled
-    assert graph.step(5, 1, [(0, 1)], 1) is None  # one key: no two runs to attend to
-    assert graph.step(5, 9, [(0, 3), (10, 3), (20, 3)], 30) is None  # three runs
+    assert graph.step(5, 9, [(0, 1), (2, 1), (4, 1), (6, 1), (8, 1)], 30) is None  # more runs than it takes
+    assert graph.step(5, 0, [], 0) is None  # no cached keys
     # A batch of two requests decodes through the eager forward.
     ps = prompts(2, lo=6, hi=12, seed=3, vocab=VOCAB)
     before = compiled_int4.stats()["compiled_decode_steps"]

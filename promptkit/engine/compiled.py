@@ -56,7 +56,7 @@ from typing import Any, Literal
 
 import torch
 
-from .decode_graph import DecodeStep, Spec, describe, empty_weights
+from .decode_graph import RUNS, DecodeStep, Spec, describe, empty_weights
 from .kv_pool import KVPool, Run
 
 log = logging.getLogger("promptkit.engine")
@@ -187,20 +187,16 @@ class CompiledDecode:
     def step(self, token: int, position: int, past: list[Run], slot: int) -> torch.Tensor | None:
         """Logits ``[1, V]`` (float32) after ``token`` at ``position``, whose keys are the pool runs
         ``past`` and its own slot ``slot`` (written here); None if the graph is not ready or ``past``
-        is not one or two runs (the caller runs the eager step)."""
+        is more than :data:`RUNS` runs (the caller runs the eager step)."""
         if self._runner is None:
             if self._child is None or self._child.poll() is None:
                 return None
             self._collect()  # the background build has just ended
             if self._runner is None:
                 return None
-        if len(past) == 1 and past[0][1] >= 2:
-            (a, n), half = past[0], past[0][1] // 2
-            runs = [(a, half), (a + half, n - half)]
-        elif len(past) == 2:
-            runs = past
-        else:
+        if not past or len(past) > RUNS:
             return None
+        runs = [(a, n, 1) for a, n in past] + [(past[0][0], 1, 0)] * (RUNS - len(past))
         cos, sin = self._rope(self._hidden, torch.tensor([[position]]))
         logits, new = self._runner.run([torch.tensor([token]), cos, sin, self.pool.kv, torch.tensor(runs),
                                         *self._weights])
@@ -260,7 +256,8 @@ def build(spec: Spec, path: Path) -> None:
         rot = torch.zeros(1, 1, spec["head_dim"], dtype=dtype)
         kv = torch.zeros(spec["layers"], 2, spec["kv_heads"], 8, spec["head_dim"], dtype=dtype)
         weights = empty_weights(spec)
-        args = (torch.zeros(1, dtype=torch.long), rot, rot.clone(), kv, torch.tensor([[0, 4], [4, 4]]), weights)
+        runs = torch.tensor([[0, 2, 1], [2, 2, 1], [4, 2, 1], [6, 2, 1]][:RUNS])
+        args = (torch.zeros(1, dtype=torch.long), rot, rot.clone(), kv, runs, weights)
         slots = torch.export.Dim("slots", min=4, max=1 << 30)
         with torch.inference_mode():
             program = torch.export.export(DecodeStep(spec), args, strict=False,

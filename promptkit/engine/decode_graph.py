@@ -22,6 +22,7 @@ from .weights import GROUP, Int4Linear, Int8Embedding, Int8Linear, Int8RowLinear
 
 Spec = dict[str, Any]
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+RUNS = 4  # runs of cached keys a step attends to: a cached prefix of a few radix nodes and the request's own slots
 # How many tensors each kind of product takes, in the order :func:`_product` reads them.
 _ARITY = {"int4": 2, "int8": 4, "int8_rows": 2, "dense": 1, "dense_bias": 2}
 
@@ -135,17 +136,19 @@ def decode_step(spec: Spec, weights: list[torch.Tensor], ids: torch.Tensor, cos:
     """Logits [1, V] of the token ``ids`` [1] and its keys and values [L, 2, Hkv, D].
 
     ``cos``, ``sin`` [1, 1, D]: the lean forward's rotation at the token's position. ``kv``: the
-    whole pool [L, 2, Hkv, slots, D]; ``runs`` [2, 2]: the two runs of slots ``(start, length)``
-    holding the keys before the token. The new key and value are returned, not written.
+    whole pool [L, 2, Hkv, slots, D]; ``runs`` [RUNS, 3]: the runs of slots ``(start, length, used)``
+    holding the keys before the token (a run not used has ``used`` 0 and is attended to by no
+    query). The new key and value are returned, not written.
     """
     embed, layers, norm, head = split(spec, weights)
     hq, hkv = spec["heads"], spec["kv_heads"]
-    (a1, n1), (a2, n2) = runs.tolist()
-    for start, length in ((a1, n1), (a2, n2)):
+    spans = []
+    for start, length in runs[:, :2].tolist():
         torch._check(start >= 0)
         torch._check(length >= 1)
         torch._check(start + length <= kv.shape[3])
-    first, second = kv.narrow(3, a1, n1), kv.narrow(3, a2, n2)
+        spans.append(kv.narrow(3, start, length))
+    unused = runs[:, 2] == 0  # [RUNS]
     h = _lookup(*embed, ids)  # [1, hidden]
     dim = h.shape[-1]
     new = []
@@ -155,7 +158,7 @@ def decode_step(spec: Spec, weights: list[torch.Tensor], ids: torch.Tensor, cos:
         qk, v = qkv[:, : hq + hkv], qkv[0, hq + hkv :].flatten(1)
         qk = (qk.flatten(2) * cos + qk.flip(2).flatten(2) * sin)[0]
         q, k = qk[:hq].view(hkv, hq // hkv, -1), qk[hq:]
-        out = _attend(q, k, v, first[i], second[i], spec["scaling"][i])
+        out = _attend(q, k, v, [span[i] for span in spans], unused, spec["scaling"][i])
         new.append(torch.stack((k, v)))
         h = h + _product(*o_mm, out.reshape(1, -1))
         x = F.rms_norm(h, (dim,), ln2, spec["eps"][i])
@@ -164,18 +167,22 @@ def decode_step(spec: Spec, weights: list[torch.Tensor], ids: torch.Tensor, cos:
     return _product(*head, _rms_norm(h, norm, spec["norm_eps"])), torch.stack(new)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: list[torch.Tensor], unused: torch.Tensor,
             scale: float) -> torch.Tensor:
-    """q [Hkv, g, D] (the query heads of each KV head) over the cached K/V ``first`` and ``second``
-    ([2, Hkv, n, D]) and the new key and value k, v [Hkv, D]: [Hkv, g, D]."""
-    o1, l1 = _FLASH(q[None], first[0][None], first[1][None], scale=scale)[:2]  # [1, Hkv, g, D], [1, Hkv, g]
-    o2, l2 = _FLASH(q[None], second[0][None], second[1][None], scale=scale)[:2]
+    """q [Hkv, g, D] (the query heads of each KV head) over the cached K/V ``spans`` (each
+    [2, Hkv, n, D]; those ``unused`` left out) and the new key and value k, v [Hkv, D]: [Hkv, g, D].
+    Each part's softmax is merged by its log-sum-exp."""
+    outs, lses = [], []
+    for span in spans:
+        o, lse = _FLASH(q[None], span[0][None], span[1][None], scale=scale)[:2]  # [1, Hkv, g, D], [1, Hkv, g]
+        outs.append(o[0].float())
+        lses.append(lse[0].float())
+    lse = torch.stack(lses).masked_fill(unused[:, None, None], float("-inf"))  # [RUNS, Hkv, g]
     s = (q.float() * k.float()[:, None]).sum(-1) * scale  # [Hkv, g]: each query head with its new key
-    l1, l2 = l1[0].float(), l2[0].float()
-    top = torch.maximum(torch.maximum(l1, l2), s)
-    w1, w2, w3 = torch.exp(l1 - top), torch.exp(l2 - top), torch.exp(s - top)
-    out = o1[0].float() * w1[..., None] + o2[0].float() * w2[..., None] + v.float()[:, None] * w3[..., None]
-    return (out / (w1 + w2 + w3)[..., None]).to(q.dtype)
+    top = torch.maximum(lse.amax(0), s)
+    w, w_new = torch.exp(lse - top), torch.exp(s - top)
+    out = (torch.stack(outs) * w[..., None]).sum(0) + v.float()[:, None] * w_new[..., None]
+    return (out / (w.sum(0) + w_new)[..., None]).to(q.dtype)
 
 
 class DecodeStep(nn.Module):
