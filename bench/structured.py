@@ -15,15 +15,14 @@ fast-forwards would emit without a forward pass.
     python bench/structured.py            # 200 prompts
     python bench/structured.py --quick    # 16 prompts
 
-Data: SQuAD v1.1 dev (CC BY-SA 4.0) from the bigbench==1.0.0 sdist, read with a small
-reader here (bench/evaldata.py fetches and caches the archive).
+Data: SQuAD v1.1 dev (CC BY-SA 4.0), the official file ``$PROMPTKIT_DATA/squad/dev-v1.1.json``
+(``export PROMPTKIT_DATA=../shared/data``), read with a small reader here.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import string
 import time
@@ -37,8 +36,6 @@ from pydantic import BaseModel, ValidationError
 from promptkit import LM
 from promptkit.structured import Constraint, allocate_bitmask, apply_masks, compile_constraint, fill_masks
 
-SQUAD_MEMBER = "bigbench/benchmark_tasks/squad_shifts/squaddev_v1.1.json"
-
 
 class Extraction(BaseModel):
     answer: str
@@ -47,13 +44,9 @@ class Extraction(BaseModel):
 
 def load_squad_dev(n: int, max_context_chars: int = 900) -> list[dict]:
     """The first ``n`` questions (one per paragraph) whose paragraph fits ``max_context_chars``."""
-    from evaldata import cache_dir, fetch_archive, read_member
+    from evaldata import SQUAD_FILE, data_file
 
-    cached = os.path.join(cache_dir(), "squaddev_v1.1.json")  # the tarball is 358 MB: read the member once
-    if not os.path.exists(cached):
-        with open(cached, "wb") as f:
-            f.write(read_member(fetch_archive("bigbench", "1.0.0"), SQUAD_MEMBER))
-    with open(cached, encoding="utf-8") as f:
+    with open(data_file(SQUAD_FILE, "SQuAD v1.1 dev"), encoding="utf-8") as f:
         data = json.load(f)
     items = []
     for article in data["data"]:

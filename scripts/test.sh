@@ -2,6 +2,10 @@
 # Set up (once) and run the whole test suite. "No tests collected" counts as a failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# Human-written evaluation data is read in place from the shared data folder when there is one.
+if [ -z "${PROMPTKIT_DATA:-}" ] && [ -d ../shared/data ]; then
+  export PROMPTKIT_DATA="$(cd ../shared/data && pwd)"
+fi
 # The test run includes the optional Gemma 3 270M (its integration test); PROMPTKIT_GEMMA=0 skips it.
 PROMPTKIT_GEMMA=${PROMPTKIT_GEMMA:-1} bash scripts/setup.sh || exit 1
 .venv/bin/python -m pytest -q "$@"
