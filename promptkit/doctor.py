@@ -150,7 +150,7 @@ def check_weights() -> Check:
             resolve_format(pinned, features=feats, q4_gguf=True)  # LM() would refuse an unknown format
         q4 = default_format(features=feats, q4_gguf=True)
         embedded = "" if is_q4_gguf(gguf_source(DEFAULT_LLM)) else " (not Q4_1 here)"
-        return (f"CPU {cpu_model()}: {feats.describe()}. Default {default_format()}, {q4} for a Q4_1 GGUF model "
+        return (f"default {default_format()} on this CPU ({feats.describe()}; {cpu_model()}), {q4} for a Q4_1 GGUF model "
                 f"such as the embedded {DEFAULT_LLM}{embedded}; fast here: {', '.join(fast)}"
                 + (f"; PROMPTKIT_WEIGHTS={pinned} overrides the default" if pinned else ""))
 

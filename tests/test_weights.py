@@ -240,7 +240,7 @@ def test_a_q4_1_gguf_is_told_by_its_name():
 
 def test_bfloat16_on_a_cpu_without_it_falls_back_in_the_backend(tokenizer, monkeypatch):
     old = W.CpuFeatures(capability="AVX512", avx512_bf16=False, amx_listed=False, amx_usable=False)
-    monkeypatch.setattr(W, "cpu_features", lambda: old)
+    monkeypatch.setattr(W.formats, "cpu_features", lambda: old)  # where resolve_format reads it
     with pytest.warns(UserWarning, match="bfloat16 asked for"):
         lm = tiny_lm(tokenizer, "bfloat16")
     assert lm.stats()["weights"] == "float32" and "running float32" in lm.stats()["weights_note"]

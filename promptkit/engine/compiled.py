@@ -91,7 +91,7 @@ def graph_key(spec: Spec) -> str:
     """What a compiled library depends on: the spec, PyTorch, this code, the CPU."""
     here = Path(__file__).parent
     code = hashlib.sha256(b"".join((here / f).read_bytes() for f in ("compiled.py", "decode_graph.py")))
-    from .weights import cpu_features
+    from .weights.cpu import cpu_features
 
     facts = {"spec": spec, "torch": torch.__version__, "code": code.hexdigest(), "machine": platform.machine(),
              "cpu": cpu_features().describe(), "python": sys.version_info[:2]}
