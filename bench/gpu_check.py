@@ -24,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import _common  # noqa: F401  (puts bench/ on sys.path)
 import torch
@@ -32,7 +33,9 @@ from _common import emit, log, stage
 from promptkit.backends.base import SamplingParams
 from promptkit.engine import attention
 from promptkit.engine.engine import Engine, Request
-from promptkit.engine.families import TINY, tiny_model
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from tiny import FAMILIES as TINY  # noqa: E402  (the tests' tiny model of each family)
+from tiny import make_tiny as tiny_model  # noqa: E402
 
 VOCAB = 512
 

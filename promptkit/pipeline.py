@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -175,7 +175,3 @@ def _relative_to(settings: dict[str, Any], recipe_dir: Path) -> dict[str, Any]:
         return rel if rel.startswith("../") else f"./{rel}"
 
     return {k: fix(v) for k, v in settings.items()}
-
-
-def stages_of(stages: Sequence[Stage]) -> list[str]:
-    return [s.stage_name for s in stages]

@@ -58,9 +58,6 @@ class PromptTemplate(BaseModel):
         ]
         return self.exemplar_separator.join(blocks)
 
-    def context_block(self, documents: Sequence[Document]) -> str | None:
-        return self.context_segment(documents)[0]
-
     def context_segment(self, documents: Sequence[Document]) -> tuple[str | None, list[tuple[int, int]]]:
         """The context text and the character span of each document's text inside it."""
         if not documents:

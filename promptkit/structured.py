@@ -242,10 +242,6 @@ class GrammarState:
         """The grammar is complete and allows nothing but EOS (or the state is in error): end the generation."""
         return bool(self.matcher.is_stopped())
 
-    def is_accepting(self) -> bool:
-        """The text so far is a complete match (EOS is allowed here)."""
-        return bool(self.matcher.is_accepting())
-
     @property
     def error(self) -> str:
         """Why the state is in error, or ``""``."""
