@@ -263,3 +263,16 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 def _corrupt(path: str | Path, reason: object) -> str:
     return (f"{path} is corrupt or truncated ({reason}); rebuild it with promptkit index build --kv "
             "(with --force to replace the index)")
+
+
+def model_identity(model: Any, kv_dtype: torch.dtype) -> dict[str, Any]:
+    """The model's architecture and a fingerprint of its weights (a few values of every tensor)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        flat = p.detach().reshape(-1)
+        sample = torch.cat([flat[:256], flat[-256:]]).float().cpu()
+        h.update(f"{name}{tuple(p.shape)}".encode())
+        h.update(sample.numpy().tobytes())
+    return {"model_type": getattr(cfg, "model_type", "?"), "layers": cfg.num_hidden_layers,
+            "kv_dtype": str(kv_dtype).replace("torch.", ""), "weights": h.hexdigest()[:32]}

@@ -19,26 +19,23 @@ import logging
 import queue
 import secrets
 import threading
-import time
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import wait
 from typing import Any
 
-import weakref
-
 import torch
 
-from ..structured import accept_tokens, process_logits
-from .chunk_store import ChunkStore, write_store
+from .chunk_store import ChunkStore, model_identity, write_store
 from .config import EngineConfig
 from .families import check_supported
 from .kv_pool import KVBudgetError, KVPool
+from .outputs import Outputs
 from .radix_cache import RadixCache
 from .request import Request
 from .reuse import Assembler
 from .runner import ModelRunner
-from .sampler import sample, token_logprobs
-from .scheduler import Scheduler, prefix_job_steps, shared_prefixes
+from .scheduler import Scheduler, prefix_job_steps, shareable, shared_prefixes
 from .threads import on_fresh_thread
 
 log = logging.getLogger(__name__)
@@ -94,7 +91,7 @@ class Engine:
         self.reuse = Assembler(model, self.pool, self.cache, self.chunks, self.scheduler, self.runner,
                                self._run_jobs, self.config.max_batch_tokens)
         self.steps = 0
-        self.fast_forwarded = 0  # tokens appended without a forward because the grammar allowed nothing else
+        self.outputs = Outputs(self.scheduler, self.eos_ids, self.vocab_size, self.config.fast_forward)
         self._lock = threading.RLock()  # held by the loop for each step, and by side passes (exclusive())
         self._wake = threading.Condition()
         self._inbox: list[Request] = []
@@ -131,30 +128,11 @@ class Engine:
         return reqs
 
     def _validate(self, req: Request) -> None:
-        if not req.tokens:
-            raise ValueError("empty request: no tokens")
-        if req.kind == "score" and not 0 < req.score_from < len(req.tokens):
-            raise ValueError("score_from must leave at least one token before and after it")
-        if len(req.tokens) + 1 > self.pool.capacity:
-            raise KVBudgetError(
-                f"a {len(req.tokens)}-token request needs {(len(req.tokens) + 1) * self.bytes_per_token:,} bytes "
-                f"of KV, more than the engine's KV budget of {self.pool.capacity * self.bytes_per_token:,} bytes; "
-                "raise max_kv_bytes or shorten the prompt")
-        seed = req.params.seed
-        if seed is not None and not -(2**63) <= seed < 2**63:  # one bad seed would fail its whole batch
-            raise ValueError(f"seed must be a 64-bit signed integer; got {seed}")
+        req.check(self.pool.capacity, self.bytes_per_token, self.pool.kv.shape[0])
         if req.params.temperature > 0:
             req.seed = req.params.seed if req.params.seed is not None else secrets.randbits(63)
         if req.reuse is not None and req.reuse.config.reuses:
             self.reuse.rerotator()  # a model whose keys cannot be moved is refused here
-            end = 0
-            for s, e in req.reuse.spans:
-                if not end <= s < e <= req.prompt_len:
-                    raise ValueError(f"document spans must be ordered, disjoint and inside the prompt: {(s, e)}")
-                end = e
-            if req.reuse.config.select_layer >= self.pool.kv.shape[0]:
-                raise ValueError(f"select_layer {req.reuse.config.select_layer} is past the model's "
-                                 f"{self.pool.kv.shape[0]} layers")
 
     def run(self, reqs: list[Request], cancel: threading.Event | None = None) -> list[Request]:
         """Submit ``reqs`` and wait until all are finished; raise the first error among them.
@@ -258,7 +236,7 @@ class Engine:
                     "tokens_prefilled": s.tokens_prefilled, "tokens_reused": self.reuse.reused_tokens,
                     "tokens_recomputed": self.reuse.recomputed_tokens, "evictions": s.evictions,
                     "evicted_tokens": s.evicted_tokens, "preemptions": sched.preemptions, "steps": self.steps,
-                    "fast_forwarded_tokens": self.fast_forwarded,
+                    "fast_forwarded_tokens": self.outputs.fast_forwarded,
                     "compiled_decode_steps": 0 if self.runner.compiled is None else self.runner.compiled.steps,
                     "compiled_decode": "off" if self.runner.compiled is None else self.runner.compiled.status,
                     "weight_bytes": self.runner.weight_bytes,
@@ -303,7 +281,7 @@ class Engine:
             new, self._inbox = self._inbox, []
         self.scheduler.waiting.extend(new)
         for r in [r for r in [*self.scheduler.waiting, *self.scheduler.running] if r.aborted]:
-            self._finish(r, "abort")
+            self.outputs.finish(r, "abort")
         if self.cache.enabled:
             self._prefill_shared_prefixes(self.scheduler.window())
         try:
@@ -311,7 +289,7 @@ class Engine:
         except Exception as e:  # the requests it was admitting fail; the running ones go on
             admitted, failed = [], [(r, e) for r in self.scheduler.window()]
         for r, e in failed:
-            self._fail(r, e)
+            self.outputs.fail(r, e)
         assembling = [r for r in admitted if r.reuse is not None]
         if assembling:
             try:
@@ -319,33 +297,33 @@ class Engine:
             except Exception as e:  # those requests fail; the running ones go on
                 log.exception("assembling from stored KV failed")
                 for r in assembling:
-                    self._fail(r, e)
+                    self.outputs.fail(r, e)
         batch = self.scheduler.plan()
         stalled = list(self.scheduler.stalled)
         for r in stalled:
-            self._finish(r, "length")  # alone and the pool holds no slot for its next token
+            self.outputs.finish(r, "length")  # alone and the pool holds no slot for its next token
         self.scheduler.stalled.clear()
         if not batch:
             # Nothing runs and nothing just freed its slots: no later step can make room for it.
             if self.scheduler.waiting and not self.scheduler.running and not stalled:
                 r = self.scheduler.waiting[0]
-                self._fail(r, KVBudgetError(f"a {len(r.tokens)}-token request does not fit the KV budget"))
+                self.outputs.fail(r, KVBudgetError(f"a {len(r.tokens)}-token request does not fit the KV budget"))
             return
         try:
             logits, spans = self.runner.forward(batch)
         except Exception as e:  # the forward's requests fail; the others go on
             for r, _ in batch:
-                self._fail(r, e)
+                self.outputs.fail(r, e)
             return
         self.steps += 1
-        self._after_forward(batch, logits, spans)
+        self.outputs.after_forward(batch, logits, spans)
 
     def _prefill_shared_prefixes(self, window: list[Request]) -> None:
         """Prefill once, ahead of their requests, the prefixes that requests arriving together share."""
         fresh = [r for r in window if r.preemptions == 0 and r.kind != "prefix"]
         if len(fresh) < 2:
             return
-        prompts = [r.tokens[: _shareable(r)] for r in fresh]
+        prompts = [r.tokens[: shareable(r)] for r in fresh]
         for level in prefix_job_steps(shared_prefixes(prompts, self.config.share_min_tokens)):
             jobs = self.scheduler.start_prefix_jobs(level)
             try:
@@ -368,155 +346,6 @@ class Engine:
             for r, n in batch:
                 self.scheduler.advance(r, n)
 
-    def _after_forward(self, batch: list[tuple[Request, int]], logits: torch.Tensor,
-                       spans: list[tuple[int, int]]) -> None:
-        self._record_scores(batch, logits, spans)
-        sampling: list[tuple[Request, int]] = []  # (request, its logits row)
-        for (r, n), (_, b) in zip(batch, spans):
-            try:
-                self.scheduler.advance(r, n)
-                if r.pending:
-                    continue  # more prefill chunks to come
-                if r.kind != "generate":
-                    self._finish(r, "stop")
-                elif r.aborted:
-                    self._finish(r, "abort")
-                else:
-                    if not r.generated:
-                        self.scheduler.cache_prompt(r, r.prompt_len)  # later requests share the prompt now
-                    sampling.append((r, b - 1))
-            except Exception as e:
-                self._fail(r, e)
-        if sampling:
-            self._sample(sampling, logits)
-
-    def _record_scores(self, batch: list[tuple[Request, int]], logits: torch.Tensor,
-                       spans: list[tuple[int, int]]) -> None:
-        """Log-probabilities of the scored tokens of every score request in the batch, in one pass."""
-        rows, targets, owners = [], [], []
-        for (r, _), (a, b) in zip(batch, spans):
-            if r.kind == "score" and b > a:
-                lo = max(r.computed, r.score_from - 1)
-                rows.append(torch.arange(a, b))
-                targets.extend(r.tokens[lo + 1 : lo + 1 + b - a])
-                owners.append((r, b - a))
-        if not owners:
-            return
-        dev = logits.device
-        top = max(r.params.top_logprobs for r, _ in owners)
-        values, vals, ids = token_logprobs(logits[torch.cat(rows).to(dev)], torch.tensor(targets, device=dev), top)
-        values = values.tolist()
-        vals, ids = (vals.tolist(), ids.tolist()) if top else (None, None)
-        at = 0
-        for r, n in owners:
-            r.logprobs.extend(values[at : at + n])
-            if r.params.top_logprobs:  # the likeliest tokens at each scored position (prompt top_logprobs)
-                k = r.params.top_logprobs
-                r.top_logprobs.extend(list(zip(i[:k], v[:k])) for i, v in zip(ids[at : at + n], vals[at : at + n]))
-            at += n
-
-    def _sample(self, rows: list[tuple[Request, int]], logits: torch.Tensor) -> None:
-        reqs = [r for r, _ in rows]
-        try:
-            dev = logits.device
-            index = torch.tensor([i for _, i in rows], device=dev)
-            x = logits[index]
-            procs = [r.processor for r in reqs]
-            if any(p is not None for p in procs):  # constraints, penalties, bias; logprobs stay the raw ones
-                process_logits(x, procs, [r.generated for r in reqs])
-            toks = sample(x, [r.params.temperature for r in reqs], [r.params.top_p for r in reqs],
-                          [r.seed for r in reqs], [len(r.generated) for r in reqs])
-            want = [r.params.logprobs or r.params.top_logprobs > 0 for r in reqs]
-            top = max(r.params.top_logprobs for r in reqs)
-            lp = vals = ids = None
-            if any(want):
-                lp, vals, ids = token_logprobs(logits[index], toks, top)
-                lp, vals, ids = lp.tolist(), vals.tolist() if top else None, ids.tolist() if top else None
-            toks = toks.tolist()
-        except Exception as e:
-            for r in reqs:
-                self._fail(r, e)
-            return
-        for j, (r, tok) in enumerate(zip(reqs, toks)):
-            try:
-                if want[j]:
-                    r.logprobs.append(lp[j])  # type: ignore[index]
-                    if r.params.top_logprobs:
-                        k = r.params.top_logprobs
-                        r.top_logprobs.append(list(zip(ids[j][:k], vals[j][:k])))  # type: ignore[index]
-                self._append(r, tok)
-            except Exception as e:
-                self._fail(r, e)
-
-    def _append(self, r: Request, tok: int) -> None:
-        if r.first_token_seconds is None:
-            r.first_token_seconds = time.perf_counter() - r.started
-        if tok in self.eos_ids:
-            return self._finish(r, "stop")
-        r.tokens.append(tok)
-        r.generated.append(tok)
-        if r.events is not None:
-            r.events.put(tok)
-        if r.processor is not None:
-            accept_tokens([r.processor], [tok])
-            if r.processor.finished:  # the grammar is complete: only EOS could follow
-                return self._finish(r, "stop")
-        if r.stop_check is not None and r.stop_check(r.generated):
-            return self._finish(r, "stop")
-        if len(r.generated) >= r.params.max_tokens:
-            return self._finish(r, "length")
-        if r.aborted:
-            return self._finish(r, "abort")
-        if r.processor is not None and r.processor.state is not None and not r.params.logprobs and \
-                not r.params.top_logprobs and self.config.fast_forward:
-            self._fast_forward(r)
-
-    def _fast_forward(self, r: Request) -> None:
-        """Append the tokens the grammar allows alone, without sampling: the next forward computes
-        them with the token after them, as one chunk (jump-forward decoding)."""
-        state, vocab = r.processor.state, self.vocab_size
-        while len(r.generated) < r.params.max_tokens and (tok := state.only_token(vocab)) is not None:
-            state.consume_forced([tok])
-            r.processor.seen += 1
-            r.tokens.append(tok)
-            r.generated.append(tok)
-            r.fast_forwarded += 1
-            self.fast_forwarded += 1
-            if r.events is not None:
-                r.events.put(tok)
-            if r.processor.finished or (r.stop_check is not None and r.stop_check(r.generated)):
-                return self._finish(r, "stop")
-        if len(r.generated) >= r.params.max_tokens:
-            self._finish(r, "length")
-
-    # -- retiring --------------------------------------------------------------------
-    def _finish(self, r: Request, reason: str) -> None:
-        if r.finished:
-            return
-        self.scheduler.retire(r, keep=True)
-        r.finished, r.finish_reason = True, reason
-        self._notify(r)
-
-    def _fail(self, r: Request, error: BaseException) -> None:
-        if r.finished:
-            return
-        try:
-            self.scheduler.retire(r, keep=False)
-        finally:
-            r.finished, r.finish_reason, r.error = True, "error", error
-            self._notify(r)
-
-    def _notify(self, r: Request) -> None:
-        r.seconds = time.perf_counter() - r.started
-        if r.events is not None:
-            r.events.put(r.error if r.error is not None else None)
-        if not r.future.set_running_or_notify_cancel():
-            return  # its caller cancelled the future: nobody waits for this result (and set_result would raise)
-        if r.error is not None:
-            r.future.set_exception(r.error)
-        else:
-            r.future.set_result(r)
-
     def _fail_all(self, error: BaseException) -> None:
         """Fail every request the engine holds and release all KV (after a fault of the loop)."""
         with self._wake:
@@ -524,32 +353,8 @@ class Engine:
         sched = self.scheduler
         for r in pending + list(sched.waiting) + list(sched.running):
             try:
-                self._fail(r, error)
+                self.outputs.fail(r, error)
             except Exception:  # keep failing the others
                 log.exception("could not fail request %s cleanly", r.id)
         sched.waiting.clear()
         sched.running.clear()
-
-
-def _shareable(r: Request) -> int:
-    """Prompt tokens worth sharing as a prefix job: a score request's context; never a document
-    that the request reuses from the chunk store."""
-    n = r.score_from if r.kind == "score" else len(r.tokens)
-    if r.reuse is not None and r.reuse.config.reuses and r.reuse.spans:
-        n = min(n, r.reuse.spans[0][0])
-    return n
-
-
-def model_identity(model: Any, kv_dtype: torch.dtype) -> dict[str, Any]:
-    """The model's architecture and a fingerprint of its weights (a few values of every tensor)."""
-    import hashlib
-
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        flat = p.detach().reshape(-1)
-        sample = torch.cat([flat[:256], flat[-256:]]).float().cpu()
-        h.update(f"{name}{tuple(p.shape)}".encode())
-        h.update(sample.numpy().tobytes())
-    return {"model_type": getattr(cfg, "model_type", "?"), "layers": cfg.num_hidden_layers,
-            "kv_dtype": str(kv_dtype).replace("torch.", ""), "weights": h.hexdigest()[:32]}

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..backends.base import SamplingParams
 from .config import KVReuse
-from .kv_pool import Run
+from .kv_pool import KVBudgetError, Run
 from .radix_cache import Node
 
 _ids = itertools.count()
@@ -107,3 +107,26 @@ class Request:
         """Positions of the next ``n`` tokens to compute when they are scattered (an assembled
         prefill), else None (they are ``computed .. computed + n``)."""
         return None if self.todo is None else self.todo[self.todo_done : self.todo_done + n]
+
+    def check(self, kv_slots: int, bytes_per_token: int, layers: int) -> None:
+        """Refuse a request no engine step could serve (a clear error before it is queued)."""
+        if not self.tokens:
+            raise ValueError("empty request: no tokens")
+        if self.kind == "score" and not 0 < self.score_from < len(self.tokens):
+            raise ValueError("score_from must leave at least one token before and after it")
+        if len(self.tokens) + 1 > kv_slots:
+            raise KVBudgetError(
+                f"a {len(self.tokens)}-token request needs {(len(self.tokens) + 1) * bytes_per_token:,} bytes "
+                f"of KV, more than the engine's KV budget of {kv_slots * bytes_per_token:,} bytes; "
+                "raise max_kv_bytes or shorten the prompt")
+        seed = self.params.seed
+        if seed is not None and not -(2**63) <= seed < 2**63:  # one bad seed would fail its whole batch
+            raise ValueError(f"seed must be a 64-bit signed integer; got {seed}")
+        if self.reuse is not None and self.reuse.config.reuses:
+            end = 0
+            for s, e in self.reuse.spans:
+                if not end <= s < e <= self.prompt_len:
+                    raise ValueError(f"document spans must be ordered, disjoint and inside the prompt: {(s, e)}")
+                end = e
+            if self.reuse.config.select_layer >= layers:
+                raise ValueError(f"select_layer {self.reuse.config.select_layer} is past the model's {layers} layers")

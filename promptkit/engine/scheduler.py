@@ -314,3 +314,12 @@ def prefix_job_steps(prefixes: list[tuple[int, ...]]) -> list[list[tuple[int, ..
     for p, d in depth.items():
         steps[d].append(p)
     return steps
+
+
+def shareable(r: Request) -> int:
+    """Prompt tokens worth sharing as a prefix job: a score request's context; never a document
+    that the request reuses from the chunk store."""
+    n = r.score_from if r.kind == "score" else len(r.tokens)
+    if r.reuse is not None and r.reuse.config.reuses and r.reuse.spans:
+        n = min(n, r.reuse.spans[0][0])
+    return n
