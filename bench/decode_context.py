@@ -44,17 +44,24 @@ def cached_decode(lm: LM, context: str, tokens: int, in_place: bool) -> float:
     """Decode tokens/s of the second question after the first one cached ``context``."""
     lm.backend.clear_cache()
     lm.generate(context + QUESTIONS[0], max_tokens=1, chat=False)
-    saved = attention.IN_PLACE_RUN
-    attention.IN_PLACE_RUN = saved if in_place else 1 << 62  # gathered: no run is read in place
+    saved = attention.layout.IN_PLACE_RUN
+    attention.layout.IN_PLACE_RUN = saved if in_place else 1 << 62  # gathered: no run is read in place
     try:
         return rate(*ours_decode(lm, context + QUESTIONS[1], tokens))
     finally:
-        attention.IN_PLACE_RUN = saved
+        attention.layout.IN_PLACE_RUN = saved
 
 
 def fresh_decode(lm: LM, context: str, tokens: int) -> float:
     lm.backend.clear_cache()
     return rate(*ours_decode(lm, context + QUESTIONS[1], tokens))
+
+
+def attention_of(keys: tuple) -> attention.AttentionBackend:
+    """A backend whose single-stream step reads ``keys`` (runs in place, gathered slots)."""
+    backend = attention.AttentionBackend(attention.BatchLayout([]), torch.empty(0))
+    backend.one_step = keys
+    return backend
 
 
 def layer_attention_us(lm: LM, context: int, own: int = 50, repeats: int = 200) -> dict[str, float]:
@@ -69,11 +76,12 @@ def layer_attention_us(lm: LM, context: int, own: int = 50, repeats: int = 200) 
     out = {}
     with torch.inference_mode():
         for name, keys in layouts.items():
+            backend = attention_of(keys)
             best = float("inf")
             for _ in range(5):
                 t0 = time.perf_counter()
                 for _ in range(repeats):
-                    attention._one_step_attention(q, keys, pool[0], pool[1], 0.125)
+                    backend._one_step(q, pool[0], pool[1], 0.125)
                 best = min(best, (time.perf_counter() - t0) / repeats)
             out[name] = round(best * 1e6)
     return out

@@ -32,6 +32,7 @@ from _common import emit, log, stage
 
 from promptkit.backends.base import SamplingParams
 from promptkit.engine import attention
+from promptkit.engine.attention import cuda_flash
 from promptkit.engine.engine import Engine, Request
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from tiny import FAMILIES as TINY  # noqa: E402  (the tests' tiny model of each family)
@@ -45,8 +46,8 @@ def attention_check(device: torch.device) -> dict:
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
         if device.type == "cuda":
-            attention._cuda_kernel_ok.pop((device, dtype), None)
-            out[str(dtype).split(".")[-1]] = attention._cuda_kernel_usable(device, dtype)
+            cuda_flash._checked.pop((device, dtype), None)
+            out[str(dtype).split(".")[-1]] = cuda_flash.usable(torch.empty(1, device=device, dtype=dtype), None)
         else:  # the CPU's fused kernel, the same comparison
             g = torch.Generator().manual_seed(0)
             q, k, v = torch.randn(4, 5, 64, generator=g), torch.randn(2, 12, 64, generator=g), torch.randn(2, 12, 64, generator=g)

@@ -274,18 +274,18 @@ def test_fused_attention_matches_the_matmul_reference(offset):
 
 
 def test_decode_attention_reads_long_runs_in_place_and_gathers_the_rest():
-    from promptkit.engine import attention
-    from promptkit.engine.attention import BatchLayout, SegmentLayout
+    from promptkit.engine.attention import AttentionBackend, BatchLayout, SegmentLayout, layout
 
     g = torch.Generator().manual_seed(0)
-    long = attention.IN_PLACE_RUN
+    long = layout.IN_PLACE_RUN
     kv = torch.randn(2, 2, long + 100, 16, generator=g)  # (k, v), kv heads, slots, head dim
     runs = [(0, long), (long + 10, 5), (long + 50, 20)]  # a long cached prefix, then short runs
     seg = SegmentLayout(0, 1, own=runs[2:], own_past=19, prefix=runs[:2], prefix_len=long + 5, keys=runs)
-    whole, rest = BatchLayout([seg]).one_step_keys(torch.device("cpu"))
+    backend = AttentionBackend(BatchLayout([seg]), kv[None])
+    whole, rest = backend.one_step
     assert whole == [(0, long)] and rest.tolist() == [*range(long + 10, long + 15), *range(long + 50, long + 70)]
     q = torch.randn(6, 1, 16, generator=g)
-    got = attention._one_step_attention(q, (whole, rest), kv[0], kv[1], 0.25)
+    got = backend._one_step(q, kv[0], kv[1], 0.25)[None]
     slots = torch.cat([torch.arange(a, a + n) for a, n in runs])
     k, v = kv[0][:, slots].repeat_interleave(3, 0), kv[1][:, slots].repeat_interleave(3, 0)
     want = torch.nn.functional.scaled_dot_product_attention(q[None], k[None], v[None], scale=0.25)
@@ -293,13 +293,17 @@ def test_decode_attention_reads_long_runs_in_place_and_gathers_the_rest():
 
 
 def test_decode_after_a_cached_prefix_in_its_own_run_matches_hf(ref_model, monkeypatch):
-    from promptkit.engine import attention
+    from promptkit.engine.attention import AttentionBackend, layout
 
-    monkeypatch.setattr(attention, "IN_PLACE_RUN", 16)  # the tiny model's prefixes are short
+    monkeypatch.setattr(layout, "IN_PLACE_RUN", 16)  # the tiny model's prefixes are short
     blocks = []
-    inner = attention._one_step_attention
-    monkeypatch.setattr(attention, "_one_step_attention",
-                        lambda q, keys, *a: blocks.append(len(keys[0]) + (keys[1] is not None)) or inner(q, keys, *a))
+    inner = AttentionBackend._one_step
+
+    def counted(self, *a):
+        blocks.append(len(self.one_step[0]) + (self.one_step[1] is not None))
+        return inner(self, *a)
+
+    monkeypatch.setattr(AttentionBackend, "_one_step", counted)
     eng = make_engine()
     shared = prompts(1, lo=40, hi=41, seed=7)[0]
     first, second = shared + [5, 6, 7], shared + [9, 10]
@@ -310,9 +314,9 @@ def test_decode_after_a_cached_prefix_in_its_own_run_matches_hf(ref_model, monke
 
 
 def test_matmul_attention_path_matches_hf(ref_model, monkeypatch):
-    from promptkit.engine import attention
+    from promptkit.engine.attention import cpu_flash
 
-    monkeypatch.setattr(attention, "_FLASH_CPU", None)  # the path other devices take
+    monkeypatch.setattr(cpu_flash, "FLASH", None)  # the path other devices take
     ps = prompts(4, shared=24, seed=5)
     assert greedy(make_engine(), ps, 8) == [hf_greedy(ref_model, p, 8) for p in ps]
 

@@ -117,7 +117,7 @@ class CompiledDecode:
         self._child: subprocess.Popen | None = None
         self._lock = threading.Lock()
         self._hidden = torch.empty(1, lean.model.config.hidden_size, dtype=pool.kv.dtype)
-        self._rope = lean._rope
+        self._rope = lean.rope
         described = describe(lean)
         if described is None:
             self.spec, self._weights, self.path = None, [], None
@@ -213,16 +213,12 @@ def _start_build(spec: Spec, path: Path, background: bool) -> subprocess.Popen:
     with os.fdopen(fd, "w") as f:
         json.dump(spec, f)
     errors = tempfile.TemporaryFile(mode="w+")
-    child = subprocess.Popen([*BUILD_COMMAND, spec_file, str(path)],
-                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors,
-                             preexec_fn=_lowest_priority if background else None)
+    # No preexec_fn: Popen can then spawn without copying this (large) process; the child lowers its own priority.
+    child = subprocess.Popen([*BUILD_COMMAND, spec_file, str(path), *(["--background"] if background else [])],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors)
     child.errors = errors  # type: ignore[attr-defined]
     _children.add(child)
     return child
-
-
-def _lowest_priority() -> None:
-    os.nice(19)
 
 
 def _tail(child: subprocess.Popen) -> str:
@@ -273,7 +269,9 @@ def build(spec: Spec, path: Path) -> None:
             os.replace(os.path.join(tmp, "step.so"), path)
 
 
-def _main(spec_file: str, out: str) -> int:
+def _main(spec_file: str, out: str, *flags: str) -> int:
+    if "--background" in flags:
+        os.nice(19)  # the lowest CPU priority: the serving process keeps the cores it needs
     try:
         spec = json.loads(Path(spec_file).read_text())
     finally:

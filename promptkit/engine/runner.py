@@ -10,17 +10,20 @@ does after its last layer (final softcapping, logit scales) is applied.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from .attention import ATTN_NAME, BatchLayout, SegmentLayout, StopForward, register, set_layout
+from .attention import ATTN_NAME, AttentionBackend, BatchLayout, SegmentLayout, active, register
 from .compiled import CompiledDecode
 from .compiled import usable as compiled_usable
 from .kv_pool import KVPool, merge_runs, run_slots, split_runs
 from .lean import LeanForward
 from .lean import supports as lean_supports
 from .prepack import packed_positions
+from .probe import AttentionProbe, DeviationProbe, first_layers
 from .radix_cache import RadixCache
 from .request import Request
 from .sparse import SparseConfig, SparseStats, sparse_attention
@@ -35,13 +38,12 @@ class ModelRunner:
     def __init__(self, model: Any, pool: KVPool, cache: RadixCache, sparse: SparseConfig | None = None,
                  lean: bool = True, compile_decode: str = "auto") -> None:
         register()
-        model.set_attn_implementation(ATTN_NAME)
         self.model, self.pool, self.cache = model, pool, cache
         self.lean = LeanForward(model) if lean and lean_supports(model) else None
         self.compiled = CompiledDecode(self.lean, pool, compile_decode) \
             if compile_decode != "off" and compiled_usable(self.lean, pool) else None
         self.device = pool.kv.device
-        fused = [m for lay in self.lean.layers for m in (lay.qkv, lay.gate_up)] if self.lean else []
+        fused = [p.module for w in self.lean.layers for p in (w.qkv, w.gate_up)] if self.lean else []
         self.weight_bytes = model_bytes(model, *fused)  # the model and the lean forward's joined projections
         self.sparse_config = sparse if sparse is not None and sparse.enabled else None
         self.sparse_stats = SparseStats() if self.sparse_config is not None else None
@@ -73,11 +75,7 @@ class ModelRunner:
             rows.extend(range(offset + lo, offset + hi))
             offset += n
         keep = torch.tensor(rows or [0], device=self.device)  # an empty tensor would mean "every row"
-        set_layout(layout)
-        try:
-            logits = self._logits(input_ids, positions, keep)
-        finally:
-            set_layout(None)
+        logits = self._run(input_ids, positions, keep, AttentionBackend(layout, self.pool.kv, self._sparse_fn()))
         return logits[0].float(), spans
 
     def _compiled_step(self, r: Request, n: int) -> torch.Tensor | None:
@@ -92,10 +90,19 @@ class ModelRunner:
         past, last = split_runs(merge_runs([p.run for p in path] + own), r.computed)
         return self.compiled.step(r.tokens[r.computed], r.computed, past, last[0][0])  # type: ignore[union-attr]
 
-    def _logits(self, input_ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def _sparse_fn(self) -> Any:
+        return self._sparse if self.sparse_config is not None else None
+
+    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor, backend: Any,
+             layers: int | None = None) -> torch.Tensor | None:
+        """The model over ``input_ids`` [1, T] with its attention through ``backend``: the logits of the
+        rows in ``keep``, or (``layers``) only the first layers run and nothing returned."""
         if self.lean is not None:
-            return self.lean(input_ids, positions, keep)
-        return self.model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=keep).logits
+            return self.lean(input_ids, positions, keep, backend, layers)
+        with active(backend), _attention_of(self.model, ATTN_NAME), \
+                (first_layers(self.model, layers) if layers is not None else contextlib.nullcontext()):
+            out = self.model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=keep)
+        return None if layers is not None else out.logits
 
     @torch.inference_mode()
     def kv_deviation(self, batch: list[tuple[Request, int]], layer: int) -> torch.Tensor:
@@ -103,17 +110,11 @@ class ModelRunner:
         per packed row, the squared distance between the K/V that ``layer`` computes and those
         already in the row's slot."""
         layout, input_ids, positions = self._layout(batch)
-        layout.deviation_layer = layer
-        set_layout(layout)
-        try:
-            self._logits(input_ids, positions, torch.tensor([0], device=self.device))
-        except StopForward:
-            pass
-        finally:
-            set_layout(None)
-        if layout.deviation is None:
+        probe = DeviationProbe(layout, self.pool.kv, layer)
+        self._run(input_ids, positions, torch.tensor([0], device=self.device), probe, layers=layer + 1)
+        if probe.deviation is None:
             raise ValueError(f"layer {layer} is past the model's last layer")
-        return layout.deviation
+        return probe.deviation
 
     def _layout(self, batch: list[tuple[Request, int]]) -> tuple[BatchLayout, torch.Tensor, torch.Tensor]:
         """The attention layout of ``batch``, its token ids [1, T] and position ids [1, T]."""
@@ -148,9 +149,8 @@ class ModelRunner:
             ids.extend(r.tokens[r.computed : r.computed + n])
             starts.append(r.computed)
             offset += n
-        layout = BatchLayout(segs, self._prefix_groups(groups), pool=self.pool,
-                             write_slots=run_slots([w for ws in writes for w in ws], self.device),
-                             sparse=self._sparse if self.sparse_config is not None else None)
+        layout = BatchLayout(segs, self._prefix_groups(groups),
+                             write_slots=run_slots([w for ws in writes for w in ws], self.device))
         positions = packed_positions(starts, [n for _, n in batch], self.device)
         for seg in segs:
             if seg.positions is not None:
@@ -185,18 +185,22 @@ class ModelRunner:
         if not 0 < query_from < len(tokens):
             raise ValueError("query_from must split the tokens into a non-empty context and query")
         n = len(tokens)
-        layout = BatchLayout([], probe=torch.zeros(n, device=self.device), probe_from=query_from,
-                             probe_layers=range(first_layer, num_layers))
-        set_layout(layout)
-        try:
-            self.model(input_ids=torch.tensor([tokens], device=self.device),
-                       position_ids=torch.arange(n, device=self.device)[None], use_cache=False,
-                       logits_to_keep=torch.tensor([0], device=self.device))
-        except StopForward:
-            pass
-        finally:
-            set_layout(None)
-        return layout.probe / max(1, num_layers - first_layer)
+        probe = AttentionProbe(n, query_from, range(first_layer, num_layers), self.device)
+        self._run(torch.tensor([tokens], device=self.device), torch.arange(n, device=self.device)[None],
+                  torch.tensor([0], device=self.device), probe, layers=num_layers)
+        return probe.received / max(1, num_layers - first_layer)
+
+
+@contextlib.contextmanager
+def _attention_of(model: Any, name: str) -> Iterator[None]:
+    """``model``'s transformers modules call the attention registered as ``name`` for the duration;
+    the model is left as the caller gave it."""
+    before = model.config._attn_implementation
+    model.config._attn_implementation = name
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = before
 
 
 def logit_rows(r: Request, n: int) -> tuple[int, int]:

@@ -358,7 +358,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: 
     if not config.enabled or lk < config.min_length:
         return dense_attention(q, k, v, scale), _dense_info(h, q.device)
 
-    from .sparse_exec import flex_block_sparse, gather_block_sparse
+    from .attention.block_sparse import flex_block_sparse, gather_block_sparse
 
     bs = config.block_size
     # Pad keys (and queries, equally) at the end to a bucket multiple: fewer shapes to compile,

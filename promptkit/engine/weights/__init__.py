@@ -30,16 +30,12 @@ it picks and the output projection uses ``aten._weight_int8pack_mm``.
 """
 
 
-from .cpu import CpuFeatures, cpu_features, cpu_model
-from .formats import (DEFAULT_ORDER, FORMATS, INT4, WeightFormatError, WeightReport, activation_dtype, apply_format,
+# The names of the package, re-exported from its modules.
+from .cpu import CpuFeatures, cpu_features, cpu_model  # noqa: F401
+from .formats import (DEFAULT_ORDER, FORMATS, INT4,  # noqa: F401
+                      WeightFormatError, WeightReport, activation_dtype, apply_format,
                       default_format, resolve_format)
-from .gguf import GGUFInt4, gguf_cache_file, is_q4_gguf, q4_1_blocks, read_gguf_int4
-from .quant import (DENSE_ROWS, GROUP, INT8_DENSE_ROWS, Int4Linear, Int8Embedding, Int8Linear, Int8RowLinear,
-                    dequantize_int4, fuse_linears, model_bytes, quantize_int4, quantize_int8, quantize_int8_rows,
-                    row_kernel)
-
-__all__ = ["CpuFeatures", "cpu_features", "cpu_model", "DEFAULT_ORDER", "FORMATS", "INT4", "WeightFormatError",
-           "WeightReport", "activation_dtype", "apply_format", "default_format", "resolve_format", "GGUFInt4",
-           "gguf_cache_file", "is_q4_gguf", "q4_1_blocks", "read_gguf_int4", "DENSE_ROWS", "GROUP", "INT8_DENSE_ROWS",
-           "Int4Linear", "Int8Embedding", "Int8Linear", "Int8RowLinear", "dequantize_int4", "fuse_linears",
-           "model_bytes", "quantize_int4", "quantize_int8", "quantize_int8_rows", "row_kernel"]
+from .gguf import GGUFInt4, gguf_cache_file, is_q4_gguf, q4_1_blocks, read_gguf_int4  # noqa: F401
+from .quant import (DENSE_ROWS, GROUP, INT8_DENSE_ROWS,  # noqa: F401
+                    Int4Linear, Int8Embedding, Int8Linear, Int8RowLinear,
+                    dequantize_int4, fuse_linears, model_bytes, quantize_int4, quantize_int8, quantize_int8_rows)

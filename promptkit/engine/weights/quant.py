@@ -7,7 +7,6 @@ Decode multiplies through PyTorch's weight-only CPU kernels
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import cache, lru_cache
 
 import torch
@@ -164,25 +163,6 @@ def _scaled(codes: torch.Tensor, scales: torch.Tensor, minimums: torch.Tensor) -
 
 def _int4_mm(x: torch.Tensor, lin: Int4Linear) -> torch.Tensor:
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, lin.packed, GROUP, lin.scale_zero)
-
-
-def row_kernel(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``module``'s product for a 2-D input of fewer than :data:`DENSE_ROWS` rows (a decode step),
-    as a direct call of its kernel: the same numbers as ``module(x)``, without the module's dispatch."""
-    bias = getattr(module, "bias", None)
-    if isinstance(module, Int4Linear) and bias is None:
-        packed, scale_zero, mm4 = module.packed, module.scale_zero, torch.ops.aten._weight_int4pack_mm_for_cpu
-        return lambda x: mm4(x, packed, GROUP, scale_zero)
-    if isinstance(module, Int8Linear) and bias is None:
-        high, low = row_kernel(module.high), row_kernel(module.low)
-        return lambda x: high(x) + low(x)
-    if isinstance(module, Int8RowLinear) and bias is None:
-        qweight, scales, mm8 = module.qweight, module.scales, torch.ops.aten._weight_int8pack_mm
-        return lambda x: mm8(x, qweight, scales)
-    if isinstance(module, nn.Linear):
-        weight, linear = module.weight, nn.functional.linear
-        return lambda x: linear(x, weight, bias)
-    return module
 
 
 def fuse_linears(linears: list[nn.Module]) -> nn.Module | None:
