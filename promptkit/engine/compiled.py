@@ -64,6 +64,7 @@ log = logging.getLogger("promptkit.engine")
 CompileMode = Literal["auto", "cached", "build", "off"]
 MODES = ("auto", "cached", "build", "off")
 BUILD_TIMEOUT_S = 1800
+GRAPH_SOURCES = ("compiled.py", "decode_graph.py", "llama.py", "attention/merge.py")  # what the graph is made of
 BUILD_COMMAND = [sys.executable, "-m", "promptkit.engine.compiled"]  # + spec file, library path
 _children: set[subprocess.Popen] = set()
 
@@ -90,7 +91,7 @@ def graphs_dir() -> Path:
 def graph_key(spec: Spec) -> str:
     """What a compiled library depends on: the spec, PyTorch, this code, the CPU."""
     here = Path(__file__).parent
-    code = hashlib.sha256(b"".join((here / f).read_bytes() for f in ("compiled.py", "decode_graph.py")))
+    code = hashlib.sha256(b"".join((here / f).read_bytes() for f in GRAPH_SOURCES))
     from .weights.cpu import cpu_features
 
     facts = {"spec": spec, "torch": torch.__version__, "code": code.hexdigest(), "machine": platform.machine(),
