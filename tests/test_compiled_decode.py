@@ -136,3 +136,16 @@ def test_the_graph_key_follows_the_shape_not_the_weights():
         assert eng.runner.compiled is None  # "off" builds nothing at all
         graphs.append(C.CompiledDecode(eng.runner.lean, eng.pool, "off"))
     assert graphs[0].path == graphs[1].path != graphs[2].path
+
+
+def test_selective_prefill_decodes_in_the_graph_at_its_positions(compiled_int4):
+    p = prompts(1, lo=40, hi=41, seed=9, vocab=VOCAB)[0]
+    idx = sorted({*range(4), *range(30, 40), 10, 17, 22})  # tokens kept at their places in the prompt
+
+    def request() -> Request:
+        return Request(tokens=[p[j] for j in idx], positions=idx, params=SamplingParams(max_tokens=16))
+
+    want = engine("int4", compile_decode=False).run([request()])[0].generated
+    before = compiled_int4.stats()["compiled_decode_steps"]
+    assert compiled_int4.run([request()])[0].generated == want
+    assert compiled_int4.stats()["compiled_decode_steps"] - before >= 14

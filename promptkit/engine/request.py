@@ -58,6 +58,9 @@ class Request:
     reuse: Reuse | None = None
     todo: list[int] | None = None  # assembled from stored KV: positions still to compute, ascending
     todo_done: int = 0
+    # Selective prefill: the position of each prompt token, the prompt being a subset of a longer one
+    # whose tokens keep their positions; generated tokens follow the last. None: the token indices.
+    positions: list[int] | None = None
     exact_len: int | None = None  # KV past this position is reused (never handed to the prefix tree)
     # results
     matched_len: int = 0  # prompt tokens served from the cache at first admission
@@ -103,7 +106,24 @@ class Request:
             return len(self.todo) - self.todo_done
         return len(self.tokens) - self.computed
 
-    def positions(self, n: int) -> list[int] | None:
+    def position(self, index: int) -> int:
+        """The position (RoPE) of token ``index``."""
+        if self.positions is None:
+            return index
+        if index < len(self.positions):
+            return self.positions[index]
+        return self.positions[-1] + 1 + index - len(self.positions)
+
+    @property
+    def natural_len(self) -> int:
+        """Leading tokens at their own index as position: the KV a plain prefill of them gives, so
+        a prefix the cache may serve or keep (every token, without selective prefill)."""
+        if self.positions is None:
+            return len(self.tokens)
+        gap = next((i for i, p in enumerate(self.positions) if p != i), None)
+        return len(self.tokens) if gap is None else gap
+
+    def todo_positions(self, n: int) -> list[int] | None:
         """Positions of the next ``n`` tokens to compute when they are scattered (an assembled
         prefill), else None (they are ``computed .. computed + n``)."""
         return None if self.todo is None else self.todo[self.todo_done : self.todo_done + n]
@@ -122,6 +142,12 @@ class Request:
         seed = self.params.seed
         if seed is not None and not -(2**63) <= seed < 2**63:  # one bad seed would fail its whole batch
             raise ValueError(f"seed must be a 64-bit signed integer; got {seed}")
+        if self.positions is not None:
+            if len(self.positions) != self.prompt_len or any(b <= a for a, b in zip(self.positions, self.positions[1:])) \
+                    or self.positions[0] < 0:
+                raise ValueError("positions must give each prompt token a position, in increasing order")
+            if self.reuse is not None and self.reuse.config.reuses:
+                raise ValueError("selective prefill and documents' reused KV cannot be combined in one request")
         if self.reuse is not None and self.reuse.config.reuses:
             end = 0
             for s, e in self.reuse.spans:

@@ -88,7 +88,7 @@ class ModelRunner:
         path = r.node.path() if r.node is not None and r.cached_len else []
         own, _ = split_runs(r.runs, r.own_len + 1)
         past, last = split_runs(merge_runs([p.run for p in path] + own), r.computed)
-        return self.compiled.step(r.tokens[r.computed], r.computed, past, last[0][0])  # type: ignore[union-attr]
+        return self.compiled.step(r.tokens[r.computed], r.position(r.computed), past, last[0][0])  # type: ignore[union-attr]
 
     def _sparse_fn(self) -> Any:
         return self._sparse if self.sparse_config is not None else None
@@ -132,7 +132,7 @@ class ModelRunner:
         for (r, n), path, sp in zip(batch, paths, sparse):
             if r.todo is not None:  # recomputing scattered positions among reused KV
                 seg, write = self._scattered(r, n, offset, path)
-                ids.extend(r.tokens[p] for p in r.positions(n))  # type: ignore[union-attr]
+                ids.extend(r.tokens[p] for p in r.todo_positions(n))  # type: ignore[union-attr]
                 starts.append(0)
                 segs.append(seg)
                 writes.append(write)
@@ -152,15 +152,17 @@ class ModelRunner:
         layout = BatchLayout(segs, self._prefix_groups(groups),
                              write_slots=run_slots([w for ws in writes for w in ws], self.device))
         positions = packed_positions(starts, [n for _, n in batch], self.device)
-        for seg in segs:
-            if seg.positions is not None:
+        for seg, (r, n) in zip(segs, batch):
+            if seg.positions is not None:  # scattered among reused KV
                 positions[seg.start : seg.start + seg.length] = seg.positions
+            elif r.positions is not None:  # selective prefill: tokens keep their places in the longer prompt
+                positions[seg.start : seg.start + n] = torch.tensor([r.position(i) for i in range(r.computed, r.computed + n)])
         return layout, torch.tensor([ids], device=self.device), positions[None]
 
     def _scattered(self, r: Request, n: int, offset: int, path: list) -> tuple[SegmentLayout, list]:
         """The segment of a request computing ``n`` of its scattered positions among reused KV (it
         attends to its whole context alone), and the pool runs its new K/V go to (a slot each)."""
-        pos = r.positions(n)
+        pos = r.todo_positions(n)
         own, _ = split_runs(r.runs, pos[-1] + 1 - r.cached_len)  # type: ignore[index]
         slots = run_slots(own)[torch.tensor(pos) - r.cached_len].tolist()
         prefix = merge_runs([p.run for p in path])
@@ -207,7 +209,7 @@ def logit_rows(r: Request, n: int) -> tuple[int, int]:
     """Rows (relative to the request's segment) whose logits a forward of ``n`` tokens must produce:
     scored tokens, or the last token when the request samples next."""
     if r.todo is not None:  # scattered: the wanted positions are the last ones, which are consecutive
-        pos = r.positions(n)
+        pos = r.todo_positions(n)
         first, end = pos[-1] + 1 - n, pos[-1] + 1  # type: ignore[index]
         if r.kind == "score":
             lo, hi = max(first, r.score_from - 1), min(end, r.prompt_len - 1)

@@ -97,8 +97,9 @@ class Scheduler:
 
     @staticmethod
     def _match_limit(r: Request) -> int:
-        # Leave at least one token to compute: its logits are what the request needs.
-        return r.score_from - 1 if r.kind == "score" else len(r.tokens) - 1
+        # Leave at least one token to compute: its logits are what the request needs. A cached
+        # prefix serves selective prefill only where its tokens still sit at their own positions.
+        return min(r.score_from - 1 if r.kind == "score" else len(r.tokens) - 1, r.natural_len)
 
     def _make_room(self, need: int, protect: Node | None = None) -> bool:
         """Evict unused cached prefixes until ``need`` slots are free (never ``protect``'s path)."""
@@ -237,6 +238,7 @@ class Scheduler:
         """Hand the KV of ``r.tokens[:upto]`` to the prefix tree and continue from that node."""
         if r.exact_len is not None:
             upto = min(upto, r.exact_len)  # reused KV is close, not exact: never served as a prefix
+        upto = min(upto, r.natural_len)  # nor is selective prefill's, past its first skipped token
         if not self.cache.enabled or upto <= r.cached_len:
             return
         done = upto - r.cached_len
@@ -319,7 +321,7 @@ def prefix_job_steps(prefixes: list[tuple[int, ...]]) -> list[list[tuple[int, ..
 def shareable(r: Request) -> int:
     """Prompt tokens worth sharing as a prefix job: a score request's context; never a document
     that the request reuses from the chunk store."""
-    n = r.score_from if r.kind == "score" else len(r.tokens)
+    n = min(r.score_from if r.kind == "score" else len(r.tokens), r.natural_len)
     if r.reuse is not None and r.reuse.config.reuses and r.reuse.spans:
         n = min(n, r.reuse.spans[0][0])
     return n

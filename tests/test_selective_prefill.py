@@ -1,0 +1,84 @@
+"""Selective prefill in the engine: a prompt's chosen tokens prefilled at their own positions.
+
+The reference is transformers run on the same subset of tokens with the same position ids, so
+the engine must give exactly what a model that only ever saw those tokens where they stood gives.
+"""
+import pytest
+import torch
+
+from promptkit.backends.base import SamplingParams
+from promptkit.engine.engine import Engine, Request
+
+from tiny import make_tiny, make_tiny_llama, prompts
+
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def ref_model():
+    return make_tiny_llama(seed=0, vocab=VOCAB)
+
+
+@torch.inference_mode()
+def hf_greedy_at(model, ids: list[int], positions: list[int], n: int) -> list[int]:
+    """transformers' greedy continuation of ``ids`` placed at ``positions``, the new tokens after the last."""
+    import inspect
+
+    from transformers import DynamicCache
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache = {name: DynamicCache()}
+    out = model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions]), use_cache=True, **cache)
+    tokens, pos = [], positions[-1]
+    for _ in range(n):
+        tok = int(out.logits[0, -1].argmax())
+        tokens.append(tok)
+        pos += 1
+        out = model(input_ids=torch.tensor([[tok]]), position_ids=torch.tensor([[pos]]), use_cache=True, **cache)
+    return tokens
+
+
+def subset(prompt: list[int], keep: int, seed: int) -> list[int]:
+    """Sorted indices: the first 4, the last 6, and ``keep`` random others."""
+    middle = torch.randperm(len(prompt) - 10, generator=torch.Generator().manual_seed(seed))[:keep] + 4
+    return sorted({*range(4), *range(len(prompt) - 6, len(prompt)), *middle.tolist()})
+
+
+def test_kept_tokens_at_their_positions_match_transformers(ref_model):
+    eng = Engine(make_tiny_llama(seed=0, vocab=VOCAB), eos_ids=set())
+    ps = prompts(3, lo=60, hi=90, seed=11)
+    reqs, want = [], []
+    for i, p in enumerate(ps):
+        idx = subset(p, 20, seed=i)
+        reqs.append(Request(tokens=[p[j] for j in idx], positions=idx, params=SamplingParams(max_tokens=8)))
+        want.append(hf_greedy_at(ref_model, [p[j] for j in idx], idx, 8))
+    assert [r.generated for r in eng.run(reqs)] == want  # one packed batch of three
+    # The same subset at consecutive positions is another computation: the positions matter.
+    idx = subset(ps[0], 20, seed=0)
+    moved = eng.run([Request(tokens=[ps[0][j] for j in idx], params=SamplingParams(max_tokens=8))])[0]
+    assert moved.generated == hf_greedy_at(ref_model, [ps[0][j] for j in idx], list(range(len(idx))), 8)
+    eng.check_integrity()
+
+
+def test_only_the_tokens_before_the_first_gap_are_cached(ref_model):
+    eng = Engine(make_tiny_llama(seed=0, vocab=VOCAB), eos_ids=set())
+    p = prompts(1, lo=70, hi=71, seed=3)[0]
+    idx = subset(p, 20, seed=1)
+    gap = next(i for i, j in enumerate(idx) if i != j)
+    eng.run([Request(tokens=[p[j] for j in idx], positions=idx, params=SamplingParams(max_tokens=4))])
+    before = eng.stats()["tokens_cached"]
+    plain = [p[j] for j in idx]  # the same token ids, at their own indices: only the head may be served
+    eng.run([Request(tokens=plain, params=SamplingParams(max_tokens=4))])
+    assert 0 < eng.stats()["tokens_cached"] - before <= gap
+    eng.check_integrity()
+
+
+def test_refused_where_it_would_be_wrong():
+    mistral = Engine(make_tiny("mistral", VOCAB), eos_ids=set())  # a sliding window measures by index
+    with pytest.raises(ValueError, match="sliding-window"):
+        mistral.run([Request(tokens=[1, 2, 3], positions=[0, 5, 9])])
+    eng = Engine(make_tiny_llama(seed=0, vocab=VOCAB), eos_ids=set())
+    with pytest.raises(ValueError, match="increasing order"):
+        eng.run([Request(tokens=[1, 2, 3], positions=[0, 5, 5])])
+    with pytest.raises(ValueError, match="increasing order"):
+        eng.run([Request(tokens=[1, 2, 3], positions=[0, 5])])
