@@ -82,3 +82,25 @@ def test_refused_where_it_would_be_wrong():
         eng.run([Request(tokens=[1, 2, 3], positions=[0, 5, 5])])
     with pytest.raises(ValueError, match="increasing order"):
         eng.run([Request(tokens=[1, 2, 3], positions=[0, 5])])
+
+
+def test_kept_indices_keep_the_ends_and_the_top_share():
+    from promptkit.engine.selective import kept_indices
+
+    scores = torch.tensor([9.0, 0, 0, 5, 1, 7, 0, 2, 0, 0])
+    assert kept_indices(scores, keep=0.5, tail=2, sink=1) == [0, 3, 4, 5, 7, 8, 9]  # body 1..7: top 4 of 7
+    assert kept_indices(scores, keep=1.0, tail=2, sink=1) == list(range(10))
+    assert kept_indices(scores[:3], keep=0.3, tail=5, sink=4) == [0, 1, 2]  # all ends, nothing to choose
+
+
+def test_scores_carry_across_tokenizations_by_characters():
+    from promptkit.engine.selective import carry_scores
+
+    # "the cat sat": the draft has 3 tokens, the target 4 ("the", " c", "at", " sat").
+    draft = [(0, 3), (3, 7), (7, 11)]
+    target = [(0, 3), (3, 5), (5, 7), (7, 11)]
+    got = carry_scores(torch.tensor([0.1, 0.7, 0.2]), draft, target)
+    assert got.tolist() == pytest.approx([0.1, 0.7, 0.7, 0.2])
+    # A target token spanning two draft tokens takes the higher score; an empty span (a special token) its neighbour's.
+    assert carry_scores(torch.tensor([0.1, 0.7]), [(0, 3), (3, 7)], [(0, 0), (0, 7)]).tolist() == \
+        pytest.approx([0.1, 0.7])
