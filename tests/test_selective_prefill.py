@@ -73,10 +73,19 @@ def test_only_the_tokens_before_the_first_gap_are_cached(ref_model):
     eng.check_integrity()
 
 
+@pytest.mark.parametrize("family", ["mistral", "gemma3_text", "qwen2"])
+def test_sliding_window_families_count_the_window_in_kept_tokens_as_transformers_does(family):
+    # transformers masks a sliding window by cache index, the position ids moving only RoPE: the
+    # window then spans the last kept tokens, and the engine does the same.
+    model = make_tiny(family, VOCAB)
+    eng = Engine(make_tiny(family, VOCAB), eos_ids=set())
+    p = prompts(1, lo=60, hi=61, seed=5)[0]
+    idx = subset(p, 24, seed=2)
+    got = eng.run([Request(tokens=[p[j] for j in idx], positions=idx, params=SamplingParams(max_tokens=8))])[0]
+    assert got.generated == hf_greedy_at(model, [p[j] for j in idx], idx, 8)
+
+
 def test_refused_where_it_would_be_wrong():
-    mistral = Engine(make_tiny("mistral", VOCAB), eos_ids=set())  # a sliding window measures by index
-    with pytest.raises(ValueError, match="sliding-window"):
-        mistral.run([Request(tokens=[1, 2, 3], positions=[0, 5, 9])])
     eng = Engine(make_tiny_llama(seed=0, vocab=VOCAB), eos_ids=set())
     with pytest.raises(ValueError, match="increasing order"):
         eng.run([Request(tokens=[1, 2, 3], positions=[0, 5, 5])])

@@ -28,7 +28,7 @@ import torch
 
 from .chunk_store import ChunkStore, model_identity, write_store
 from .config import EngineConfig
-from .families import check_supported, sliding_window
+from .families import check_supported
 from .kv_pool import KVBudgetError, KVPool
 from .outputs import Outputs
 from .radix_cache import RadixCache
@@ -133,9 +133,6 @@ class Engine:
             req.seed = req.params.seed if req.params.seed is not None else secrets.randbits(63)
         if req.reuse is not None and req.reuse.config.reuses:
             self.reuse.rerotator()  # a model whose keys cannot be moved is refused here
-        if req.positions is not None and sliding_window(self.model.config):
-            raise ValueError("selective prefill keeps tokens at their positions, which sliding-window attention would "
-                             f"measure by index: not supported for model type {self.model.config.model_type!r}")
 
     def run(self, reqs: list[Request], cancel: threading.Event | None = None) -> list[Request]:
         """Submit ``reqs`` and wait until all are finished; raise the first error among them.

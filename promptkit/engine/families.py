@@ -58,13 +58,3 @@ def check_supported(config: Any) -> None:
         refuse("bidirectional attention")
     if getattr(cfg, "add_cross_attention", False):
         refuse("cross-attention")
-
-
-def sliding_window(config: Any) -> int | None:
-    """The window of a model with sliding-window attention on any layer, else None."""
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    window = getattr(cfg, "sliding_window", None)
-    if not window or getattr(cfg, "use_sliding_window", True) is False:
-        return None
-    types = getattr(cfg, "layer_types", None)
-    return window if types is None or "sliding_attention" in types else None
