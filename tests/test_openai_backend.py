@@ -81,8 +81,23 @@ def test_score_says_when_the_server_has_no_prompt_logprobs():
     app.get("/v1/models")(lambda: {"data": [{"id": "m", "max_model_len": 2048}]})
     app.post("/v1/completions")(lambda: {"choices": [{"text": "x", "logprobs": None, "finish_reason": "stop"}]})
     with BackgroundServer(app) as srv:
-        lm = LM("m", backend="openai", base_url=srv.url + "/v1")
-        assert not lm.chat  # no tokenizer for an unknown model: plain text prompts
+        lm = LM("m", backend="openai", base_url=srv.url + "/v1", chat=False)
+        assert lm.backend.server.kind == "openai-compatible"  # no probe recognized it
         assert lm.generate("hi", max_tokens=2)[0].text == "x"
         with pytest.raises(NotImplementedError, match=f"{srv.url}/v1 does not return them"):
             lm.score("The sky is", [" blue", " green"])
+
+
+def test_promptkit_serve_is_recognized_and_honours_constraints(remote):
+    """promptkit serve takes vLLM's guided_* fields and response_format, and reports cached tokens."""
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        name: str
+
+    assert remote.backend.server.kind == "promptkit"
+    assert remote.generate("In which year did Apollo 11 land?", regex=r"19\d\d", max_tokens=8)[0].text.isdigit()
+    assert remote.generate("Is water wet?", choices=["yes", "no"])[0].text in ("yes", "no")
+    City.model_validate_json(remote.generate("The capital of France as JSON:", json_schema=City)[0].text)
+    remote.generate(["Name a colour.", "Name a colour, please."], max_tokens=2)
+    assert remote.stats()["cached_tokens_reported"]
