@@ -8,6 +8,12 @@ if [ -z "${PROMPTKIT_DATA:-}" ] && [ -d ../shared/data ]; then
 fi
 # The test run includes the optional Gemma 3 270M (its integration test); PROMPTKIT_GEMMA=0 skips it.
 PROMPTKIT_GEMMA=${PROMPTKIT_GEMMA:-1} bash scripts/setup.sh || exit 1
+# llama.cpp's own OpenAI server, which the remote-backend and DSPy tests run against (built once
+# from source, several minutes; pip keeps the wheel). PROMPTKIT_LLAMACPP=0 skips it and those tests.
+if [ "${PROMPTKIT_LLAMACPP:-1}" = "1" ]; then
+  .venv/bin/python -c "import llama_cpp.server" 2>/dev/null || \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 .venv/bin/pip install -q "llama-cpp-python[server]==0.3.36" || exit 1
+fi
 .venv/bin/python -m pytest -q "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
