@@ -1,25 +1,27 @@
-"""A DSPy program served by ``promptkit serve``: typed outputs that always parse.
+"""A DSPy program on promptkit's engine: typed outputs that always parse, served or in-process.
 
-    python cookbook/dspy_served/dspy_program.py
+    python cookbook/dspy_served/dspy_program.py                  # through promptkit serve (started here)
+    python cookbook/dspy_served/dspy_program.py --url http://127.0.0.1:8000/v1   # a server of your own
+    python cookbook/dspy_served/dspy_program.py --in-process     # no HTTP at all
 
-DSPy talks to the server over the OpenAI chat wire. Declaring the server as a DSPy
-provider that honours ``response_format`` json_schema (``register_provider``) lets
-DSPy's JSON adapter ask for the signature's schema; promptkit constrains decoding to
-it, so even a 135M model answers in fields DSPy can parse. In production run the
-server on its own (``promptkit serve --port 8000``) and use its URL.
+``promptkit.dspy.PromptkitLM`` is a ``dspy.LM`` whose engine is promptkit's. It declares that it
+honours response schemas, so DSPy's JSON adapter sends the signature's schema and promptkit decodes
+under it; under DSPy's default ChatAdapter it holds the reply to the adapter's ``[[ ## field ## ]]``
+format with a grammar. Either way even a 135M model answers in fields DSPy can parse. The JSON
+adapter is used here: a schema holds every value, which a small model answers best under.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no price list from the network
 
 import dspy  # noqa: E402
-from dspy._vendor.lm15.access import AccessPolicy, EndpointSupport  # noqa: E402
-from dspy.lm15 import ModelSupport, OpenAIChatCompat, ProviderDefinition, register_provider  # noqa: E402
 
 from promptkit import get_lm  # noqa: E402
+from promptkit.dspy import PromptkitLM  # noqa: E402
 from promptkit.server import BackgroundServer, create_app  # noqa: E402
 
 
@@ -31,23 +33,27 @@ class Capital(dspy.Signature):
     confident: bool = dspy.OutputField()
 
 
-def promptkit_lm(base_url: str, model: str, max_tokens: int = 64) -> dspy.LM:
-    """A dspy.LM for a promptkit server at ``base_url`` (ending in /v1)."""
-    access = AccessPolicy(provider="promptkit", supports=EndpointSupport(complete=True, stream=True, models=True),
-                          auth_modes=("bearer",), base_url=base_url)
-    register_provider(ProviderDefinition.chat(access, compat=OpenAIChatCompat.preset("vllm")),
-                      supports=ModelSupport(response_schema=True, function_calling=True), replace=True)
-    return dspy.LM(f"promptkit/{model}", api_key="unused", max_tokens=max_tokens, temperature=0.0, cache=False)
+def ask(lm: dspy.BaseLM, countries: tuple[str, ...]) -> list[dspy.Prediction]:
+    with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
+        predict = dspy.Predict(Capital)
+        return [predict(country=c) for c in countries]
 
 
-def main(countries: tuple[str, ...] = ("France", "Japan"), max_tokens: int = 64) -> list[dspy.Prediction]:
-    lm = get_lm()
-    with BackgroundServer(create_app(lm)) as server:
-        with dspy.context(lm=promptkit_lm(server.url + "/v1", lm.model, max_tokens)):
-            predict = dspy.Predict(Capital)
-            return [predict(country=c) for c in countries]
+def main(countries: tuple[str, ...] = ("France", "Japan"), max_tokens: int = 64, url: str | None = None,
+         in_process: bool = False) -> list[dspy.Prediction]:
+    """Ask through ``url`` (a promptkit server), in this process, or through a server started here."""
+    if in_process:
+        return ask(PromptkitLM(get_lm(), max_tokens=max_tokens, cache=False), countries)
+    if url:
+        return ask(PromptkitLM(base_url=url, max_tokens=max_tokens, cache=False), countries)
+    with BackgroundServer(create_app(get_lm())) as server:
+        return ask(PromptkitLM(base_url=server.url + "/v1", max_tokens=max_tokens, cache=False), countries)
 
 
 if __name__ == "__main__":
-    for p in main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--url", help="a running promptkit server's base URL, ending in /v1")
+    ap.add_argument("--in-process", action="store_true", help="run the engine in this process, without HTTP")
+    args = ap.parse_args()
+    for p in main(url=args.url, in_process=args.in_process):
         print(p)
