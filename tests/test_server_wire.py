@@ -9,7 +9,7 @@ import httpx
 import jsonschema
 import pytest
 
-import promptkit.engine.engine as engine_mod
+import promptkit.engine.outputs as engine_mod
 from promptkit.server import BackgroundServer, create_app
 
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
