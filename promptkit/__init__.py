@@ -2,6 +2,7 @@
 
 from .backends.base import Backend, ContextLengthError, SamplingParams
 from .embed import Embedder, get_embedder
+from .engine.selective import SelectivePrefill
 from .evaluate import EvalResult, evaluate
 from .lm import LM, get_lm
 from .pipeline import Pipeline, Record, Stage
@@ -17,5 +18,5 @@ __all__ = [
     "LM", "get_lm", "Backend", "SamplingParams", "ContextLengthError", "Embedder", "get_embedder",
     "evaluate", "EvalResult", "Pipeline", "Record", "Stage", "PromptTemplate", "load_recipe", "RecipeError",
     "register_stage", "BuildPrompt", "Classify", "Generate", "Document", "Example", "Generation", "Prompt",
-    "Segment", "SegmentKind", "TokenLogprobs", "Usage", "__version__",
+    "Segment", "SegmentKind", "TokenLogprobs", "Usage", "SelectivePrefill", "__version__",
 ]

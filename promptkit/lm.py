@@ -10,6 +10,7 @@ from typing import Any
 
 from .backends.base import Backend, SamplingParams
 from .engine.config import KVReuse
+from .engine.selective import SelectivePrefill
 from .engine.models import DEFAULT_LLM
 from .prompt import render, render_with_documents
 from .structured import Constraint
@@ -125,6 +126,7 @@ class LM:
         frequency_penalty: float = 0.0,
         logit_bias: dict[int, float] | None = None,
         kv_reuse: KVReuse | str | dict | None = None,
+        prefill: SelectivePrefill | str | dict | None = None,
     ) -> list[Generation]:
         """Generate a completion for each prompt (one batch). Greedy when ``temperature == 0``.
 
@@ -136,6 +138,11 @@ class LM:
         class), ``regex``, ``grammar`` (Lark or GBNF) or ``choices`` (the output is exactly one of them).
         ``presence_penalty``, ``frequency_penalty`` and ``logit_bias`` work as OpenAI's do.
 
+        ``prefill`` (local backend): prefill only the tokens that matter, each at its own position:
+        ``"filter"`` (the model's first layers choose them, as GemFilter does) or
+        ``SelectivePrefill(mode="spec", draft=...)`` (a draft model chooses, as SpecPrefill does);
+        faster to the first token on long prompts, and approximate.
+
         >>> lm.generate("Is water wet? Answer yes or no.", choices=["yes", "no"])[0].text
         'yes'
         """
@@ -145,6 +152,10 @@ class LM:
             constraint=Constraint.of(json_schema=json_schema, regex=regex, grammar=grammar, choices=choices),
             presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias or {})
         texts, docs = self._rendered(prompts, chat, kv_reuse)
+        if prefill is not None:
+            if not getattr(self.backend, "supports_selective_prefill", False):
+                raise ValueError("selective prefill needs the local backend (the promptkit engine)")
+            docs["prefill"] = SelectivePrefill.model_validate(prefill)
         return self.backend.generate(texts, params, **docs)
 
     def score(self, prompt: PromptLike, choices: Sequence[str], chat: bool | None = None,

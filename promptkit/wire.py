@@ -17,11 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .structured import Constraint, lark_json
 
-MAX_STOP = 4
 # Request fields a served pipeline cannot honour (its recipe decides them); given, they are refused.
 PIPELINE_REFUSED = ("logprobs", "top_logprobs", "echo", "logit_bias", "presence_penalty", "frequency_penalty",
                     "guided_json", "guided_regex", "guided_choice", "guided_grammar", "tools", "tool_choice")
-MAX_N = 16
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 
 
@@ -62,7 +60,7 @@ class Body(_Strict):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)  # a 64-bit signed integer, as OpenAI's
-    n: int = Field(default=1, ge=1, le=MAX_N)
+    n: int = Field(default=1, ge=1)  # bounded by the server (--max-n), as the stop strings are (--max-stop)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted and ignored, as OpenAI clients often send it
@@ -75,13 +73,6 @@ class Body(_Strict):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, list) and len(v) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop sequences")
-        return v
 
     @field_validator("logit_bias")
     @classmethod

@@ -113,3 +113,28 @@ def test_scores_carry_across_tokenizations_by_characters():
     # A target token spanning two draft tokens takes the higher score; an empty span (a special token) its neighbour's.
     assert carry_scores(torch.tensor([0.1, 0.7]), [(0, 3), (3, 7)], [(0, 0), (0, 7)]).tolist() == \
         pytest.approx([0.1, 0.7])
+
+
+@pytest.mark.slow
+def test_filter_and_spec_prefill_on_the_real_model(real_lm):
+    from promptkit import SelectivePrefill
+    from promptkit.engine.selective import kept_indices  # noqa: F401  (the choice the engine runs)
+
+    facts = " ".join(f"Fact {i}: the {w} box holds {i * 7} marbles." for i, w in
+                     enumerate(["red", "blue", "green", "black", "white", "gold", "pink", "grey"] * 6))
+    question = f"{facts}\n\nQuestion: How many marbles does the gold box hold? Answer with the number."
+    n = real_lm.count_tokens(question, chat=True)
+    before = real_lm.stats()["tokens_prefilled"]
+    full = real_lm.generate(question, max_tokens=12)[0]
+    full_cost = real_lm.stats()["tokens_prefilled"] - before
+    for prefill in (SelectivePrefill(keep=0.3, min_tokens=64),
+                    SelectivePrefill(mode="spec", draft="smollm2-135m-instruct", keep=0.3, min_tokens=64)):
+        real_lm.backend.clear_cache()
+        before = real_lm.stats()["tokens_prefilled"]
+        got = real_lm.generate(question, max_tokens=12, prefill=prefill)[0]
+        spent = real_lm.stats()["tokens_prefilled"] - before
+        assert spent < 0.55 * n < full_cost + 1  # about the kept share of the prompt, the tail dense
+        assert got.text.strip()
+    assert full.text.strip()
+    with pytest.raises(ValueError, match="draft model"):
+        SelectivePrefill(mode="spec")

@@ -160,3 +160,52 @@ def truncate_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     """Cut ``text`` at the earliest stop string; return (text, whether one was found)."""
     cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+class StopScanner:
+    """Finds stop strings in text that arrives piece by piece, with O(1) amortized work per character.
+
+    A KMP automaton per stop string tracks the longest start of it that the text ends with, so
+    neither a long generation nor a long stop string is ever rescanned.
+    """
+
+    def __init__(self, stop: list[str]) -> None:
+        self.stop = [s for s in stop if s]
+        self._fail = [_kmp_failure(s) for s in self.stop]
+        self._state = [0] * len(self.stop)  # per stop string: how much of it the text ends with
+        self.seen = 0  # characters fed so far
+        self.found: int | None = None  # where the earliest stop string found begins
+
+    def feed(self, text: str) -> None:
+        """Scan ``text``, the next piece of the output."""
+        for ch in text:
+            self.seen += 1
+            for k, s in enumerate(self.stop):
+                q, fail = self._state[k], self._fail[k]
+                while q and s[q] != ch:
+                    q = fail[q - 1]
+                if s[q] == ch:
+                    q += 1
+                if q == len(s):
+                    start = self.seen - q
+                    self.found = start if self.found is None else min(self.found, start)
+                    q = fail[q - 1]
+                self._state[k] = q
+
+    def final(self) -> int:
+        """How many characters of the text fed so far are certain to be output: all of them but a
+        tail that may be the start of a stop string, and nothing from a stop string found on."""
+        safe = self.seen - max(self._state, default=0)
+        return safe if self.found is None else min(safe, self.found)
+
+
+def _kmp_failure(s: str) -> list[int]:
+    """KMP's failure function: for each prefix of ``s``, its longest proper prefix that is also its suffix."""
+    fail, q = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while q and s[i] != s[q]:
+            q = fail[q - 1]
+        if s[i] == s[q]:
+            q += 1
+        fail[i] = q
+    return fail

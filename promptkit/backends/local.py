@@ -11,9 +11,12 @@ from ..engine.config import EngineConfig, KVReuse
 from ..engine.engine import Cancelled, Engine, Request
 from ..engine.kv_pool import KVBudgetError
 from ..engine.request import Reuse
+from ..engine.selective import SelectivePrefill
 from ..types import Generation, TokenLogprobs, Usage
 from .base import GenerationError, PromptInput, SamplingParams, StreamEvent, kept_tokens, truncate_at_stop
+from .detokenize import StopCheck, StreamText
 from .hf import TransformersBase
+from .selective import choose_tokens
 
 Spans = list[tuple[int, int]]
 TOKENIZER_PROBE = "A chunk store: Ünïcode, digits 12345, code `x = f(y)`.\n"
@@ -39,6 +42,7 @@ class LocalBackend(TransformersBase):
 
     supports_kv_reuse = True
     supports_cancel = True  # generate() takes cancel=
+    supports_selective_prefill = True  # generate() takes prefill=
 
     def __init__(self, model: str, engine: EngineConfig | None = None, kv_lead_in: str | None = None,
                  **kw: Any) -> None:
@@ -96,11 +100,15 @@ class LocalBackend(TransformersBase):
 
     # -- generation --------------------------------------------------------------
     def _request(self, prompt: PromptInput, params: SamplingParams, documents: Spans | None = None,
-                 kv_reuse: Any = None) -> Request:
+                 kv_reuse: Any = None, prefill: SelectivePrefill | None = None) -> Request:
         ids, reuse = self._prompt(prompt, documents, kv_reuse, params.max_tokens, params.truncate)
         params = params.model_copy(update={"max_tokens": params.tokens_for(len(ids), self.max_context)})
-        return Request(tokens=ids, params=params, stop_check=stop_checker(params.stop, self.decode),
-                       processor=self.processor(params), reuse=reuse)
+        prefill = prefill or self.engine.config.prefill
+        kept = choose_tokens(self, ids, prompt if isinstance(prompt, str) else None, prefill) \
+            if prefill is not None and reuse is None else None
+        return Request(tokens=ids if kept is None else [ids[i] for i in kept], positions=kept, params=params,
+                       stop_check=stop_checker(params.stop, self.decode), processor=self.processor(params),
+                       reuse=reuse)
 
     def _generation(self, r: Request) -> Generation:
         text, stopped = truncate_at_stop(self.decode(r.generated), r.params.stop)
@@ -112,10 +120,12 @@ class LocalBackend(TransformersBase):
 
     def generate(self, texts: list[PromptInput], params: SamplingParams,
                  documents: Sequence[Spans | None] | None = None,
-                 kv_reuse: KVReuse | str | None = None, cancel: threading.Event | None = None) -> list[Generation]:
-        """One generation per prompt, decoded together; setting ``cancel`` aborts them (raises :class:`Cancelled`)."""
+                 kv_reuse: KVReuse | str | None = None, cancel: threading.Event | None = None,
+                 prefill: SelectivePrefill | None = None) -> list[Generation]:
+        """One generation per prompt, decoded together; setting ``cancel`` aborts them (raises :class:`Cancelled`).
+        ``prefill``: prefill only the tokens that matter (see :class:`SelectivePrefill`)."""
         docs = documents or [None] * len(texts)
-        reqs = [self._request(t, params, d, kv_reuse) for t, d in zip(texts, docs)]
+        reqs = [self._request(t, params, d, kv_reuse, prefill) for t, d in zip(texts, docs)]
         try:
             done = self.engine.run(reqs, cancel)
         except (KVBudgetError, Cancelled):
@@ -126,24 +136,24 @@ class LocalBackend(TransformersBase):
 
     def generate_stream(self, text: PromptInput, params: SamplingParams, documents: Spans | None = None,
                         kv_reuse: KVReuse | str | None = None) -> Iterator[StreamEvent]:
+        """Yield text as it is generated (see :class:`~promptkit.backends.detokenize.StreamText`); the
+        last event carries the Generation, and all events' text joined is its text exactly."""
         req = self._request(text, params, documents, kv_reuse)
-        shown, sent = "", 0  # text shown and tokens accounted for so far
+        shown, sent = StreamText(self.decode, params.stop), 0  # text released; tokens accounted for
         tokens = self.engine.stream(req)
         try:
             try:
-                for count, _ in enumerate(tokens, 1):
-                    full, stopped = truncate_at_stop(self.decode(req.generated[:count]), params.stop)
-                    if not stopped:  # hold back a tail that may be the start of a stop string
-                        full = full[: len(full) - _stop_prefix_len(full, params.stop)]
-                    if len(full) > len(shown) and not full.endswith("\ufffd"):  # wait for whole characters
-                        yield StreamEvent(text=full[len(shown):], **self._step_logprobs(req, sent, count))
-                        shown, sent = full, count
+                for token in tokens:
+                    piece, counted = shown.push(token)
+                    if piece:
+                        yield StreamEvent(text=piece, **self._step_logprobs(req, sent, counted))
+                        sent = counted
             except KVBudgetError:
                 raise
             except Exception as e:
                 raise GenerationError(f"the generation failed in the engine: {type(e).__name__}: {e}") from e
             gen = self._generation(req)
-            yield StreamEvent(text=gen.text[len(shown):], generation=gen,
+            yield StreamEvent(text=gen.text[shown.released:], generation=gen,
                               **self._step_logprobs(req, sent, max(sent, len(gen.token_ids))))
         finally:
             tokens.close()
@@ -292,21 +302,7 @@ def usage_of(r: Request, completion_tokens: int = 0) -> Usage:
 def stop_checker(stop: list[str], decode: Callable[[list[int]], str]) -> Callable[[list[int]], bool] | None:
     """A check, run after every generated token, of whether the text now holds a stop string.
 
-    It decodes only a tail of the tokens (a stop string of n characters spans at most 4n byte
-    tokens), so a long generation costs the same per token as a short one.
+    It decodes and scans only the new tokens' text (see :class:`~promptkit.backends.detokenize.StopCheck`),
+    so neither a long generation nor a long stop string makes a token cost more.
     """
-    if not stop:
-        return None
-    window = 4 * max(map(len, stop)) + 2
-    return lambda gen: any(s in decode(gen[-window:]) for s in stop)
-
-
-def _stop_prefix_len(text: str, stop: list[str]) -> int:
-    """Length of the longest tail of ``text`` that is the start of a stop string."""
-    best = 0
-    for s in stop:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
+    return StopCheck(decode, stop) if stop else None

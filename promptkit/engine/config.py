@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .compiled import CompileMode, default_mode
+from .selective import SelectivePrefill
 from .sparse import SparseConfig
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
@@ -87,6 +88,9 @@ class EngineConfig(BaseModel):
                                         "never builds; 'build' builds now and waits; 'off' (True: auto, False: off; "
                                         "default $PROMPTKIT_COMPILE_DECODE or auto)")
     sparse: SparseConfig | None = Field(None, description="sparse prefill for long prompts (True: defaults)")
+    prefill: SelectivePrefill | None = Field(None, description="selective prefill of generations by default: "
+                                             "'filter' (the model's first layers choose the tokens), "
+                                             "SelectivePrefill settings, or None (every token)")
     kv_reuse: KVReuse = Field(default_factory=KVReuse, description="default reuse of documents' stored KV for "
                               "requests that mark their documents ('full', 'blend', 'sink' or 'none')")
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class SelectivePrefill(BaseModel):
@@ -36,6 +36,17 @@ class SelectivePrefill(BaseModel):
                       "their queries score the others")
     sink: int = Field(4, ge=0, description="first tokens always prefilled (attention sinks)")
     min_tokens: int = Field(256, ge=1, description="shorter prompts are prefilled whole")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data: object) -> object:
+        return {"mode": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _needs_draft(self) -> SelectivePrefill:
+        if self.mode == "spec" and not self.draft:
+            raise ValueError("prefill mode 'spec' needs a draft model: draft='smollm2-135m-instruct' (say)")
+        return self
 
 
 def kept_indices(scores: torch.Tensor, keep: float, tail: int, sink: int) -> list[int]:
