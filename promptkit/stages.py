@@ -6,11 +6,15 @@ import json
 import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_serializer, field_validator,
+                      model_validator)
 
+from .batch_prompt import BatchOutcome, BatchPrompt, classify_records, generate_records
 from .engine.config import KVReuse
 from .engine.models import DEFAULT_LLM
+from .engine.selective import SelectivePrefill
 from .lm import LM, get_lm
+from .margins import MarginOutcome, Margins, margin_records
 from .pipeline import Record, Stage
 from .prompt import PromptTemplate
 from .registry import register_stage
@@ -94,6 +98,12 @@ class Generate(LMStage):
     ``reason_first``: write free-text reasoning (up to ``reasoning_tokens``) before filling the
     schema; it is kept on ``record.reasoning``. ``max_tokens`` defaults to 64 for free text and
     512 for structured output.
+
+    ``batch_prompt``: answer many records in one prompt, one numbered line each, voted over orders
+    (:class:`~promptkit.batch_prompt.BatchPrompt`); free text, ``choices`` or a one-line ``regex``.
+    ``margins``: over a long context, write a note after each chunk of documents and answer with
+    the relevant notes (Writing in the Margins, :class:`~promptkit.margins.Margins`; ``true`` for
+    the defaults).
     """
 
     model_config = ConfigDict(populate_by_name=True)
@@ -111,6 +121,27 @@ class Generate(LMStage):
     reason_first: bool = False
     reasoning_tokens: int = Field(default=256, ge=1)
     reasoning_prompt: str = "Let's think step by step."
+    prefill: SelectivePrefill | None = Field(default=None, description="prefill only the tokens that matter "
+                                             "(local backend): 'filter', or SelectivePrefill settings")
+    batch_prompt: BatchPrompt | None = None
+    margins: Margins | None = None
+    _batches: list[BatchOutcome] = PrivateAttr(default_factory=list)
+    _margins: MarginOutcome | None = PrivateAttr(default=None)
+
+    @field_validator("margins", mode="before")
+    @classmethod
+    def _margins_on(cls, v: Any) -> Any:
+        return {} if v is True else None if v is False else v
+
+    @property
+    def batch_outcomes(self) -> list[BatchOutcome]:
+        """With ``batch_prompt``: what the last call asked (LM calls, rounds, votes), per prompt layout."""
+        return self._batches
+
+    @property
+    def margin_outcome(self) -> MarginOutcome | None:
+        """With ``margins``: the margins the last call wrote and what they cost."""
+        return self._margins
 
     @field_validator("output_schema", mode="before")
     @classmethod
@@ -137,6 +168,8 @@ class Generate(LMStage):
             raise ValueError(f"give at most one of schema, signature, regex, grammar, choices; got {given}")
         if self.reason_first and not given:
             raise ValueError("reason_first needs something to fill afterwards: schema, signature, regex, grammar or choices")
+        if self.batch_prompt is not None and (self.reason_first or set(given) - {"regex", "choices"}):
+            raise ValueError("batch_prompt answers one line per item: use it with free text, choices or a regex")
         return self
 
     def config(self) -> dict[str, Any]:
@@ -157,6 +190,11 @@ class Generate(LMStage):
     def process(self, records: list[Record]) -> list[Record]:
         for r in records:
             _ensure_prompt(r, self.signature)
+        if self.margins is not None:
+            self._margins = margin_records(self, records, self.margins)
+        if self.batch_prompt is not None:
+            self._batches = generate_records(self, records, self.batch_prompt)
+            return records
         lm, target = self.reuse_lm(records), self.target()
         prompts: list[Prompt] = [r.prompt for r in records]  # type: ignore[misc]
         if self.reason_first:
@@ -170,7 +208,7 @@ class Generate(LMStage):
         gens = lm.generate(prompts, max_tokens=self.max_tokens or (512 if self.structured else 64),
                            temperature=self.temperature, top_p=self.top_p, stop=self.stop, seed=self.seed,
                            chat=self.chat, json_schema=target, regex=self.regex, grammar=self.grammar,
-                           choices=self.choices, kv_reuse=self.kv_reuse)
+                           choices=self.choices, kv_reuse=self.kv_reuse, prefill=self.prefill)
         for r, g in zip(records, gens):
             r.generation, r.usage = g, g.usage
             r.output = _parse(g.text, target) if target is not None else g.text if self.structured else g.text.strip()
@@ -204,6 +242,9 @@ class Classify(LMStage):
     That costs three prompts per layout — per batch with fixed exemplars, per
     input with exemplars chosen per input, where they share the input's prefix —
     and is worth many points to a small model zero-shot.
+
+    ``batch_prompt``: generate the labels of many inputs in one prompt instead, one numbered line
+    each, constrained to the label words and voted over orders (BatchPrompt; no calibration).
     """
 
     labels: list[str]
@@ -211,6 +252,13 @@ class Classify(LMStage):
     calibrate: bool = True
     content_free: list[str] = Field(default_factory=lambda: ["N/A", "", "[MASK]"])
     input_key: str = "text"
+    batch_prompt: BatchPrompt | None = None
+    _batches: list[BatchOutcome] = PrivateAttr(default_factory=list)
+
+    @property
+    def batch_outcomes(self) -> list[BatchOutcome]:
+        """With ``batch_prompt``: what the last call asked (LM calls, rounds, votes), per prompt layout."""
+        return self._batches
 
     @model_validator(mode="after")
     def _check(self) -> Classify:
@@ -273,6 +321,9 @@ class Classify(LMStage):
     def process(self, records: list[Record]) -> list[Record]:
         for r in records:
             _ensure_prompt(r)
+        if self.batch_prompt is not None:
+            self._batches = classify_records(self, records, self.batch_prompt)
+            return records
         rows, usages = self.reuse_lm(records).score_with_usage(
             [r.prompt for r in records], self.words(), chat=self.chat, kv_reuse=self.kv_reuse)  # type: ignore[misc]
         biases = self.biases(records) if self.calibrate and records else [[0.0] * len(self.labels)] * len(records)

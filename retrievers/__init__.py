@@ -14,12 +14,13 @@ from .errors import CorpusError, IndexFormatError
 from .fusion import reciprocal_rank_fusion, weighted_score_fusion
 from .hybrid import Hybrid
 from .index import build_index, load_index
+from .order import order_passages
 from .rerank import CrossEncoderReranker, LMReranker
-from .rewrite import RM3, HyDE
+from .rewrite import RM3, GenQREnsemble, HyDE
 from .tokenize import Tokenizer, english
 
 __all__ = [
-    "BM25", "RM3", "CorpusError", "CrossEncoderReranker", "Dense", "HyDE", "Hybrid", "IndexFormatError",
+    "BM25", "RM3", "CorpusError", "CrossEncoderReranker", "Dense", "GenQREnsemble", "HyDE", "Hybrid", "IndexFormatError",
     "LMReranker", "Retriever", "Tokenizer", "build_index", "chunk_documents", "chunk_text", "english",
-    "load_corpus", "load_index", "reciprocal_rank_fusion", "weighted_score_fusion",
+    "load_corpus", "load_index", "order_passages", "reciprocal_rank_fusion", "weighted_score_fusion",
 ]

@@ -1,8 +1,11 @@
-"""Query rewriting: RM3 pseudo-relevance feedback (BM25) and HyDE hypothetical passages (LM)."""
+"""Query rewriting: RM3 pseudo-relevance feedback (BM25), HyDE hypothetical passages (LM) and
+GenQREnsemble / GenQRFusion keyword reformulations from an ensemble of instructions (LM)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -117,3 +120,97 @@ class HyDE(Retriever):
             lists = self.retriever.search_many([q, *[p for p in h if p]], max(k, self.depth), filter)
             out.append(reciprocal_rank_fusion(lists, top=k))
         return out
+
+
+# Paraphrases of one instruction (Dhole & Agichtein, 2024): each asks for expansion keywords.
+GENQR_INSTRUCTIONS = [
+    "Improve the search effectiveness by suggesting expansion terms for the query",
+    "Recommend expansion terms for the query to improve search results",
+    "Improve the search effectiveness by suggesting useful expansion terms for the query",
+    "Maximize search utility by suggesting relevant expansion phrases for the query",
+    "Enhance search efficiency by proposing valuable terms to expand the query",
+    "Elevate search performance by recommending relevant expansion phrases for the query",
+    "Boost the search accuracy by providing helpful expansion terms to enrich the query",
+    "Increase the search efficacy by offering beneficial expansion keywords for the query",
+    "Optimize search results by suggesting meaningful expansion terms to enhance the query",
+    "Enhance search outcomes by recommending beneficial expansion terms to supplement the query",
+]
+GENQR_PROMPT = "{instruction}.\nQuery: {query}\nExpansion terms:"
+
+
+class GenQREnsemble(Retriever):
+    """Search with keyword reformulations written by the LM under an ensemble of instructions
+    (Dhole & Agichtein, 2024).
+
+    Each of ``n_instructions`` paraphrased instructions asks the LM for expansion terms for the
+    query (one line). ``mode="expand"`` (GenQREnsemble) searches once with the query, repeated
+    ``query_repeats`` times, followed by every instruction's terms; ``mode="fusion"``
+    (GenQRFusion) searches with the query plus each instruction's terms separately and fuses the
+    result lists, the query's own included, by reciprocal rank. All prompts of a batch of queries
+    are generated as one engine batch, each instruction's prompts together, so the instruction is
+    a prefix the engine prefills once. ``max_query_chars`` cuts a long query (a whole document)
+    in the prompt only.
+    """
+
+    kind = "genqr"
+
+    def __init__(self, retriever: Retriever, lm: LM | None = None, mode: Literal["expand", "fusion"] = "expand",
+                 instructions: Sequence[str] = GENQR_INSTRUCTIONS, n_instructions: int = 10, max_tokens: int = 24,
+                 template: str = GENQR_PROMPT, query_repeats: int = 1, max_query_chars: int = 600,
+                 depth: int = 100) -> None:
+        if mode not in ("expand", "fusion"):
+            raise ValueError(f"mode must be 'expand' or 'fusion', got {mode!r}")
+        if not 1 <= n_instructions <= len(instructions):
+            raise ValueError(f"n_instructions must lie in 1..{len(instructions)}, got {n_instructions}")
+        self.retriever, self.lm, self.mode = retriever, lm or get_lm(), mode
+        self.instructions = list(instructions)[:n_instructions]
+        self.max_tokens, self.template, self.query_repeats = max_tokens, template, query_repeats
+        self.max_query_chars, self.depth = max_query_chars, depth
+
+    def __len__(self) -> int:
+        return len(self.retriever)  # type: ignore[arg-type]
+
+    def prompts(self, queries: Sequence[str]) -> list[str]:
+        """The reformulation prompts, instruction-major: each instruction's prompts are neighbours."""
+        return [self.template.format(instruction=ins, query=" ".join(q.split())[: self.max_query_chars])
+                for ins in self.instructions for q in queries]
+
+    def keywords(self, queries: Sequence[str]) -> list[list[str]]:
+        """Per query, the expansion terms each instruction got (one batch of generations)."""
+        gens = self.lm.generate(self.prompts(queries), max_tokens=self.max_tokens, temperature=0.0,
+                                regex=r"[^\n]*")
+        texts = [clean_terms(g.text) for g in gens]
+        n = len(queries)
+        return [[texts[i * n + j] for i in range(len(self.instructions))] for j in range(n)]
+
+    def reformulations(self, query: str, terms: Sequence[str]) -> list[str]:
+        """The queries searched: one expanded query, or the query and one per instruction (fusion)."""
+        if self.mode == "expand":
+            return [" ".join([query] * self.query_repeats + [t for t in terms if t])]
+        return [query, *[f"{query} {t}" for t in terms if t]]
+
+    def search(self, query: str, k: int = 10, filter: Filter | None = None) -> list[Document]:
+        return self.search_many([check_query(query)], k, filter)[0]
+
+    def search_many(self, queries: Sequence[str], k: int = 10, filter: Filter | None = None) -> list[list[Document]]:
+        return self.search_keywords(queries, self.keywords(queries), k, filter)
+
+    def search_keywords(self, queries: Sequence[str], terms: Sequence[Sequence[str]], k: int = 10,
+                        filter: Filter | None = None) -> list[list[Document]]:
+        """Search with given expansion terms (one list per query, one entry per instruction)."""
+        k = check_k(k)
+        out = []
+        for q, t in zip(queries, terms):
+            reforms = self.reformulations(q, t)
+            if len(reforms) == 1:
+                out.append(self.retriever.search(reforms[0], k, filter))
+                continue
+            lists = self.retriever.search_many(reforms, max(k, self.depth), filter)
+            out.append(reciprocal_rank_fusion(lists, top=k))
+        return out
+
+
+def clean_terms(text: str) -> str:
+    """Expansion terms as one line of words: list markers, numbering and quotes dropped."""
+    text = re.sub(r"(^|[\s,;])(?:\d+[.)]|[-*•])\s*", r"\1", text.strip())
+    return " ".join(re.sub(r"[\"“”]", " ", text).replace(",", " ").split())

@@ -6,6 +6,9 @@ each record's query from ``record.inputs[query_key]`` and fills
 ``record.documents`` (and the context segment, with each document's span, when
 a prompt is already built). Documents from an index built with ``--kv`` name
 its KV store (``metadata["kv_store"]``), which LM stages with ``kv_reuse`` load.
+
+``order`` places the documents in the context (:func:`retrievers.order.order_passages`):
+``score`` best first, ``best_last`` best nearest the question, ``ends`` best at both ends.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ from .corpus import load_corpus
 from .dense import Dense
 from .hybrid import Hybrid
 from .index import load_index
+from .order import PassageOrder, order_passages
 from .rerank import CrossEncoderReranker, LMReranker
-from .rewrite import RM3, HyDE
+from .rewrite import RM3, GenQREnsemble, HyDE
 from .tokenize import english
 
 
@@ -47,7 +51,8 @@ def _queries(records: list[Record], key: str) -> list[str]:
 KV_STORE = "kv.safetensors"  # documents' KV saved next to an index (promptkit index build --kv)
 
 
-def _set_documents(r: Record, docs: list[Document]) -> None:
+def _set_documents(r: Record, docs: list[Document], order: PassageOrder = "score") -> None:
+    docs = order_passages(docs, order)
     r.documents = docs
     if r.prompt is not None:
         r.prompt = r.prompt.with_segment("context", *PromptTemplate().context_segment(docs))
@@ -62,7 +67,11 @@ class RetrieverStage(Stage):
     query_key: str = "question"
     filter: dict[str, Any] | None = None
     hyde: bool = False
+    genqr: Literal["expand", "fusion"] | None = Field(
+        default=None, description="rewrite queries with LM keywords from an ensemble of instructions: "
+        "'expand' (GenQREnsemble) or 'fusion' (GenQRFusion)")
     lm_model: str = DEFAULT_LLM
+    order: PassageOrder = "score"
     _retriever: Retriever | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
@@ -70,6 +79,8 @@ class RetrieverStage(Stage):
         if (self.index is None) == (self.corpus is None):
             raise ValueError(f"stage {self.stage_name!r} needs exactly one of 'index' (a saved index directory) "
                              "or 'corpus' (a JSONL file or a folder of .txt/.md files)")
+        if self.hyde and self.genqr:
+            raise ValueError("choose one query rewriting: hyde or genqr")
         return self
 
     def build(self, docs: list[Document]) -> Retriever:
@@ -84,6 +95,8 @@ class RetrieverStage(Stage):
                                  f"{self.stage_name!r} one")
         else:
             base = self.build(load_corpus(self.corpus))  # type: ignore[arg-type]
+        if self.genqr is not None:
+            return GenQREnsemble(base, get_lm(self.lm_model), mode=self.genqr)
         return HyDE(base, get_lm(self.lm_model)) if self.hyde else base
 
     def retriever(self) -> Retriever:
@@ -97,7 +110,7 @@ class RetrieverStage(Stage):
         for r, docs in zip(records, results):
             if store is not None and store.is_file():
                 docs = [d.model_copy(update={"metadata": {**d.metadata, "kv_store": str(store)}}) for d in docs]
-            _set_documents(r, docs)
+            _set_documents(r, docs, self.order)
         return records
 
 
@@ -145,13 +158,14 @@ class HybridStage(RetrieverStage):
 @register_stage("rerank")
 class RerankStage(Stage):
     """Reorder each record's documents by LM relevance (query likelihood or yes/no), or by a cross-encoder
-    when ``cross_encoder`` is a path."""
+    when ``cross_encoder`` is a path; ``order`` places them in the context (see the module doc)."""
 
     k: int | None = Field(default=None, ge=1)
     query_key: str = "question"
     model: str = DEFAULT_LLM
     method: Literal["yes_no", "query_likelihood"] = "query_likelihood"
     cross_encoder: str | None = None
+    order: PassageOrder = "score"
     _reranker: Any = PrivateAttr(default=None)
 
     def reranker(self) -> LMReranker | CrossEncoderReranker:
@@ -163,7 +177,7 @@ class RerankStage(Stage):
     def process(self, records: list[Record]) -> list[Record]:
         ranked = self.reranker().rerank_many(_queries(records, self.query_key), [r.documents for r in records], self.k)
         for r, docs in zip(records, ranked):
-            _set_documents(r, docs)
+            _set_documents(r, docs, self.order)
         return records
 
 
