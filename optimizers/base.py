@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
@@ -18,7 +18,11 @@ from .errors import BudgetExhausted, OptimizerError
 from .racing import Racing, race
 from .schedule import CandidateScore, PrefixScheduler, split_pipeline
 
+if TYPE_CHECKING:
+    from promptkit.runs.tracker import Tracker
+
 Candidate = tuple[str, Pipeline, dict[str, Any]]
+USAGE_COUNTERS = ("tokens_requested", "tokens_prefilled", "tokens_cached")
 
 
 class Report(BaseModel):
@@ -71,13 +75,17 @@ class Optimizer(BaseModel):
     demonstrations come from one half, scores from the other. With ``racing``,
     a batch of candidates is raced (:mod:`optimizers.racing`) instead of each
     being scored on the whole validation set; only candidates scored on the
-    whole set can be chosen. ``seed`` fixes every random choice.
+    whole set can be chosen. ``seed`` fixes every random choice. ``executor``
+    (``RayExecutor(workers=N)`` from :mod:`promptkit.distributed`) runs the
+    candidates' LM calls on engine actors, each candidate's prefix on one worker;
+    the scores are the same as here.
     """
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
     seed: int = 0
     max_calls: int | None = None
     racing: Racing | None = None
+    executor: Any = Field(default=None, exclude=True)  # where candidates are evaluated; None: in this process
     _scheduler: Any = PrivateAttr(None)
     _rng: random.Random = PrivateAttr(default_factory=random.Random)
     _tried: list[CandidateScore] = PrivateAttr(default_factory=list)
@@ -93,8 +101,12 @@ class Optimizer(BaseModel):
         return v
 
     def compile(self, pipeline: Pipeline | Stage, trainset: Sequence[Example], metric: str | Metric,
-                valset: Sequence[Example] | None = None) -> tuple[Pipeline, Report]:
-        """Search for a better pipeline; return it with a :class:`Report`."""
+                valset: Sequence[Example] | None = None, tracker: Tracker | None = None) -> tuple[Pipeline, Report]:
+        """Search for a better pipeline; return it with a :class:`Report`.
+
+        ``tracker`` (a :class:`~promptkit.runs.Tracker`, e.g. ``MlflowTracker()``) records the search once
+        it is over: every candidate with its settings, interval, rung, calls and tokens, and the winner.
+        """
         pipe = pipeline if isinstance(pipeline, Pipeline) else Pipeline(pipeline)
         _, lm_stage = split_pipeline(pipe)
         prompt_stage(pipe)  # every optimizer edits (or feeds) the prompt stage
@@ -102,10 +114,15 @@ class Optimizer(BaseModel):
         fn = get_metric(metric)
         name = metric if isinstance(metric, str) else getattr(metric, "__name__", "metric")
         lm = lm_stage.lm()
-        self._scheduler = PrefixScheduler(val, fn, lm, self.max_calls, name)
+        session = tracker.start_search(self, pipe, len(train), len(val)) if tracker is not None else None
+        scheduler = MeteredScheduler if session is not None else PrefixScheduler
+        self._scheduler = scheduler(val, fn, lm, self.max_calls, name)
+        if self.executor is not None:  # candidate evaluations run there; proposals stay on ``lm``
+            self._scheduler = self.executor.scheduler(self._scheduler)
+        stats = getattr(self._scheduler, "stats", lm.stats)  # with an executor, its workers' counters too
         self._rng = random.Random(self.seed)
         self._tried, self._info = [], {}
-        before, t0 = lm.stats(), time.perf_counter()
+        before, t0 = stats(), time.perf_counter()
         self._exhausted = False
         self.before_search(pipe, train, val)
         try:
@@ -121,7 +138,7 @@ class Optimizer(BaseModel):
         except BudgetExhausted:
             self._exhausted = True
         best = self._best
-        after = lm.stats()
+        after = stats()
         delta = {k: int(after.get(k, 0)) - int(before.get(k, 0))
                  for k in ("tokens_requested", "tokens_prefilled", "tokens_cached", "evictions")}
         sched = self._scheduler
@@ -132,6 +149,8 @@ class Optimizer(BaseModel):
                         expected_prefilled=sched.expected_prefilled if sched.tokenizes else None,
                         naive_tokens=sched.naive_tokens if sched.tokenizes else None,
                         seconds=time.perf_counter() - t0, extra=self.extra(), **delta)
+        if session is not None:
+            session.finish(report, best_pipe, sched.usage)
         return best_pipe, report
 
     def before_search(self, pipeline: Pipeline, train: list[Example], val: list[Example]) -> None:
@@ -182,6 +201,26 @@ class Optimizer(BaseModel):
         results = race(self, candidates, self._best)
         for i in sorted(results):
             yield candidates[i][1], results[i]
+
+
+class MeteredScheduler(PrefixScheduler):
+    """A :class:`PrefixScheduler` that also counts each candidate's LM calls and engine tokens (``usage``,
+    by candidate name), for a tracker."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.usage: dict[str, dict[str, float]] = {}
+
+    def _evaluate_prepared(self, name: str, settings: dict[str, Any], records: list[Any], stage: Any,
+                           exs: list[Example], idx: list[int]) -> tuple[list[Any], CandidateScore]:
+        before = self.lm.stats()
+        out = super()._evaluate_prepared(name, settings, records, stage, exs, idx)
+        after = self.lm.stats()
+        row = self.usage.setdefault(name, dict.fromkeys(("lm_calls", *USAGE_COUNTERS), 0))
+        row["lm_calls"] += len(records)
+        for key in USAGE_COUNTERS:
+            row[key] += int(after.get(key, 0)) - int(before.get(key, 0))
+        return out
 
 
 def split_data(trainset: Sequence[Example], valset: Sequence[Example] | None,

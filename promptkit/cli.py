@@ -217,31 +217,141 @@ def run(
         _print_record(r, json_out)
 
 
-@app.command("eval")
+class _EvalCommand(typer.core.TyperCommand):
+    """`promptkit eval`, whose --mlflow and --ray may stand without a value (the default store; a local Ray)."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        args = list(args)
+        for i, arg in enumerate(args):
+            if arg == "--":
+                break
+            if arg in ("--mlflow", "--ray") and (i + 1 == len(args) or args[i + 1].startswith("-")):
+                args[i] = f"{arg}="
+        return super().parse_args(ctx, args)
+
+
+@app.command("eval", cls=_EvalCommand)
 def eval_cmd(
     recipe: Annotated[Path, typer.Argument(help="Recipe file of the pipeline to evaluate.")],
     data: Annotated[Path, typer.Argument(help="Dataset: JSONL or CSV with the input fields and the gold field.")],
     metric: Annotated[str, typer.Option(help="exact_match, f1, accuracy or contains.")] = "exact_match",
     output_key: Annotated[str, typer.Option(help="Name of the gold field.")] = "answer",
-    results: Annotated[Optional[Path], typer.Option(help="Write per-example results (JSONL) here.")] = None,
+    results: Annotated[Optional[Path], typer.Option(help="Write per-example results here: JSONL, or with a .json "
+                                                         "name the run file `promptkit report` draws.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    mlflow: Annotated[Optional[str], typer.Option(
+        "--mlflow", metavar="[URI]",
+        help="Log the run to MLflow: params, metrics, the recipe, per-item results, one trace per item. "
+             "Alone: $MLFLOW_TRACKING_URI or ./mlflow.db; or a tracking URI, a .db file or a folder "
+             "(give it last, or give it a value).")] = None,
+    ray: Annotated[Optional[str], typer.Option(
+        "--ray", metavar="[ADDRESS]",
+        help="Run on Ray engine workers, each unit of prompts that share a prefix on the worker that holds it. "
+             "Alone: a local Ray on this machine; or a cluster address (auto, ray://HOST:10001). With --results, "
+             "finished items go to RESULTS.partial and a rerun resumes from it.")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Engine workers with --ray (one torch thread each).")] = 2,
 ) -> None:
     """Evaluate a recipe on a dataset: a table of results and the mean score with its 95 % bootstrap interval."""
     from .data import DataError
     from .evaluate import evaluate, print_result
 
+    tracker = _eval_tracker(mlflow, recipe, results)
     pipe = _load_pipeline(recipe)
+    executor = _ray_executor(ray, workers, results) if ray is not None else None
     try:
-        res = evaluate(pipe, data, metric=metric, output_key=output_key, progress=not json_out)
+        res = evaluate(pipe, data, metric=metric, output_key=output_key, progress=not json_out, tracker=tracker,
+                       executor=executor)
     except (DataError, ValueError) as e:
         _fail(str(e))
     if results:
-        res.write_jsonl(results)
+        tracker.save(results) if tracker is not None and results.suffix == ".json" else res.write_jsonl(results)
+    _finish_ray(executor, json_out)
+    if tracker is not None and mlflow is not None:
+        _report_logged(tracker, results)
     if json_out:
         print(json.dumps({"metric": res.metric, "score": res.score, "ci_low": res.ci[0], "ci_high": res.ci[1],
                           "n": res.n, "seconds": res.seconds}))
     else:
         print_result(res)
+
+
+def _ray_executor(address: str, workers: int, results: Optional[Path]):
+    """The Ray executor of `promptkit eval --ray`: a local Ray for an empty address, checkpointing next to --results."""
+    try:
+        from .distributed import RayExecutor
+
+        return RayExecutor(address=address or None, workers=workers,
+                           checkpoint=results.with_name(results.name + ".partial") if results else None)
+    except (ImportError, ValueError) as e:
+        _fail(str(e))
+
+
+def _finish_ray(executor, quiet: bool) -> None:
+    """Stop the workers, say what the run did, and drop the checkpoint the results file now holds."""
+    if executor is None:
+        return
+    report = executor.last_report
+    executor.close()
+    if executor.checkpoint:
+        Path(executor.checkpoint).unlink(missing_ok=True)
+    if report is not None and not quiet:
+        err.print(f"[dim]ray: {report.done} items on {report.workers} workers ({report.workers_alive} alive at the end), "
+                  f"{report.resumed} resumed, {report.retries} retried, {report.lost} lost; "
+                  f"{report.tokens_prefilled:,} tokens prefilled, {report.items_per_second:.1f} items/s[/]")
+
+
+def _eval_tracker(mlflow: Optional[str], recipe: Path, results: Optional[Path]):
+    """The tracker `promptkit eval` logs to: MLflow with --mlflow, a run file for --results NAME.json, or none."""
+    from rich.markup import escape
+
+    if mlflow is not None:
+        from .runs import MlflowTracker
+
+        try:
+            return MlflowTracker(mlflow or None, recipe=recipe)
+        except ImportError as e:
+            _fail(escape(str(e)))  # the hint's extra, [mlflow], is not rich markup
+    if results is not None and results.suffix == ".json":
+        from .runs import Tracker
+
+        return Tracker(recipe=recipe)
+    return None
+
+
+def _report_logged(tracker, results: Optional[Path]) -> None:
+    from rich.markup import escape
+
+    if tracker.error is not None:
+        err.print(f"[bold yellow]warning:[/] not logged to MLflow: {escape(str(tracker.error))}")
+        return
+    ref = tracker.run.mlflow
+    err.print(f"[green]logged[/] MLflow run {ref.run_id} to {ref.tracking_uri}")
+    json_results = results is not None and results.suffix == ".json"
+    source = results if json_results else f"{ref.tracking_uri} --run-id {ref.run_id}"
+    err.print(f"[dim]draw it: promptkit report {source} -o report.html[/]")
+
+
+@app.command()
+def report(
+    source: Annotated[str, typer.Argument(
+        help="A run file (.json: promptkit eval --results run.json, or a tracker's), per-item results (.jsonl), "
+             "a folder holding promptkit_run.json, runs:/RUN_ID, or an MLflow store (tracking URI, .db file or "
+             "folder of mlflow.db; the latest promptkit run there unless --run-id).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The HTML file to write.")] = Path("report.html"),
+    run_id: Annotated[Optional[str], typer.Option(help="The MLflow run to draw (in the store SOURCE names).")] = None,
+    title: Annotated[Optional[str], typer.Option(help="The page's title (default: the run's).")] = None,
+) -> None:
+    """Draw a run as one self-contained HTML page of plots (opens offline, no server)."""
+    from rich.markup import escape
+
+    from .runs import load_run, write_report
+
+    try:
+        run = load_run(source, run_id)
+        path = write_report(run, output, title)
+    except (FileNotFoundError, ImportError, ValueError) as e:
+        _fail(escape(str(e)))
+    err.print(f"[green]wrote[/] {path} ({run.kind}: {escape(run.title)})")
 
 
 @app.command()
@@ -273,6 +383,20 @@ def stages() -> None:
         out.print(f"[bold]{name}[/]  {doc[0] if doc else ''}")
 
 
+def _serve_replicas(model: str, replicas: int, host: str, port: int, lm_options: dict, **server_options) -> None:
+    """`promptkit serve --replicas N`: N engines behind Ray Serve with the prefix-aware router, on one address."""
+    try:
+        from .distributed.serve import build_app, run_replicas
+
+        threads = max(1, (os.cpu_count() or 1) // replicas)  # this machine's cores, shared among the replicas
+        app_ = build_app(model, replicas, lm_options=lm_options, threads=threads, **server_options)
+    except (ImportError, ValueError) as e:
+        _fail(str(e))
+    err.print(f"[green]serving[/] {model} on http://{host}:{port}/v1 with {replicas} replicas behind Ray Serve"
+              + (" (API key required)" if server_options.get("api_key") else ""))
+    run_replicas(app_, host=host, port=port)
+
+
 @app.command()
 def serve(
     model: Annotated[str, typer.Option(help="Model name, local HF directory or hub id.")] = "smollm2-135m-instruct",
@@ -280,7 +404,15 @@ def serve(
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
     api_key: Annotated[Optional[str], typer.Option(envvar="PROMPTKIT_API_KEY",
                                                    help="Require 'Authorization: Bearer KEY'.")] = None,
-    max_queue: Annotated[int, typer.Option(min=1, help="Requests running or waiting at once; more get 429.")] = 64,
+    max_queue: Annotated[int, typer.Option(min=1, help="Generations (each prompt times n) running or waiting "
+                                                       "at once; a request needing more than are free gets 429, "
+                                                       "one needing more than this, 400.")] = 64,
+    max_prompts: Annotated[int, typer.Option(min=1, help="Prompts in one /v1/completions request.")] = 256,
+    max_n: Annotated[int, typer.Option(min=1, help="Choices per prompt (n).")] = 16,
+    max_body_bytes: Annotated[str, typer.Option(help="Largest request body, e.g. 8MiB; refused before it is "
+                                                     "parsed.")] = "8MiB",
+    max_stop: Annotated[int, typer.Option(min=0, help="Stop strings per request.")] = 4,
+    max_stop_chars: Annotated[int, typer.Option(min=1, help="Characters in one stop string.")] = 256,
     recipe: Annotated[Optional[list[Path]], typer.Option(help="Also serve a recipe's pipeline as a model "
                                                               "named after the file (repeatable).")] = None,
     max_kv_bytes: Annotated[str, typer.Option(help="KV memory for the prefix cache and running requests "
@@ -293,18 +425,41 @@ def serve(
     kv_reuse: Annotated[str, typer.Option(help="Documents sent as content parts or consecutive user messages "
                                                "reuse the KV computed for each alone: full (prefill them), "
                                                "blend, sink or none.")] = "full",
+    replicas: Annotated[int, typer.Option(min=1, help="Engine replicas behind Ray Serve on one address, each "
+                                                      "request sent to the replica that holds its prompt's prefix "
+                                                      "(needs promptkit[ray]); limits hold per replica.")] = 1,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /stats)."""
+    import ipaddress
+
+    from .engine.config import parse_bytes
     from .server import serve as run_server
 
     if kv_reuse not in ("full", "blend", "sink", "none"):
         _fail(f"unknown --kv-reuse {kv_reuse!r}; choose full, blend, sink or none")
+    try:
+        body_bytes = parse_bytes(max_body_bytes)
+    except ValueError as e:
+        _fail(f"--max-body-bytes: {e}")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        loopback = False
+    if not loopback and not api_key:
+        err.print(f"[bold yellow]warning:[/] serving on {host} without --api-key: anyone who can reach this "
+                  "machine over the network can use the model; set --api-key (or PROMPTKIT_API_KEY)")
     pipelines = {}
     for r in recipe or []:
         if r.stem in pipelines or r.stem == model:  # the name is the id clients send: it must be unique
             _fail(f"two served models would be named {r.stem!r} (--recipe {r}); each recipe is served under its "
                   "file name, so rename or copy the file")
         pipelines[r.stem] = _load_pipeline(r)
+    if replicas > 1:
+        lm_options = dict(max_kv_bytes=max_kv_bytes, prefix_cache=prefix_cache, max_batch_tokens=max_batch_tokens,
+                          max_running=max_running, **({"kv_reuse": kv_reuse} if kv_reuse != "full" else {}))
+        return _serve_replicas(model, replicas, host, port, lm_options, api_key=api_key, max_queue=max_queue,
+                               pipelines=pipelines, max_prompts=max_prompts, max_n=max_n, max_body_bytes=body_bytes,
+                               max_stop=max_stop, max_stop_chars=max_stop_chars)
     lm = _load_lm(model, max_kv_bytes=max_kv_bytes, prefix_cache=prefix_cache, max_batch_tokens=max_batch_tokens,
                   max_running=max_running, **({"kv_reuse": kv_reuse} if kv_reuse != "full" else {}))
     if kv_reuse != "full":
@@ -313,7 +468,9 @@ def serve(
         except ValueError as e:  # a model whose stored keys cannot be moved
             _fail(str(e))
     err.print(f"[green]serving[/] {model} on http://{host}:{port}/v1" + (" (API key required)" if api_key else ""))
-    run_server(lm, host=host, port=port, api_key=api_key, max_queue=max_queue, pipelines=pipelines)
+    run_server(lm, host=host, port=port, api_key=api_key, max_queue=max_queue, pipelines=pipelines,
+               max_prompts=max_prompts, max_n=max_n, max_body_bytes=body_bytes, max_stop=max_stop,
+               max_stop_chars=max_stop_chars)
 
 
 @app.command()

@@ -6,7 +6,7 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
@@ -14,6 +14,10 @@ from .data import load_examples
 from .metrics import Metric, bootstrap_ci, format_ci, get_metric, mean
 from .pipeline import Pipeline, Record, Stage
 from .types import Example
+
+if TYPE_CHECKING:
+    from .distributed import Executor
+    from .runs.tracker import Tracker
 
 
 class ExampleResult(BaseModel):
@@ -52,14 +56,26 @@ def evaluate(
     batch_size: int = 16,
     output_key: str = "answer",
     progress: bool = False,
+    tracker: Tracker | None = None,
+    executor: Executor | None = None,
 ) -> EvalResult:
-    """Run ``pipeline`` on every example (in batches) and score its outputs against the gold field."""
+    """Run ``pipeline`` on every example (in batches) and score its outputs against the gold field.
+
+    ``tracker`` (a :class:`~promptkit.runs.Tracker`, e.g. ``MlflowTracker()``) records the run once it
+    is over: the metric with its interval, tokens, seconds, per-item results and the records' traces.
+
+    ``executor``: where the pipeline runs; ``RayExecutor(workers=N)`` (:mod:`promptkit.distributed`) sends
+    the whole set to engine actors, each unit that shares a prefix to the worker that holds it.
+    """
     examples = load_examples(dataset, output_key) if isinstance(dataset, (str, Path)) else list(dataset)
     if not examples:
         raise ValueError("evaluate needs at least one example")
     fn = get_metric(metric)
     name = metric if isinstance(metric, str) else getattr(metric, "__name__", "metric")
     pipe = pipeline if isinstance(pipeline, Pipeline) else Pipeline(pipeline)
+    session = tracker.start_evaluation(pipe, dataset) if tracker is not None else None
+    if executor is not None:  # one batch: the executor cuts it into units that share a prefix
+        pipe, batch_size, progress = executor.bind(pipe, progress), len(examples), False
     t0 = time.perf_counter()
     results: list[ExampleResult] = []
     batches = range(0, len(examples), batch_size)
@@ -80,14 +96,19 @@ def evaluate(
                 except Exception as e:  # a metric bug should name the example, not vanish
                     raise RuntimeError(f"metric {name!r} failed on example {ex.inputs}: {e}") from e
                 results.append(ExampleResult(inputs=ex.inputs, gold=ex.output, prediction=rec.output, score=s))
+            if session is not None:
+                session.add(records)
             if bar:
                 bar.advance(task, len(chunk))
     finally:
         if bar:
             bar.stop()
     scores = [r.score for r in results]
-    return EvalResult(metric=name, score=mean(scores), ci=bootstrap_ci(scores), n=len(results),
-                      seconds=time.perf_counter() - t0, results=results)
+    result = EvalResult(metric=name, score=mean(scores), ci=bootstrap_ci(scores), n=len(results),
+                        seconds=time.perf_counter() - t0, results=results)
+    if session is not None:
+        session.finish(result)
+    return result
 
 
 def print_result(result: EvalResult, limit: int = 10) -> None:

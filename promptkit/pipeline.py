@@ -40,6 +40,8 @@ class TraceStep(BaseModel):
     stage: str
     seconds: float
     changed: dict[str, Any] = Field(default_factory=dict)
+    started: float | None = None  # wall clock (epoch seconds) when the stage began the record's batch
+    finished: float | None = None  # ... and when it finished it
 
 
 class Record(BaseModel):
@@ -124,12 +126,14 @@ class Pipeline(Stage):
     def process(self, records: list[Record]) -> list[Record]:
         for stage in self.stages:
             before = [_snapshot(r) for r in records]
-            t0 = time.perf_counter()
+            started, t0 = time.time(), time.perf_counter()
             records = stage.process(records)
-            seconds = (time.perf_counter() - t0) / max(1, len(records))
+            elapsed = time.perf_counter() - t0
+            seconds = elapsed / max(1, len(records))
             for r, b in zip(records, before):
                 changed = {k: v for k, v in _snapshot(r).items() if v != b[k]}
-                r.trace.append(TraceStep(stage=stage.stage_name, seconds=seconds, changed=changed))
+                r.trace.append(TraceStep(stage=stage.stage_name, seconds=seconds, changed=changed, started=started,
+                                         finished=started + elapsed))
         return records
 
     def run(self, inputs: Iterable[Any]) -> list[Record]:
