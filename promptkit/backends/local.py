@@ -251,14 +251,6 @@ class LocalBackend(TransformersBase):
             lead = self.encode(lead_in)
         return lead or [], chunks
 
-    def store_documents(self, texts: Sequence[str], lead_in: str | None = None) -> int:
-        """Encode documents alone into the chunk store, ahead of the questions that retrieve them
-        (the lead-in they are encoded after becomes the one prompts use to find them)."""
-        lead, chunks = self.document_tokens(texts, lead_in)
-        n = self.engine.store_chunks(lead, chunks)
-        self.engine.chunks.lead_in = tuple(lead)
-        return n
-
     def save_kv_store(self, path: str, texts: Sequence[str], lead_in: str | None = None,
                       extra: dict[str, Any] | None = None) -> int:
         """Encode ``texts`` alone (in batches that fit the KV budget) and save their KV to ``path``

@@ -32,7 +32,7 @@ from .families import check_supported
 from .kv_pool import KVBudgetError, KVPool
 from .outputs import Outputs
 from .radix_cache import RadixCache
-from .request import Request
+from .request import Kind, Request
 from .reuse import Assembler
 from .runner import ModelRunner
 from .scheduler import Scheduler, prefix_job_steps, shareable, shared_prefixes
@@ -320,7 +320,7 @@ class Engine:
 
     def _prefill_shared_prefixes(self, window: list[Request]) -> None:
         """Prefill once, ahead of their requests, the prefixes that requests arriving together share."""
-        fresh = [r for r in window if r.preemptions == 0 and r.kind != "prefix"]
+        fresh = [r for r in window if r.preemptions == 0 and r.kind != Kind.PREFIX]
         if len(fresh) < 2:
             return
         prompts = [r.tokens[: shareable(r)] for r in fresh]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .request import Request
+from .request import Kind, Request
 from .sampler import token_logprobs
 
 
@@ -14,7 +14,7 @@ def record_scores(batch: list[tuple[Request, int]], logits: torch.Tensor, spans:
     logits rows (``spans``) this forward produced; one pass over all of them."""
     rows, targets, owners = [], [], []
     for (r, _), (a, b) in zip(batch, spans):
-        if r.kind == "score" and b > a:
+        if r.kind == Kind.SCORE and b > a:
             lo = max(r.computed, r.score_from - 1)
             rows.append(torch.arange(a, b))
             targets.extend(r.tokens[lo + 1 : lo + 1 + b - a])

@@ -10,7 +10,7 @@ import torch
 from ..structured import accept_tokens, process_logits
 from .fast_forward import can_fast_forward, fast_forward
 from .logprobs import record_scores, sampled_logprobs
-from .request import Request
+from .request import Kind, Request
 from .sampler import sample
 from .scheduler import Scheduler
 
@@ -32,7 +32,7 @@ class Outputs:
                 self.scheduler.advance(r, n)
                 if r.pending:
                     continue  # more prefill chunks to come
-                if r.kind != "generate":
+                if r.kind != Kind.GENERATE:
                     self.finish(r, "stop")
                 elif r.aborted:
                     self.finish(r, "abort")

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from ..backends.base import SamplingParams
@@ -25,6 +26,14 @@ from .kv_pool import KVBudgetError, Run
 from .radix_cache import Node
 
 _ids = itertools.count()
+
+
+class Kind(StrEnum):
+    """What a request asks of the engine."""
+
+    GENERATE = "generate"  # sample tokens after the prompt
+    SCORE = "score"  # log-probabilities of the prompt's tokens from ``score_from`` on
+    PREFIX = "prefix"  # only prefill the prompt into the prefix cache
 
 
 @dataclass
@@ -43,7 +52,7 @@ class Request:
 
     tokens: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
-    kind: str = "generate"  # "generate" | "score" | "prefix"
+    kind: Kind = Kind.GENERATE
     score_from: int = 0  # score: first token whose log-probability is wanted
     stop_check: Callable[[list[int]], bool] | None = None  # called with the generated tokens after each one
     processor: Any = None  # a promptkit.structured.LogitsProcessor: grammar mask, penalties, logit bias
@@ -84,6 +93,7 @@ class Request:
     events: queue.SimpleQueue | None = None  # streaming: token ids, then None (done) or an exception
 
     def __post_init__(self) -> None:
+        self.kind = Kind(self.kind)  # a plain string is accepted, and an unknown one refused here
         self.tokens = list(self.tokens)
         self.prompt_len = len(self.tokens)
 

@@ -34,7 +34,7 @@ import torch
 from .chunk_store import Chunk, ChunkStore, chunk_key
 from .kv_pool import KVPool, run_slots, split_runs
 from .radix_cache import RadixCache
-from .request import Request
+from .request import Kind, Request
 from .rerotate import Rerotator, ReuseUnsupportedError, rerotator_for
 from .runner import ModelRunner
 from .scheduler import Scheduler
@@ -156,7 +156,7 @@ class Assembler:
         spec = r.reuse
         if spec is None or not spec.config.reuses or not spec.spans:
             return None
-        keep_from = r.score_from - 1 if r.kind == "score" else r.prompt_len - 1  # always computed
+        keep_from = r.score_from - 1 if r.kind == Kind.SCORE else r.prompt_len - 1  # always computed
         spans = [(s, e) for s, e in spec.spans
                  if s >= r.cached_len and e <= keep_from and e - s >= spec.config.min_chunk_tokens]
         if not spans:

@@ -25,7 +25,7 @@ from .lean import supports as lean_supports
 from .prepack import packed_positions
 from .probe import AttentionProbe, DeviationProbe, first_layers
 from .radix_cache import RadixCache
-from .request import Request
+from .request import Kind, Request
 from .sparse import SparseConfig, SparseStats, sparse_attention
 from .weights import model_bytes
 
@@ -81,7 +81,7 @@ class ModelRunner:
     def _compiled_step(self, r: Request, n: int) -> torch.Tensor | None:
         """The next-token logits [1, V] of a lone request decoding one token, from the compiled graph;
         None when the step is anything else or the graph cannot take it."""
-        if n != 1 or r.todo is not None or r.kind != "generate" or r.computed + 1 != len(r.tokens):
+        if n != 1 or r.todo is not None or r.kind != Kind.GENERATE or r.computed + 1 != len(r.tokens):
             return None
         if self.lean.window is not None and r.computed >= self.lean.window:
             return None  # the graph attends to every key; a sliding window needs the eager forward
@@ -211,15 +211,15 @@ def logit_rows(r: Request, n: int) -> tuple[int, int]:
     if r.todo is not None:  # scattered: the wanted positions are the last ones, which are consecutive
         pos = r.todo_positions(n)
         first, end = pos[-1] + 1 - n, pos[-1] + 1  # type: ignore[index]
-        if r.kind == "score":
+        if r.kind == Kind.SCORE:
             lo, hi = max(first, r.score_from - 1), min(end, r.prompt_len - 1)
             assert hi <= lo or pos[lo - first] == lo, "scored positions must be computed together"  # type: ignore[index]
             return (lo - first, hi - first) if hi > lo else (0, 0)
-        return (n - 1, n) if r.kind == "generate" and end == len(r.tokens) else (0, 0)
+        return (n - 1, n) if r.kind == Kind.GENERATE and end == len(r.tokens) else (0, 0)
     first, end = r.computed, r.computed + n
-    if r.kind == "score":
+    if r.kind == Kind.SCORE:
         lo, hi = max(first, r.score_from - 1), min(end, r.prompt_len - 1)
         return (lo - first, hi - first) if hi > lo else (0, 0)
-    if r.kind == "generate" and end == len(r.tokens):
+    if r.kind == Kind.GENERATE and end == len(r.tokens):
         return n - 1, n
     return 0, 0

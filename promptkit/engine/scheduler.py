@@ -25,7 +25,7 @@ from .config import EngineConfig
 from .kv_pool import KVPool, split_runs
 from .prepack import first_fit_decreasing
 from .radix_cache import Node, RadixCache
-from .request import Request
+from .request import Kind, Request
 
 
 class Scheduler:
@@ -76,7 +76,7 @@ class Scheduler:
         if node.parent is None and n:  # evicted since it was matched (making room for another)
             node, n = self.cache.match_prefix(r.tokens, self._match_limit(r))
         need = len(r.tokens) - n
-        reserve = min(self.config.decode_reserve, r.params.max_tokens) if r.kind == "generate" else 0
+        reserve = min(self.config.decode_reserve, r.params.max_tokens) if r.kind == Kind.GENERATE else 0
         if not self._make_room(need + reserve, protect=node):
             if self.running or not self._make_room(need, protect=node):
                 return False
@@ -99,7 +99,7 @@ class Scheduler:
     def _match_limit(r: Request) -> int:
         # Leave at least one token to compute: its logits are what the request needs. A cached
         # prefix serves selective prefill only where its tokens still sit at their own positions.
-        return min(r.score_from - 1 if r.kind == "score" else len(r.tokens) - 1, r.natural_len)
+        return min(r.score_from - 1 if r.kind == Kind.SCORE else len(r.tokens) - 1, r.natural_len)
 
     def _make_room(self, need: int, protect: Node | None = None) -> bool:
         """Evict unused cached prefixes until ``need`` slots are free (never ``protect``'s path)."""
@@ -183,7 +183,7 @@ class Scheduler:
         """New slots for ``r`` when its last run cannot grow in place. A decoding request takes up to
         ``decode_reserve`` of them from the longest free run, where later tokens extend it in place:
         its slots stay in few runs, which a decode step reads without gathering."""
-        if r.kind == "generate" and short < self.config.decode_reserve:
+        if r.kind == Kind.GENERATE and short < self.config.decode_reserve:
             left = r.params.max_tokens - len(r.generated)
             chunk = min(self.config.decode_reserve, max(short, left), self.pool.free_slots)
             if chunk >= short:
@@ -253,7 +253,7 @@ class Scheduler:
         """Take ``r`` out of the queues and release its KV; with ``keep``, cache its computed
         tokens (generations: prompt and output; scores: the prompt) before freeing the rest."""
         if keep and self.cache.enabled:
-            upto = r.score_from if r.kind == "score" else r.computed
+            upto = r.score_from if r.kind == Kind.SCORE else r.computed
             self.cache_prompt(r, min(upto, r.computed))
         self._release(r)
         if r in self.running:
@@ -321,7 +321,7 @@ def prefix_job_steps(prefixes: list[tuple[int, ...]]) -> list[list[tuple[int, ..
 def shareable(r: Request) -> int:
     """Prompt tokens worth sharing as a prefix job: a score request's context; never a document
     that the request reuses from the chunk store."""
-    n = min(r.score_from if r.kind == "score" else len(r.tokens), r.natural_len)
+    n = min(r.score_from if r.kind == Kind.SCORE else len(r.tokens), r.natural_len)
     if r.reuse is not None and r.reuse.config.reuses and r.reuse.spans:
         n = min(n, r.reuse.spans[0][0])
     return n
