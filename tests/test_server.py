@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 
 import httpx
 import pytest
+from server_helpers import wait_idle
 
 from promptkit.server import BackgroundServer, create_app
 
@@ -24,16 +24,6 @@ def server(real_lm):
 def client(server):
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as c:
         yield c
-
-
-def wait_idle(client: httpx.Client, seconds: float = 30) -> dict:
-    """Poll /stats until no request is active in the server or running in the engine."""
-    deadline = time.monotonic() + seconds
-    while True:
-        st = client.get("/stats").json()
-        if st["server"]["active"] == 0 and st.get("running", 0) == 0 or time.monotonic() > deadline:
-            return st
-        time.sleep(0.1)
 
 
 def sse(lines) -> list[dict]:

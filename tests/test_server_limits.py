@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from server_helpers import wait_idle
 
 from promptkit.server import BackgroundServer, create_app
 
@@ -26,15 +27,6 @@ def server(real_lm):
 def client(server):
     with httpx.Client(base_url=server.url, timeout=30) as c:
         yield c
-
-
-def wait_idle(client: httpx.Client, seconds: float = 60) -> dict:
-    deadline = time.monotonic() + seconds
-    while True:
-        st = client.get("/stats").json()
-        if st["server"]["active"] == 0 and st.get("running", 0) == 0 or time.monotonic() > deadline:
-            return st
-        time.sleep(0.1)
 
 
 def refused(r: httpx.Response, status: int, flag: str, param: str | None) -> None:
@@ -65,7 +57,7 @@ def test_a_flood_is_refused_by_name_and_another_client_is_answered_at_once(clien
         assert waited < max(2.0, 5 * alone), f"a 2-token request waited {waited:.2f}s beside the big one"
         full = client.post("/v1/completions", json={"model": real_lm.model, "prompt": ["a", "b"], "max_tokens": 2})
         assert full.status_code == 429 and full.json()["error"]["code"] == "queue_full"  # 7 + 2 > 8 places
-    assert wait_idle(client)["server"]["active"] == 0
+    assert wait_idle(client, 60)["server"]["active"] == 0
 
 
 @pytest.mark.parametrize("body,flag,param,chat_too", [
