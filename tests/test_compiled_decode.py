@@ -110,7 +110,7 @@ def test_auto_builds_in_the_background_and_switches_to_the_graph_between_steps(m
 
 def test_a_roomy_allocation_takes_the_longest_free_run():
     pool = KVPool(1, 1, 4, torch.float32, "cpu", 100 * 32)
-    a, b, c = pool.alloc(10), pool.alloc(5), pool.alloc(30)
+    a, _, _ = pool.alloc(10), pool.alloc(5), pool.alloc(30)
     pool.free(a)  # free: 10 slots at 0, 55 at 45
     assert pool.alloc(4) == [(0, 4)]  # first fit
     assert pool.alloc(4, roomy=True) == [(45, 4)]  # the longest run, which can grow in place

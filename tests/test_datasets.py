@@ -13,6 +13,7 @@ import os
 from collections import Counter
 
 import pytest
+from shared_data import missing_data
 
 _path = os.path.join(os.path.dirname(__file__), "..", "bench", "evaldata.py")
 _spec = importlib.util.spec_from_file_location("promptkit_bench_datasets", _path)
@@ -26,9 +27,7 @@ def needs_data(name: str) -> None:
         for relative_path in datasets.DATA_FILES[name]:
             datasets.data_file(relative_path, name)
     except datasets.DataMissingError as exc:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(str(exc))
-        pytest.skip(str(exc))
+        missing_data(exc)
 
 
 def test_polarity_sizes_labels_and_fixed_split():

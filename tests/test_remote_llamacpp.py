@@ -12,10 +12,16 @@ from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
+from shared_data import missing_data
 
 from promptkit import LM
 from promptkit.backends.base import SamplingParams
-from promptkit.backends.remote import NonConformingOutput, ScoringUnavailable, ServerKind, UnsupportedByServer
+from promptkit.backends.remote import (
+    NonConformingOutput,
+    ScoringUnavailable,
+    ServerKind,
+    UnsupportedByServer,
+)
 from promptkit.backends.remote.llamacpp_server import LlamaCppServer, unavailable_reason
 from promptkit.engine.models import DEFAULT_LLM, gguf_source
 from promptkit.pipeline import Pipeline
@@ -154,7 +160,7 @@ def test_classify_agrees_with_the_local_engine_on_sst2(templated, real_lm):
     try:
         items = load_sst2()[1][:50]
     except FileNotFoundError as e:  # PROMPTKIT_DATA unset, or no SST-2 under it
-        pytest.skip(f"SST-2 is not available: {e}")
+        missing_data(e)
     build = BuildPrompt(instruction="Is the sentiment of this movie review negative or positive?",
                         input_format="Review: {text}", answer_prefix="Sentiment:")
     prompts = [build.build({"text": x["text"]}) for x in items]

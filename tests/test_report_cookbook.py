@@ -8,6 +8,7 @@ import runpy
 from pathlib import Path
 
 import pytest
+from shared_data import missing_data
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "cookbook" / "optimize_and_report" / "optimize_and_report.py"
@@ -21,7 +22,7 @@ def test_optimize_and_report(real_lm, tmp_path):
     try:
         ns["load_questions"](4, 4, 4)
     except FileNotFoundError as e:
-        pytest.skip(f"TREC is not in $PROMPTKIT_DATA: {e}")
+        missing_data(e)
     out = ns["main"](tmp_path / "runs", n_train=40, n_val=8, n_test=8, instructions=0, sets=1, scorers=[{}])
     assert out["val_optimized"] >= out["val_zero_shot"]
     low, high = out["test_difference_ci"]

@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from shared_data import missing_data
 
 mlflow = pytest.importorskip("mlflow", reason="MLflow tracking needs the mlflow extra: pip install -e '.[mlflow]'")
 
@@ -88,7 +89,7 @@ def sst2():
     try:
         train, test, labels, _ = data.load_classification(name="sst2")
     except FileNotFoundError as e:
-        pytest.skip(f"SST-2 is not in $PROMPTKIT_DATA: {e}")
+        missing_data(e)
     ex = lambda r: Example(text=r["text"], label=r["label"], output_key="label")  # noqa: E731
     return [ex(r) for r in train[8:48]], [ex(r) for r in train[:8]], [ex(r) for r in test[:8]], labels
 
