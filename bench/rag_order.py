@@ -18,12 +18,15 @@ import os
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(__file__))
+# bench/optimizers.py shadows the optimizers package while bench/ is on sys.path: import the package first.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+from optimizers import RAGSearch  # noqa: E402
 
+sys.path.insert(0, _HERE)
 from _common import emit, log, machine, stage  # noqa: E402
 from evaldata import load_squad, load_squad_dev  # noqa: E402
 
-from optimizers import RAGSearch  # noqa: E402
 from promptkit import BuildPrompt, Document, Generate, Pipeline, Record  # noqa: E402
 from promptkit.evaluate import evaluate  # noqa: E402
 from promptkit.metrics import bootstrap_ci, paired_bootstrap_ci, token_f1  # noqa: E402
