@@ -22,9 +22,12 @@ from ..pipeline import Pipeline, Record
 from .schema import (CandidateRow, EvalSection, HeldOut, ItemResult, ModelInfo, RetrievedDocument, RunFile,
                      SearchSection, Tokens, answer_rank)
 
-if TYPE_CHECKING:
-    from optimizers.base import Optimizer, Report
+# An optimizer and its report (optimizers.Optimizer, optimizers.Report): the core does not import the
+# stage packages, so they are typed by what is read from them.
+OptimizerLike = Any
+SearchReport = Any
 
+if TYPE_CHECKING:
     from ..evaluate import EvalResult
     from ..lm import LM
 
@@ -115,7 +118,7 @@ def eval_section(result: EvalResult, records: Sequence[Record] | None = None, to
                        seconds=result.seconds, dataset=dataset, tokens=tokens, items=item_results(result, records))
 
 
-def candidate_rows(report: Report, pipeline: Pipeline, val_size: int, rungs: list[int] | None,
+def candidate_rows(report: SearchReport, pipeline: Pipeline, val_size: int, rungs: list[int] | None,
                    usage: dict[str, dict[str, float]]) -> list[CandidateRow]:
     """The report's candidates in the order they were tried, each with its effective instruction and
     demonstrations, the rung of the race it reached, and its calls and tokens."""
@@ -145,7 +148,7 @@ def _rung(n: int, rungs: list[int] | None) -> int | None:
     return next((i for i, size in enumerate(rungs, 1) if n <= size), len(rungs))
 
 
-def search_section(optimizer: Optimizer, report: Report, pipeline: Pipeline, train_size: int, val_size: int,
+def search_section(optimizer: OptimizerLike, report: SearchReport, pipeline: Pipeline, train_size: int, val_size: int,
                    usage: dict[str, dict[str, float]]) -> SearchSection:
     """A search's section of a run file."""
     racing = getattr(optimizer, "racing", None)
@@ -216,12 +219,12 @@ class EvalSession:
 class SearchSession:
     """One optimizer search in progress."""
 
-    def __init__(self, tracker: Tracker, optimizer: Optimizer, pipeline: Pipeline, train_size: int,
+    def __init__(self, tracker: Tracker, optimizer: OptimizerLike, pipeline: Pipeline, train_size: int,
                  val_size: int) -> None:
         self.tracker, self.optimizer, self.pipeline = tracker, optimizer, pipeline
         self.train_size, self.val_size = train_size, val_size
 
-    def finish(self, report: Report, best_pipeline: Pipeline, usage: dict[str, dict[str, float]]) -> RunFile:
+    def finish(self, report: SearchReport, best_pipeline: Pipeline, usage: dict[str, dict[str, float]]) -> RunFile:
         """Build the run file from the optimizer's report and per-candidate usage; hand it to the tracker."""
         t0 = time.perf_counter()
         section = search_section(self.optimizer, report, self.pipeline, self.train_size, self.val_size, usage)
@@ -255,7 +258,7 @@ class Tracker:
         """Begin tracking one evaluation (reads the engine counters)."""
         return EvalSession(self, pipeline, dataset)
 
-    def start_search(self, optimizer: Optimizer, pipeline: Pipeline, train_size: int, val_size: int) -> SearchSession:
+    def start_search(self, optimizer: OptimizerLike, pipeline: Pipeline, train_size: int, val_size: int) -> SearchSession:
         """Begin tracking one optimizer search."""
         return SearchSession(self, optimizer, pipeline, train_size, val_size)
 
