@@ -107,7 +107,7 @@ def oracle_selection(backend: LocalBackend) -> None:
         for p in plans:
             r = p.r
             attn = assembler.runner.attention_to(list(r.tokens[: r.prompt_len]), p.spans[-1][1], layers)
-            out.append(attn[r.cached_len : r.cached_len + p.probe_len].cpu())
+            out.append(attn[r.kv.cached_len : r.kv.cached_len + p.probe_len].cpu())
         return out
 
     assembler._deviations = by_full_attention

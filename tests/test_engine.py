@@ -115,7 +115,7 @@ def test_packed_and_cached_prefill_logits_equal_plain_prefill(ref_model):
     # logits of every token after the shared head: computed packed, on top of a cached prefix
     reqs = eng.run([Request(tokens=list(p), kind="score", score_from=26) for p in ps])
     for r, p in zip(reqs, ps):
-        assert r.matched_len == 25
+        assert r.counts.matched_len == 25
         torch.testing.assert_close(torch.tensor(r.logprobs), hf_logprobs(ref_model, p)[25:], atol=1e-4, rtol=1e-4)
     # and with nothing cached: every token's logits through packed prefill
     reqs = make_engine(prefix_cache=False).run([Request(tokens=list(p), kind="score", score_from=1) for p in ps])

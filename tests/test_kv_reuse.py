@@ -109,9 +109,9 @@ def assembled(eng, r):
         admitted, failed = eng.scheduler.admit()
         assert not failed
         eng.reuse.assemble(admitted)
-        todo, cached = list(r.todo or []), r.cached_len
+        todo, cached = list(r.kv.todo or []), r.kv.cached_len
         eng.step()
-        assert r.todo is None and r.pending <= 1
+        assert r.kv.todo is None and r.pending <= 1
     return todo, cached
 
 
@@ -165,7 +165,7 @@ def test_full_recompute_through_the_chunk_path_equals_plain_prefill(family):
                         reuse=Reuse(KVReuse(mode="blend", recompute_ratio=1.0), spans))
             eng.run([r])
             torch.testing.assert_close(torch.tensor(r.logprobs), want[spans[-1][1]:], atol=1e-4, rtol=1e-4)
-        assert eng.chunks.stats.hits >= 1 and r.recomputed_tokens == sum(e - s for s, e in spans)
+        assert eng.chunks.stats.hits >= 1 and r.counts.recomputed_tokens == sum(e - s for s, e in spans)
         eng.check_integrity()
     plain = Engine(model_of(family), eos_ids=set())
     full = Engine(model_of(family), eos_ids=set())
@@ -204,7 +204,7 @@ def test_recomputed_tokens_equal_a_full_prefill_given_the_patched_context(family
     n_doc = sum(e - s for s, e in spans)
     recomputed = n_doc - len(patch_pos)
     assert recomputed == {"blend": -(-n_doc * 20 // 100), "sink": 4 * len(spans), "none": 0}[mode]
-    assert (r.recomputed_tokens, r.reused_tokens) == (recomputed, len(patch_pos))
+    assert (r.counts.recomputed_tokens, r.counts.reused_tokens) == (recomputed, len(patch_pos))
     patch = {"from_layer": cfg.select_layer if mode == "blend" else 0, "positions": torch.tensor(patch_pos),
              "k": torch.cat(pk, 2), "v": torch.cat(pv, 2)}
     if mode == "blend":  # the recomputed document tokens are those whose K/V deviate most at select_layer
@@ -222,7 +222,7 @@ def test_recomputed_tokens_equal_a_full_prefill_given_the_patched_context(family
         assert dev[chosen].min() >= dev[~chosen].max() - 1e-5 * dev.max()
     keys, values, lp = reference(ref_model, tokens, patch=patch)
     # the engine's KV of the prompt: the exact prefix in the tree, the rest in the request's slots
-    slots = run_slots(r.runs)[torch.tensor(todo) - r.cached_len]
+    slots = run_slots(r.kv.runs)[torch.tensor(todo) - r.kv.cached_len]
     for layer in range(len(keys)):
         torch.testing.assert_close(eng.pool.kv[layer, 0][:, slots], keys[layer][:, todo], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(eng.pool.kv[layer, 1][:, slots], values[layer][:, todo], atol=1e-4, rtol=1e-4)
@@ -253,7 +253,7 @@ def test_saved_store_is_reused_and_stale_stores_are_refused(tmp_path):
     fresh = Engine(model_of("llama"), eos_ids=set())  # the same weights: accepted, and found
     assert fresh.load_chunks(str(path), lead) == len(docs)
     got = question_logprobs(fresh)
-    assert got.stored_tokens == 0 and got.reused_tokens == want.reused_tokens > 0
+    assert got.counts.stored_tokens == 0 and got.counts.reused_tokens == want.counts.reused_tokens > 0
     torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs), atol=1e-5, rtol=1e-5)
     assert fresh.chunks.lead_in == tuple(lead) and fresh.stats()["chunk_hits"] == len(docs)
     other = Engine(make_tiny_llama(layers=4, vocab=VOCAB, seed=1), eos_ids=set())  # other weights

@@ -286,8 +286,8 @@ class LocalBackend(TransformersBase):
 
 
 def usage_of(r: Request, completion_tokens: int = 0) -> Usage:
-    return Usage(prompt_tokens=r.prompt_len, cached_tokens=r.matched_len, reused_tokens=r.reused_tokens,
-                 recomputed_tokens=r.recomputed_tokens, stored_tokens=r.stored_tokens,
+    return Usage(prompt_tokens=r.prompt_len, cached_tokens=r.counts.matched_len, reused_tokens=r.counts.reused_tokens,
+                 recomputed_tokens=r.counts.recomputed_tokens, stored_tokens=r.counts.stored_tokens,
                  completion_tokens=completion_tokens, seconds=r.seconds, first_token_seconds=r.first_token_seconds)
 
 

@@ -320,7 +320,7 @@ class Engine:
 
     def _prefill_shared_prefixes(self, window: list[Request]) -> None:
         """Prefill once, ahead of their requests, the prefixes that requests arriving together share."""
-        fresh = [r for r in window if r.preemptions == 0 and r.kind != Kind.PREFIX]
+        fresh = [r for r in window if r.kv.preemptions == 0 and r.kind != Kind.PREFIX]
         if len(fresh) < 2:
             return
         prompts = [r.tokens[: shareable(r)] for r in fresh]

@@ -1,12 +1,10 @@
 """A request: one generation, scoring or prefix-prefill job, and its progress.
 
-Its tokens are the prompt followed by what it has generated. ``computed``
-tokens have KV: the first ``cached_len`` in the radix tree (the locked path
-ending at ``node``), the rest in the request's own pool ``runs``. A request
-whose documents reuse stored KV (``reuse``) has its own slots filled from the
-chunk store first; then only the positions in ``todo`` are computed. The
-engine loop alone changes a request; callers wait on ``future`` (or read
-``events`` when streaming).
+A request is what the caller asks (tokens, kind, sampling, documents to reuse,
+positions), where its KV lives (:class:`KVState`), what serving it cost
+(:class:`Counts`) and its output. Its tokens are the prompt followed by what it
+has generated. The engine loop alone changes a request; callers wait on
+``future`` (or read ``events`` when streaming).
 """
 
 from __future__ import annotations
@@ -46,6 +44,42 @@ class Reuse:
     # lead-in if it has one, else the prompt's tokens before its first document)
 
 
+@dataclass
+class KVState:
+    """Where a request's KV lives; the engine loop alone changes it.
+
+    The first ``cached_len`` tokens are in the radix tree (the locked path ending at ``node``),
+    the rest in the request's own pool ``runs``, of which ``own_len`` are computed. A request
+    whose documents reuse stored KV has its own slots filled from the chunk store first; then only
+    the positions in ``todo`` are computed (``todo_done`` of them so far).
+    """
+
+    node: Node | None = None
+    cached_len: int = 0
+    runs: list[Run] = field(default_factory=list)
+    own_len: int = 0
+    todo: list[int] | None = None  # ascending
+    todo_done: int = 0
+    admitted_seq: int = -1  # admission order (the youngest is preempted first)
+    preemptions: int = 0
+
+    @property
+    def capacity(self) -> int:
+        """Own slots held (computed or reserved)."""
+        return sum(n for _, n in self.runs)
+
+
+@dataclass
+class Counts:
+    """What serving a request took, reported in its usage."""
+
+    matched_len: int = 0  # prompt tokens served from the cache at first admission
+    reused_tokens: int = 0  # prompt tokens whose KV came from the chunk store and was kept
+    recomputed_tokens: int = 0  # document tokens taken from the store, then recomputed in context
+    stored_tokens: int = 0  # document tokens encoded alone into the store for this request
+    fast_forwarded: int = 0  # generated tokens the grammar forced, appended without sampling
+
+
 @dataclass(eq=False)
 class Request:
     """One job for the engine. ``tokens`` is copied: the caller's list is never changed."""
@@ -58,24 +92,14 @@ class Request:
     processor: Any = None  # a promptkit.structured.LogitsProcessor: grammar mask, penalties, logit bias
     id: int = field(default_factory=lambda: next(_ids))
     prompt_len: int = 0
-    # KV state, owned by the engine loop
-    node: Node | None = None  # end of the locked tree path
-    cached_len: int = 0  # tokens covered by that path
-    runs: list[Run] = field(default_factory=list)  # own pool slots, for tokens from cached_len on
-    own_len: int = 0  # own tokens whose KV is computed
-    admitted_seq: int = -1  # admission order (the youngest is preempted first)
     reuse: Reuse | None = None
-    todo: list[int] | None = None  # assembled from stored KV: positions still to compute, ascending
-    todo_done: int = 0
     # Selective prefill: the position of each prompt token, the prompt being a subset of a longer one
     # whose tokens keep their positions; generated tokens follow the last. None: the token indices.
     positions: list[int] | None = None
     exact_len: int | None = None  # KV past this position is reused (never handed to the prefix tree)
-    # results
-    matched_len: int = 0  # prompt tokens served from the cache at first admission
-    reused_tokens: int = 0  # prompt tokens whose KV came from the chunk store and was kept
-    recomputed_tokens: int = 0  # document tokens taken from the store, then recomputed in context
-    stored_tokens: int = 0  # document tokens encoded alone into the store for this request
+    kv: KVState = field(default_factory=KVState)
+    counts: Counts = field(default_factory=Counts)
+    # output
     first_token_seconds: float | None = None
     generated: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -84,8 +108,6 @@ class Request:
     finish_reason: str = ""
     error: BaseException | None = None
     aborted: bool = False
-    preemptions: int = 0
-    fast_forwarded: int = 0  # generated tokens the grammar forced, appended without sampling
     seed: int = 0  # sampling seed (drawn at submit when the params give none)
     started: float = field(default_factory=time.perf_counter)
     seconds: float = 0.0
@@ -100,20 +122,16 @@ class Request:
     @property
     def computed(self) -> int:
         """Tokens before which every position has KV."""
-        if self.todo is not None and self.todo_done < len(self.todo):
-            return self.todo[self.todo_done]
-        return self.cached_len + self.own_len
-
-    @property
-    def capacity(self) -> int:
-        """Own slots held (computed or reserved)."""
-        return sum(n for _, n in self.runs)
+        kv = self.kv
+        if kv.todo is not None and kv.todo_done < len(kv.todo):
+            return kv.todo[kv.todo_done]
+        return kv.cached_len + kv.own_len
 
     @property
     def pending(self) -> int:
         """Tokens whose KV the next forwards must compute before the request can sample or finish."""
-        if self.todo is not None:
-            return len(self.todo) - self.todo_done
+        if self.kv.todo is not None:
+            return len(self.kv.todo) - self.kv.todo_done
         return len(self.tokens) - self.computed
 
     def position(self, index: int) -> int:
@@ -136,7 +154,8 @@ class Request:
     def todo_positions(self, n: int) -> list[int] | None:
         """Positions of the next ``n`` tokens to compute when they are scattered (an assembled
         prefill), else None (they are ``computed .. computed + n``)."""
-        return None if self.todo is None else self.todo[self.todo_done : self.todo_done + n]
+        kv = self.kv
+        return None if kv.todo is None else kv.todo[kv.todo_done : kv.todo_done + n]
 
     def check(self, kv_slots: int, bytes_per_token: int, layers: int) -> None:
         """Refuse a request no engine step could serve (a clear error before it is queued)."""

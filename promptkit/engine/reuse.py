@@ -110,9 +110,9 @@ class Assembler:
             added = {}
             for key, lead, job in started:
                 if job.pending == 0:  # the chunk's slots go to the store, the lead-in's back to the pool
-                    head, runs = split_runs(job.runs, len(lead) - job.cached_len)
+                    head, runs = split_runs(job.kv.runs, len(lead) - job.kv.cached_len)
                     self.pool.free(head)
-                    job.runs = []
+                    job.kv.runs = []
                     added[key] = c = self.store.add(key, job.tokens[len(lead):], runs, base=len(lead),
                                                     lead=chunk_key(lead, []))
                     self.store.pin(c)
@@ -143,7 +143,7 @@ class Assembler:
             added = self._encode(misses)
             pinned.extend(added.values())
             for key, c in added.items():
-                first_miss[key].r.stored_tokens += c.length
+                first_miss[key].r.counts.stored_tokens += c.length
             for p in plans:
                 p.chunks = [c if c is not None else added.get(k) for c, k in zip(p.chunks, p.keys)]
                 self._place(p)
@@ -158,7 +158,7 @@ class Assembler:
             return None
         keep_from = r.score_from - 1 if r.kind == Kind.SCORE else r.prompt_len - 1  # always computed
         spans = [(s, e) for s, e in spec.spans
-                 if s >= r.cached_len and e <= keep_from and e - s >= spec.config.min_chunk_tokens]
+                 if s >= r.kv.cached_len and e <= keep_from and e - s >= spec.config.min_chunk_tokens]
         if not spans:
             return None
         lead = spec.lead_in if spec.lead_in is not None else self.store.lead_in
@@ -170,13 +170,13 @@ class Assembler:
         """Copy the plan's stored chunks into its request's own slots, keys re-rotated."""
         r = p.r
         self.scheduler.rematch(r)  # its lead-in may have just been cached
-        n0 = r.cached_len
+        n0 = r.kv.cached_len
         p.compute = torch.ones(r.prompt_len - n0, dtype=torch.bool)
         kept = [((s, e), c) for (s, e), c in zip(p.spans, p.chunks) if c is not None and s >= n0]
         if not kept:
             return
         dev = self.pool.kv.device
-        own = run_slots(r.runs, dev)
+        own = run_slots(r.kv.runs, dev)
         src = torch.cat([run_slots(c.runs, dev) for _, c in kept])
         dst = torch.cat([own[s - n0 : e - n0] for (s, e), _ in kept])
         delta = torch.cat([torch.full((e - s,), s - c.base, dtype=torch.long) for (s, e), c in kept])
@@ -203,15 +203,15 @@ class Assembler:
         for p in plans:
             r, cfg = p.r, p.r.reuse.config  # type: ignore[union-attr]
             if cfg.mode == "sink" and p.reused:
-                n0 = r.cached_len
+                n0 = r.kv.cached_len
                 for (s, e), c in zip(p.spans, p.chunks):
                     if c is not None and s >= n0:
                         p.compute[s - n0 : min(e, s + cfg.sink_tokens) - n0] = True
             recomputed = p.reused - int((~p.compute).sum()) if p.reused else 0
-            r.recomputed_tokens, r.reused_tokens = recomputed, p.reused - recomputed
+            r.counts.recomputed_tokens, r.counts.reused_tokens = recomputed, p.reused - recomputed
             self.recomputed_tokens += recomputed
             self.reused_tokens += p.reused - recomputed
-            r.todo, r.todo_done = (p.compute.nonzero()[:, 0] + r.cached_len).tolist(), 0
+            r.kv.todo, r.kv.todo_done = (p.compute.nonzero()[:, 0] + r.kv.cached_len).tolist(), 0
 
     def _deviations(self, plans: list[_Plan], layer: int) -> list[torch.Tensor]:
         """Run each plan's positions up to ``layer`` in context (the layers before it now hold the
@@ -224,7 +224,7 @@ class Assembler:
                 for i, p in enumerate(plans):
                     n = min(p.probe_len - done[i], room)
                     if n > 0:
-                        p.r.own_len = done[i]  # the probe reads this chunk's earlier positions as own past
+                        p.r.kv.own_len = done[i]  # the probe reads this chunk's earlier positions as own past
                         batch.append((p.r, n))
                         members.append(i)
                         room -= n
@@ -236,5 +236,5 @@ class Assembler:
                     at += n
         finally:
             for p in plans:
-                p.r.own_len = 0
+                p.r.kv.own_len = 0
         return [torch.cat(x) for x in parts]

@@ -81,12 +81,12 @@ class ModelRunner:
     def _compiled_step(self, r: Request, n: int) -> torch.Tensor | None:
         """The next-token logits [1, V] of a lone request decoding one token, from the compiled graph;
         None when the step is anything else or the graph cannot take it."""
-        if n != 1 or r.todo is not None or r.kind != Kind.GENERATE or r.computed + 1 != len(r.tokens):
+        if n != 1 or r.kv.todo is not None or r.kind != Kind.GENERATE or r.computed + 1 != len(r.tokens):
             return None
         if self.lean.window is not None and r.computed >= self.lean.window:
             return None  # the graph attends to every key; a sliding window needs the eager forward
-        path = r.node.path() if r.node is not None and r.cached_len else []
-        own, _ = split_runs(r.runs, r.own_len + 1)
+        path = r.kv.node.path() if r.kv.node is not None and r.kv.cached_len else []
+        own, _ = split_runs(r.kv.runs, r.kv.own_len + 1)
         past, last = split_runs(merge_runs([p.run for p in path] + own), r.computed)
         return self.compiled.step(r.tokens[r.computed], r.position(r.computed), past, last[0][0])  # type: ignore[union-attr]
 
@@ -119,18 +119,18 @@ class ModelRunner:
     def _layout(self, batch: list[tuple[Request, int]]) -> tuple[BatchLayout, torch.Tensor, torch.Tensor]:
         """The attention layout of ``batch``, its token ids [1, T] and position ids [1, T]."""
         ids, starts, segs, writes = [], [], [], []
-        paths = [r.node.path() if r.node is not None and r.cached_len else [] for r, _ in batch]
+        paths = [r.kv.node.path() if r.kv.node is not None and r.kv.cached_len else [] for r, _ in batch]
         sparse = [self._use_sparse(r, n) for r, n in batch]
         # A cached node is attended to once for all the segments that share it (cascade); a node
         # only one segment uses is part of that segment's own keys, read in the same product.
         users: dict[int, int] = {}
         for path, sp, (r, _) in zip(paths, sparse, batch):
-            for node in path if not sp and r.todo is None else ():
+            for node in path if not sp and r.kv.todo is None else ():
                 users[id(node)] = users.get(id(node), 0) + 1
         groups: dict[int, tuple[Any, list[torch.Tensor]]] = {}
         offset = 0
         for (r, n), path, sp in zip(batch, paths, sparse):
-            if r.todo is not None:  # recomputing scattered positions among reused KV
+            if r.kv.todo is not None:  # recomputing scattered positions among reused KV
                 seg, write = self._scattered(r, n, offset, path)
                 ids.extend(r.tokens[p] for p in r.todo_positions(n))  # type: ignore[union-attr]
                 starts.append(0)
@@ -138,13 +138,13 @@ class ModelRunner:
                 writes.append(write)
                 offset += n
                 continue
-            own, _ = split_runs(r.runs, r.own_len + n)
-            writes.append(split_runs(own, r.own_len)[1])
+            own, _ = split_runs(r.kv.runs, r.kv.own_len + n)
+            writes.append(split_runs(own, r.kv.own_len)[1])
             shared = [] if sp else [node for node in path if users[id(node)] > 1]
             for node in shared:
                 groups.setdefault(id(node), (node.run, []))[1].append(torch.arange(offset, offset + n))
-            segs.append(SegmentLayout(offset, n, own, r.own_len, prefix=merge_runs([p.run for p in path]),
-                                      prefix_len=r.cached_len, shared_len=sum(len(p.tokens) for p in shared),
+            segs.append(SegmentLayout(offset, n, own, r.kv.own_len, prefix=merge_runs([p.run for p in path]),
+                                      prefix_len=r.kv.cached_len, shared_len=sum(len(p.tokens) for p in shared),
                                       keys=merge_runs([p.run for p in path[len(shared):]] + own), sparse=sp))
             ids.extend(r.tokens[r.computed : r.computed + n])
             starts.append(r.computed)
@@ -163,10 +163,10 @@ class ModelRunner:
         """The segment of a request computing ``n`` of its scattered positions among reused KV (it
         attends to its whole context alone), and the pool runs its new K/V go to (a slot each)."""
         pos = r.todo_positions(n)
-        own, _ = split_runs(r.runs, pos[-1] + 1 - r.cached_len)  # type: ignore[index]
-        slots = run_slots(own)[torch.tensor(pos) - r.cached_len].tolist()
+        own, _ = split_runs(r.kv.runs, pos[-1] + 1 - r.kv.cached_len)  # type: ignore[index]
+        slots = run_slots(own)[torch.tensor(pos) - r.kv.cached_len].tolist()
         prefix = merge_runs([p.run for p in path])
-        seg = SegmentLayout(offset, n, own, 0, prefix=prefix, prefix_len=r.cached_len, keys=merge_runs(prefix + own),
+        seg = SegmentLayout(offset, n, own, 0, prefix=prefix, prefix_len=r.kv.cached_len, keys=merge_runs(prefix + own),
                             positions=torch.tensor(pos, device=self.device))
         return seg, merge_runs([(s, 1) for s in slots])
 
@@ -208,7 +208,7 @@ def _attention_of(model: Any, name: str) -> Iterator[None]:
 def logit_rows(r: Request, n: int) -> tuple[int, int]:
     """Rows (relative to the request's segment) whose logits a forward of ``n`` tokens must produce:
     scored tokens, or the last token when the request samples next."""
-    if r.todo is not None:  # scattered: the wanted positions are the last ones, which are consecutive
+    if r.kv.todo is not None:  # scattered: the wanted positions are the last ones, which are consecutive
         pos = r.todo_positions(n)
         first, end = pos[-1] + 1 - n, pos[-1] + 1  # type: ignore[index]
         if r.kind == Kind.SCORE:

@@ -25,7 +25,7 @@ from .config import EngineConfig
 from .kv_pool import KVPool, split_runs
 from .prepack import first_fit_decreasing
 from .radix_cache import Node, RadixCache
-from .request import Kind, Request
+from .request import Kind, KVState, Request
 
 
 class Scheduler:
@@ -60,7 +60,7 @@ class Scheduler:
         if not window:
             return [], []
         matches = {id(r): self.cache.match_prefix(r.tokens, self._match_limit(r)) for r in window}
-        order = sorted(window, key=lambda r: (r.preemptions == 0, -matches[id(r)][1]))
+        order = sorted(window, key=lambda r: (r.kv.preemptions == 0, -matches[id(r)][1]))
         admitted, failed = [], []
         for r in order:
             try:
@@ -83,14 +83,14 @@ class Scheduler:
             reserve = 0  # alone: it takes slots for its output as it goes
         need += reserve
         self.cache.lock(node)
-        r.node, r.cached_len, r.own_len = node, n, 0
+        r.kv.node, r.kv.cached_len, r.kv.own_len = node, n, 0
         # A request that will decode takes the longest free run, where its output extends it in place.
-        r.runs = self.pool.alloc(need, roomy=reserve > 0) or []
+        r.kv.runs = self.pool.alloc(need, roomy=reserve > 0) or []
         self.waiting.remove(r)
         self.running.append(r)
-        r.admitted_seq = next(self._admission)
-        if r.preemptions == 0:
-            r.matched_len = n
+        r.kv.admitted_seq = next(self._admission)
+        if r.kv.preemptions == 0:
+            r.counts.matched_len = n
             self.cache.stats.tokens_requested += r.prompt_len
             self.cache.stats.tokens_cached += n
         return True
@@ -135,21 +135,22 @@ class Scheduler:
         if n >= len(tokens) or not self._make_room(len(tokens) - n, protect=node):
             return None
         self.cache.lock(node)
-        r.node, r.cached_len, r.runs = node, n, self.pool.alloc(len(tokens) - n) or []
+        r.kv.node, r.kv.cached_len, r.kv.runs = node, n, self.pool.alloc(len(tokens) - n) or []
         return r
 
     def rematch(self, r: Request) -> None:
         """Before ``r`` computed anything: take a longer cached prefix if one appeared since its
         admission (its own slots for those tokens go back to the pool)."""
-        assert r.own_len == 0 and r.node is not None
+        kv = r.kv
+        assert kv.own_len == 0 and kv.node is not None
         node, n = self.cache.match_prefix(r.tokens, self._match_limit(r))
-        if n <= r.cached_len:
+        if n <= kv.cached_len:
             return
         self.cache.lock(node)
-        self.cache.unlock(r.node)
-        head, r.runs = split_runs(r.runs, n - r.cached_len)
+        self.cache.unlock(kv.node)
+        head, kv.runs = split_runs(kv.runs, n - kv.cached_len)
         self.pool.free(head)
-        r.node, r.cached_len = node, n
+        kv.node, kv.cached_len = node, n
 
     # -- planning ------------------------------------------------------------------------
     def plan(self, jobs: list[Request] | None = None) -> list[tuple[Request, int]]:
@@ -161,7 +162,7 @@ class Scheduler:
         """
         internal = jobs is not None
         reqs = sorted((r for r in (jobs if internal else self.running) if r.pending > 0),
-                      key=lambda r: r.admitted_seq)
+                      key=lambda r: r.kv.admitted_seq)
         batch = [(r, 1) for r in reqs if r.pending == 1][: self.config.max_batch_tokens]
         room = self.config.max_batch_tokens - len(batch)
         prefilling = [r for r in reqs if r.pending > 1]
@@ -193,19 +194,20 @@ class Scheduler:
     def _reserve(self, r: Request, n: int, internal: bool) -> bool:
         """Make sure ``r`` holds slots for ``n`` more tokens: grow its last run in place, else take
         a new run, evicting cached prefixes and then preempting the youngest running request."""
-        while (short := r.own_len + n - r.capacity) > 0:
-            if r.runs:
-                start, length = r.runs[-1]
+        kv = r.kv
+        while (short := kv.own_len + n - kv.capacity) > 0:
+            if kv.runs:
+                start, length = kv.runs[-1]
                 got = self.pool.extend(start + length, short)
                 if got:
-                    r.runs[-1] = (start, length + got)
+                    kv.runs[-1] = (start, length + got)
                     continue
             if self._make_room(short):
-                r.runs.extend(self._grow(r, short))
+                kv.runs.extend(self._grow(r, short))
                 continue
             if internal:
                 return False
-            victim = max(self.running, key=lambda x: x.admitted_seq)
+            victim = max(self.running, key=lambda x: x.kv.admitted_seq)
             if victim is r and len(self.running) == 1:
                 return False  # alone and out of room: the caller ends it
             self.preempt(victim)
@@ -217,37 +219,39 @@ class Scheduler:
         """Free ``r``'s KV and put it first in line; it recomputes its tokens when readmitted."""
         self._release(r)
         self.running.remove(r)
-        r.preemptions += 1
+        r.kv.preemptions += 1
         self.preemptions += 1
         self.waiting.appendleft(r)
 
     # -- progress and retiring -------------------------------------------------------------
     def advance(self, r: Request, n: int) -> None:
         """``n`` more of ``r``'s tokens now have KV."""
-        if r.todo is not None:  # an assembled prefill: the rest of the prompt is reused KV
+        kv = r.kv
+        if kv.todo is not None:  # an assembled prefill: the rest of the prompt is reused KV
             self.cache.stats.tokens_prefilled += n
-            r.todo_done += n
-            if r.todo_done == len(r.todo):
-                r.todo, r.todo_done, r.own_len = None, 0, r.prompt_len - r.cached_len
+            kv.todo_done += n
+            if kv.todo_done == len(kv.todo):
+                kv.todo, kv.todo_done, kv.own_len = None, 0, r.prompt_len - kv.cached_len
             return
         if r.computed < r.prompt_len:
             self.cache.stats.tokens_prefilled += min(n, r.prompt_len - r.computed)
-        r.own_len += n
+        kv.own_len += n
 
     def cache_prompt(self, r: Request, upto: int) -> None:
         """Hand the KV of ``r.tokens[:upto]`` to the prefix tree and continue from that node."""
         if r.exact_len is not None:
             upto = min(upto, r.exact_len)  # reused KV is close, not exact: never served as a prefix
         upto = min(upto, r.natural_len)  # nor is selective prefill's, past its first skipped token
-        if not self.cache.enabled or upto <= r.cached_len:
+        kv = r.kv
+        if not self.cache.enabled or upto <= kv.cached_len:
             return
-        done = upto - r.cached_len
-        head, r.runs = split_runs(r.runs, done)
-        node, _ = self.cache.insert(r.tokens[:upto], head, r.cached_len)
+        done = upto - kv.cached_len
+        head, kv.runs = split_runs(kv.runs, done)
+        node, _ = self.cache.insert(r.tokens[:upto], head, kv.cached_len)
         self.cache.lock(node)
-        if r.node is not None:
-            self.cache.unlock(r.node)
-        r.node, r.cached_len, r.own_len = node, upto, r.own_len - done
+        if kv.node is not None:
+            self.cache.unlock(kv.node)
+        kv.node, kv.cached_len, kv.own_len = node, upto, kv.own_len - done
 
     def retire(self, r: Request, keep: bool) -> None:
         """Take ``r`` out of the queues and release its KV; with ``keep``, cache its computed
@@ -262,20 +266,20 @@ class Scheduler:
             self.waiting.remove(r)
 
     def _release(self, r: Request) -> None:
-        self.pool.free(r.runs)
-        if r.node is not None:
-            self.cache.unlock(r.node)
-        r.runs, r.node, r.cached_len, r.own_len = [], None, 0, 0
-        r.todo, r.todo_done, r.exact_len = None, 0, None  # a preempted assembly starts over
+        self.pool.free(r.kv.runs)
+        if r.kv.node is not None:
+            self.cache.unlock(r.kv.node)
+        r.kv = KVState(preemptions=r.kv.preemptions)  # a preempted assembly starts over
+        r.exact_len = None
 
     def check(self) -> None:
         """Raise AssertionError unless every pool slot is free, cached or owned by one request."""
         self.pool.check()
         self.cache.check_integrity()
-        owned = sum(r.capacity for r in self.running)
+        owned = sum(r.kv.capacity for r in self.running)
         stored = self.store.tokens if self.store is not None else 0
         assert self.cache.cached_tokens + stored + owned + self.pool.free_slots == self.pool.capacity, "slots leaked"
-        assert not any(r.runs or r.node for r in self.waiting), "a waiting request holds KV"
+        assert not any(r.kv.runs or r.kv.node for r in self.waiting), "a waiting request holds KV"
 
 
 # -- cache-aware ordering ------------------------------------------------------------------
