@@ -425,7 +425,7 @@ def table(runs: dict[str, dict]) -> None:
         "held-out accuracy [95% CI]")
     for name, r in runs.items():
         if "error" in r:
-            log(f"{name:44} failed: {r['error'].splitlines()[0]}")
+            log(f"{name:44} failed after {r['seconds_before_failure']:.0f} s: {r['error'].splitlines()[0]}")
             continue
         lo, hi = r["accuracy_ci"]
         log(f"{name:44} {r['compile_seconds']:10.1f} {r['eval_seconds']:8.1f} {r['lm_calls']:7d} "
@@ -460,10 +460,12 @@ def run_all(pk: LM, split: Split, args: argparse.Namespace, notes: list[str]) ->
                              ("mipro_v2_light", mipro_v2_light)):
                 key = f"{name}@{backend.name}"
                 with stage(key):
+                    t0 = time.perf_counter()
                     try:
                         runs[key] = run_dspy(name, fn, backend, split, args)
                     except Exception as e:  # a run that crashes is a result too
-                        runs[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                        runs[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}",
+                                     "seconds_before_failure": round(time.perf_counter() - t0, 1)}
                 log(f"{key}: {runs[key]}")
     finally:
         for backend in backends:

@@ -16,12 +16,15 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..backends.base import SamplingParams
 from .config import KVReuse
 from .kv_pool import KVBudgetError, Run
 from .radix_cache import Node
+
+if TYPE_CHECKING:
+    from ..structured import LogitsProcessor
 
 _ids = itertools.count()
 
@@ -89,7 +92,7 @@ class Request:
     kind: Kind = Kind.GENERATE
     score_from: int = 0  # score: first token whose log-probability is wanted
     stop_check: Callable[[list[int]], bool] | None = None  # called with the generated tokens after each one
-    processor: Any = None  # a promptkit.structured.LogitsProcessor: grammar mask, penalties, logit bias
+    processor: LogitsProcessor | None = None  # grammar mask, penalties, logit bias
     id: int = field(default_factory=lambda: next(_ids))
     prompt_len: int = 0
     reuse: Reuse | None = None
