@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .compiled import CompileMode, default_mode
-from .selective import SelectivePrefill
+from .selective import ModeSettings, SelectivePrefill
 from .sparse import SparseConfig
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
@@ -29,7 +29,7 @@ def parse_bytes(value: int | str) -> int:
     return int(float(m.group(1).replace("_", "")) * _UNITS[m.group(2).lower()])
 
 
-class KVReuse(BaseModel):
+class KVReuse(ModeSettings):
     """How a prompt's documents reuse KV computed for each of them alone (the chunk store).
 
     ``full``: prefill them in place (exact, the reference). ``blend``: take their stored KV,
@@ -39,19 +39,12 @@ class KVReuse(BaseModel):
     nothing. ``"blend"`` alone is accepted for ``KVReuse(mode="blend")``.
     """
 
-    model_config = ConfigDict(extra="forbid")
-
     mode: Literal["full", "blend", "sink", "none"] = "full"
     recompute_ratio: float = Field(0.15, ge=0.0, le=1.0, description="blend: share of document tokens recomputed")
     select_layer: int = Field(1, ge=1, description="blend: the layer whose KV deviation picks the tokens "
                               "(the layers before it are recomputed for every token)")
     sink_tokens: int = Field(16, ge=0, description="sink: first tokens of each document recomputed")
     min_chunk_tokens: int = Field(8, ge=1, description="shorter documents are prefilled in place")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_name(cls, data: Any) -> Any:
-        return {"mode": data} if isinstance(data, str) else data
 
     @property
     def reuses(self) -> bool:

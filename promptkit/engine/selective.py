@@ -22,10 +22,19 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
-class SelectivePrefill(BaseModel):
-    """How a selective prefill chooses its tokens."""
+class ModeSettings(BaseModel):
+    """Settings chosen by a ``mode``, which a bare string names: ``"spec"`` is ``{"mode": "spec"}``."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data: object) -> object:
+        return {"mode": data} if isinstance(data, str) else data
+
+
+class SelectivePrefill(ModeSettings):
+    """How a selective prefill chooses its tokens."""
 
     mode: Literal["filter", "spec"] = "filter"
     keep: float = Field(0.3, gt=0.0, le=1.0, description="share of the scored tokens prefilled")
@@ -36,11 +45,6 @@ class SelectivePrefill(BaseModel):
                       "their queries score the others")
     sink: int = Field(4, ge=0, description="first tokens always prefilled (attention sinks)")
     min_tokens: int = Field(256, ge=1, description="shorter prompts are prefilled whole")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_name(cls, data: object) -> object:
-        return {"mode": data} if isinstance(data, str) else data
 
     @model_validator(mode="after")
     def _needs_draft(self) -> SelectivePrefill:
