@@ -24,7 +24,9 @@ tuple caches, gets a thin adapter to transformers' ``DynamicCache``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import random
+import sys
 import time
 
 import _common  # noqa: F401
@@ -142,6 +144,9 @@ def main() -> None:
 
     from compressors import COMPRESSORS
 
+    if importlib.util.find_spec("llmlingua") is None:  # the baseline: say so before any work
+        sys.exit("bench/compression.py compares against llmlingua, which is not installed: "
+                 "pip install -e '.[bench]' (llmlingua==0.2.2)")
     lm = get_lm()
     count = lambda text: len(lm.backend.encode_continuation(text))
     items = build_items(n)
