@@ -63,6 +63,7 @@ class KVState:
     own_len: int = 0
     todo: list[int] | None = None  # ascending
     todo_done: int = 0
+    exact_len: int | None = None  # KV past this position is reused (never handed to the prefix tree)
     admitted_seq: int = -1  # admission order (the youngest is preempted first)
     preemptions: int = 0
 
@@ -99,7 +100,6 @@ class Request:
     # Selective prefill: the position of each prompt token, the prompt being a subset of a longer one
     # whose tokens keep their positions; generated tokens follow the last. None: the token indices.
     positions: list[int] | None = None
-    exact_len: int | None = None  # KV past this position is reused (never handed to the prefix tree)
     kv: KVState = field(default_factory=KVState)
     counts: Counts = field(default_factory=Counts)
     # output

@@ -187,7 +187,7 @@ class Assembler:
             p.compute[s - n0 : e - n0] = False
         p.reused = int((~p.compute).sum())
         p.probe_len = kept[-1][0][1] - n0
-        r.exact_len = kept[0][0][0]
+        r.kv.exact_len = kept[0][0][0]
 
     def _select(self, plans: list[_Plan]) -> None:
         """Mark the document tokens each mode recomputes, and hand every request its ``todo``."""

@@ -239,8 +239,8 @@ class Scheduler:
 
     def cache_prompt(self, r: Request, upto: int) -> None:
         """Hand the KV of ``r.tokens[:upto]`` to the prefix tree and continue from that node."""
-        if r.exact_len is not None:
-            upto = min(upto, r.exact_len)  # reused KV is close, not exact: never served as a prefix
+        if r.kv.exact_len is not None:
+            upto = min(upto, r.kv.exact_len)  # reused KV is close, not exact: never served as a prefix
         upto = min(upto, r.natural_len)  # nor is selective prefill's, past its first skipped token
         kv = r.kv
         if not self.cache.enabled or upto <= kv.cached_len:
@@ -270,7 +270,6 @@ class Scheduler:
         if r.kv.node is not None:
             self.cache.unlock(r.kv.node)
         r.kv = KVState(preemptions=r.kv.preemptions)  # a preempted assembly starts over
-        r.exact_len = None
 
     def check(self) -> None:
         """Raise AssertionError unless every pool slot is free, cached or owned by one request."""
