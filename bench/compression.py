@@ -33,7 +33,7 @@ import _common  # noqa: F401
 from _common import emit, log, machine, stage, track
 
 from promptkit import Prompt, get_lm
-from promptkit.engine.models import resolve_llm
+from promptkit.models import resolve_llm
 from promptkit.metrics import bootstrap_ci, exact_match, mean, token_f1
 
 INSTRUCTION = "Read the context and answer the question with a few words from it."

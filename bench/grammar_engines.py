@@ -185,7 +185,7 @@ def main() -> None:
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
-    from promptkit.engine.models import resolve_llm
+    from promptkit.models import resolve_llm
 
     names = ["Extraction", "Person"] if args.quick else list(DOCS)
     schemas = {n: (type(DOCS[n]).model_json_schema(), doc_text(DOCS[n])) for n in names}

@@ -34,7 +34,7 @@ from _common import emit, log, machine, stage, track
 
 from promptkit import LM, Example, PromptTemplate
 from promptkit.backends.local import LocalBackend
-from promptkit.engine.models import DEFAULT_LLM
+from promptkit.models import DEFAULT_LLM
 from promptkit.metrics import exact_match, token_f1
 from promptkit.prompt import render_with_documents
 from promptkit.types import Document

@@ -38,7 +38,7 @@ from optimizers import JointSearch, KNNFewShot, Optimizer, Racing, RandomFewShot
 sys.path.insert(0, _HERE)
 from _common import emit, log, machine, stage  # noqa: E402
 from promptkit import LM, get_lm  # noqa: E402
-from promptkit.engine.models import DEFAULT_LLM  # noqa: E402
+from promptkit.models import DEFAULT_LLM  # noqa: E402
 from promptkit.evaluate import evaluate  # noqa: E402
 from promptkit.metrics import format_ci, paired_bootstrap_ci  # noqa: E402
 from promptkit.pipeline import Pipeline  # noqa: E402

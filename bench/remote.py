@@ -41,7 +41,7 @@ from _common import emit, log, machine, stage
 
 from promptkit import LM
 from promptkit.backends.remote.llamacpp_server import LlamaCppServer, unavailable_reason
-from promptkit.engine.models import DEFAULT_LLM, gguf_source
+from promptkit.models import DEFAULT_LLM, gguf_source
 from promptkit.lm import _shared
 from promptkit.metrics import bootstrap_ci, exact_match, token_f1
 from promptkit.pipeline import Pipeline

@@ -138,7 +138,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from promptkit.engine.models import resolve_llm
+    from promptkit.models import resolve_llm
 
     lengths = args.lengths or ([4096] if args.quick else [2048, 4096, 8192])
     n_depths = args.depths or (1 if args.quick else 5)

@@ -53,7 +53,7 @@ sys.path.insert(0, _HERE)
 from _common import emit, log, machine, stage  # noqa: E402
 
 from promptkit import LM, get_lm  # noqa: E402
-from promptkit.engine.models import DEFAULT_LLM, gguf_source  # noqa: E402
+from promptkit.models import DEFAULT_LLM, gguf_source  # noqa: E402
 from promptkit.evaluate import evaluate  # noqa: E402
 from promptkit.metrics import bootstrap_ci  # noqa: E402
 from promptkit.pipeline import Pipeline  # noqa: E402

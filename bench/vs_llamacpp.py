@@ -53,7 +53,7 @@ from shared_prefix import build_prompts
 
 from promptkit import LM
 from promptkit.backends.base import SamplingParams
-from promptkit.engine.models import DEFAULT_LLM, gguf_source
+from promptkit.models import DEFAULT_LLM, gguf_source
 from promptkit.engine.threads import on_fresh_thread
 from promptkit.engine.weights import FORMATS, cpu_features
 from promptkit.metrics import bootstrap_ci

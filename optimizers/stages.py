@@ -8,7 +8,7 @@ import numpy as np
 from pydantic import Field, PrivateAttr, model_validator
 
 from promptkit.embed import get_embedder
-from promptkit.engine.models import DEFAULT_EMBEDDER
+from promptkit.models import DEFAULT_EMBEDDER
 from promptkit.pipeline import MissingInputError, Record, Stage
 from promptkit.registry import register_stage
 from promptkit.types import Example

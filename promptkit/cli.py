@@ -67,7 +67,7 @@ def _load_lm(model: str, backend: str = "local", **options):
 @models_app.command("list")
 def models_list(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """Show the embedded models and whether they are installed and prepared."""
-    from .engine.models import EMBEDDED, embedded_status
+    from .models import EMBEDDED, embedded_status
 
     rows = [embedded_status(name) for name in EMBEDDED]
     if json_out:
@@ -89,7 +89,7 @@ def models_prepare(
     """Install-check and convert embedded models once (GGUF -> safetensors in the cache dir).
 
     Without names: every embedded model, skipping optional ones that are not installed."""
-    from .engine.models import EMBEDDED, ModelNotFoundError, embedded_status, resolve_embedder, resolve_llm
+    from .models import EMBEDDED, ModelNotFoundError, embedded_status, resolve_embedder, resolve_llm
 
     for name in names or list(EMBEDDED):
         if not names and EMBEDDED[name].optional and not embedded_status(name)["installed"]:

@@ -37,7 +37,7 @@ def _attempt(name: str, essential: bool, fn: Callable[[], str], fix: str) -> Che
 
 def check_models(load: bool = True) -> list[Check]:
     """The embedded models: installed, and (``load``) loadable with transformers / sentence-transformers."""
-    from .engine.models import DEFAULT_EMBEDDER, DEFAULT_LLM, embedded_status, resolve_embedder, resolve_llm
+    from .models import DEFAULT_EMBEDDER, DEFAULT_LLM, embedded_status, resolve_embedder, resolve_llm
 
     checks = []
     for name in (DEFAULT_LLM, DEFAULT_EMBEDDER):
@@ -75,7 +75,7 @@ def check_models(load: bool = True) -> list[Check]:
 
 def check_cache_dir() -> Check:
     """The cache directory exists (or can be made) and takes a file."""
-    from .engine.models import cache_dir
+    from .models import cache_dir
 
     def write() -> str:
         root = cache_dir()
@@ -138,7 +138,7 @@ def check_torch(compile: bool = True) -> list[Check]:
 
 def check_weights() -> Check:
     """The CPU's features and the weight format ``LM()`` picks from them by default."""
-    from .engine.models import DEFAULT_LLM, gguf_source
+    from .models import DEFAULT_LLM, gguf_source
     from .engine.weights import FORMATS, cpu_features, cpu_model, default_format, is_q4_gguf, resolve_format
 
     pinned = os.environ.get("PROMPTKIT_WEIGHTS")
@@ -179,7 +179,7 @@ def decode_graph(model: str, build: bool = False) -> tuple[bool, str]:
 
 def check_decode_graph() -> Check:
     """Whether the default model's compiled decode graph is in the cache."""
-    from .engine.models import DEFAULT_LLM
+    from .models import DEFAULT_LLM
 
     found = _attempt("decode graph", False, lambda: "", "")
     try:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .engine.models import DEFAULT_EMBEDDER, resolve_embedder
+from .models import DEFAULT_EMBEDDER, resolve_embedder
 from .engine.threads import on_fresh_thread
 
 

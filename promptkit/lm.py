@@ -11,7 +11,7 @@ from typing import Any
 from .backends.base import Backend, SamplingParams
 from .engine.config import KVReuse
 from .engine.selective import SelectivePrefill
-from .engine.models import DEFAULT_LLM
+from .models import DEFAULT_LLM
 from .prompt import render, render_with_documents
 from .structured import Constraint
 from .types import Generation, Prompt, TokenLogprobs, Usage

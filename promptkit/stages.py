@@ -11,7 +11,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from .batch_prompt import BatchOutcome, BatchPrompt, classify_records, generate_records
 from .engine.config import KVReuse
-from .engine.models import DEFAULT_LLM
+from .models import DEFAULT_LLM
 from .engine.selective import SelectivePrefill
 from .lm import LM, get_lm
 from .margins import MarginOutcome, Margins, margin_records

@@ -49,7 +49,7 @@ def embedder_token_counter(model: str | None = None) -> CountTokens:
     """Token counter of an embedder's tokenizer (default: the embedded MiniLM), special tokens excluded."""
     from transformers import AutoTokenizer
 
-    from promptkit.engine.models import DEFAULT_EMBEDDER, resolve_embedder
+    from promptkit.models import DEFAULT_EMBEDDER, resolve_embedder
 
     tok = AutoTokenizer.from_pretrained(resolve_embedder(model or DEFAULT_EMBEDDER))
     return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])

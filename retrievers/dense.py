@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from promptkit.embed import Embedder, get_embedder
-from promptkit.engine.models import DEFAULT_EMBEDDER
+from promptkit.models import DEFAULT_EMBEDDER
 from promptkit.types import Document
 
 from .base import Filter, Retriever, check_k, check_query, filter_mask, with_score

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, model_validator
 
-from promptkit.engine.models import DEFAULT_EMBEDDER, DEFAULT_LLM
+from promptkit.models import DEFAULT_EMBEDDER, DEFAULT_LLM
 from promptkit.lm import get_lm
 from promptkit.pipeline import MissingInputError, Record, Stage
 from promptkit.prompt import PromptTemplate

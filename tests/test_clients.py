@@ -11,7 +11,7 @@ from typing import Literal
 import pytest
 from pydantic import BaseModel, Field
 
-from promptkit.engine.models import resolve_llm
+from promptkit.models import resolve_llm
 from promptkit.server import BackgroundServer, create_app
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm: no price list from the network

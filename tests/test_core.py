@@ -9,7 +9,7 @@ from pydantic import BaseModel, ValidationError
 
 from promptkit import LM, Classify, Document, Example, Pipeline, Prompt, PromptTemplate, Record, SegmentKind, Stage
 from promptkit.data import DataError, load_examples
-from promptkit.engine.models import ModelNotFoundError, resolve_llm
+from promptkit.models import ModelNotFoundError, resolve_llm
 from promptkit.metrics import accuracy, exact_match, normalize_answer, token_f1
 from promptkit.prompt import TemplateError, render, to_messages
 from promptkit.recipes import RecipeError, build_stage, load_recipe, recipe_from_dict

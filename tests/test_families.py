@@ -81,7 +81,7 @@ def test_public_api_matches_the_hf_backend_on_a_saved_model(name, tmp_path):
     from transformers import AutoTokenizer
 
     from promptkit import LM
-    from promptkit.engine.models import resolve_llm
+    from promptkit.models import resolve_llm
 
     tok = AutoTokenizer.from_pretrained(resolve_llm())
     model = make_tiny(name, vocab=len(tok))

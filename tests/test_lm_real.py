@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from promptkit import LM, ContextLengthError, Prompt, load_recipe
-from promptkit.engine.models import ModelNotFoundError
+from promptkit.models import ModelNotFoundError
 
 QUESTIONS = [
     "What is the capital of France?",

@@ -23,7 +23,7 @@ from promptkit.backends.remote import (
     UnsupportedByServer,
 )
 from promptkit.backends.remote.llamacpp_server import LlamaCppServer, unavailable_reason
-from promptkit.engine.models import DEFAULT_LLM, gguf_source
+from promptkit.models import DEFAULT_LLM, gguf_source
 from promptkit.pipeline import Pipeline
 from promptkit.stages import BuildPrompt, Classify
 from promptkit.types import Prompt

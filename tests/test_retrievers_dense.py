@@ -138,7 +138,7 @@ def test_hybrid_fuses_bm25_and_dense_and_roundtrips(dense, corpus, tmp_path):
 def test_cross_encoder_reranker_from_a_local_path(tmp_path, corpus):
     from sentence_transformers import CrossEncoder
 
-    from promptkit.engine.models import resolve_embedder
+    from promptkit.models import resolve_embedder
     from retrievers import CrossEncoderReranker
 
     with pytest.raises(FileNotFoundError, match="does not exist"):

@@ -19,7 +19,7 @@ def hf():
     """A private copy of the model (switching its attention must not touch the shared ``real_lm``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from promptkit.engine.models import resolve_llm
+    from promptkit.models import resolve_llm
 
     path = resolve_llm()
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)

@@ -22,7 +22,7 @@ VOCAB = 49152  # the real tokenizer's, so the tiny model runs behind the LM faca
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from promptkit.engine.models import DEFAULT_LLM, resolve_llm
+    from promptkit.models import DEFAULT_LLM, resolve_llm
 
     return AutoTokenizer.from_pretrained(resolve_llm(DEFAULT_LLM))
 
@@ -352,7 +352,7 @@ def test_real_model_in_each_format(fmt):
 def test_real_int4_reproduces_the_gguf_weights_bit_for_bit():
     from transformers import AutoModelForCausalLM
 
-    from promptkit.engine.models import DEFAULT_LLM, gguf_source, resolve_llm
+    from promptkit.models import DEFAULT_LLM, gguf_source, resolve_llm
 
     model = AutoModelForCausalLM.from_pretrained(resolve_llm(DEFAULT_LLM), dtype=torch.float32)
     layers = model.model.layers

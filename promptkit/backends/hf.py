@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from ..engine.models import gguf_source, resolve_llm
+from ..models import gguf_source, resolve_llm
 from ..engine.threads import on_fresh_thread
 from ..engine.weights import activation_dtype, apply_format, gguf_cache_file, is_q4_gguf, resolve_format
 from ..structured import accept_tokens, ll_tokenizer, process_logits, processor_for

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .families import text_config
 from .kv_pool import KVPool, Run, run_slots
 
 FORMAT = "promptkit-chunk-kv/1"
@@ -267,7 +268,7 @@ def _corrupt(path: str | Path, reason: object) -> str:
 
 def model_identity(model: Any, kv_dtype: torch.dtype) -> dict[str, Any]:
     """The model's architecture and a fingerprint of its weights (a few values of every tensor)."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = text_config(model.config)
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
         flat = p.detach().reshape(-1)

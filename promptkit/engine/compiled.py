@@ -83,7 +83,7 @@ def default_mode() -> CompileMode:
 
 
 def graphs_dir() -> Path:
-    from .models import cache_dir
+    from ..models import cache_dir
 
     return cache_dir() / "graphs"
 

@@ -28,7 +28,7 @@ import torch
 
 from .chunk_store import ChunkStore, model_identity, write_store
 from .config import EngineConfig
-from .families import check_supported
+from .families import check_supported, text_config
 from .kv_pool import KVBudgetError, KVPool
 from .outputs import Outputs
 from .radix_cache import RadixCache
@@ -73,7 +73,7 @@ class Engine:
         check_supported(model.config)
         self.model = model
         self.eos_ids = set(eos_ids)
-        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        cfg = text_config(model.config)
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         p = next(model.parameters())
@@ -181,7 +181,7 @@ class Engine:
 
     def attention_to(self, tokens: list[int], query_from: int, num_layers: int, first_layer: int = 0) -> torch.Tensor:
         """See :meth:`ModelRunner.attention_to`; runs between engine steps."""
-        limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        limit = getattr(text_config(self.model.config), "max_position_embeddings", None)
         if limit and len(tokens) > limit:  # positions past the context would be attended to wrongly
             raise ValueError(f"{len(tokens)} tokens exceed the model's context of {limit}")
         with self._lock:

@@ -34,10 +34,15 @@ class UnsupportedModelError(ValueError):
     """A model the engine cannot run exactly."""
 
 
+def text_config(config: Any) -> Any:
+    """The decoder's config (a multimodal model's text part; else the config itself)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def check_supported(config: Any) -> None:
     """Raise :class:`UnsupportedModelError` naming the model type and the feature the engine
     does not reproduce; return quietly for a supported model."""
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    cfg = text_config(config)
     kind = getattr(cfg, "model_type", "?")
 
     def refuse(feature: str) -> None:

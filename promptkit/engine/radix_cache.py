@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -50,7 +51,8 @@ class CacheStats:
     evicted_tokens: int = 0
 
 
-def _common(a: tuple[int, ...], b: list[int], start: int) -> int:
+def common_prefix_length(a: Sequence[int], b: Sequence[int], start: int = 0) -> int:
+    """How many leading tokens of ``a`` equal ``b``'s from ``start`` on."""
     n = 0
     for x, y in zip(a, itertools.islice(b, start, None)):
         if x != y:
@@ -100,7 +102,7 @@ class RadixCache:
             child = node.children.get(tokens[pos])
             if child is None:
                 break
-            n = min(_common(child.tokens, tokens, pos), limit - pos)
+            n = min(common_prefix_length(child.tokens, tokens, pos), limit - pos)
             if n == 0:
                 break
             if n < len(child.tokens):

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from .families import text_config
+
 
 class ReuseUnsupportedError(ValueError):
     """A model whose stored KV cannot be moved to another position exactly."""
@@ -60,7 +62,7 @@ class Rerotator:
 
 def rerotator_for(model: Any) -> Rerotator:
     """The model's :class:`Rerotator`, or :class:`ReuseUnsupportedError` saying why there is none."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = text_config(model.config)
     kind = getattr(cfg, "model_type", "?")
 
     def refuse(why: str) -> ReuseUnsupportedError:

@@ -24,7 +24,7 @@ from .chunk_store import ChunkStore
 from .config import EngineConfig
 from .kv_pool import KVPool, split_runs
 from .prepack import first_fit_decreasing
-from .radix_cache import Node, RadixCache
+from .radix_cache import Node, RadixCache, common_prefix_length
 from .request import Kind, KVState, Request
 
 
@@ -282,15 +282,6 @@ class Scheduler:
 
 
 # -- cache-aware ordering ------------------------------------------------------------------
-def common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def shared_prefixes(prompts: list[list[int]], min_length: int = 16) -> list[tuple[int, ...]]:
     """Distinct prefixes of at least ``min_length`` tokens that two or more prompts share.
 

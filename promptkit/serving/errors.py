@@ -21,7 +21,7 @@ from ..backends.base import ContextLengthError, GenerationError
 from ..engine.chunk_store import StaleKVError
 from ..engine.engine import Cancelled
 from ..engine.families import UnsupportedModelError
-from ..engine.models import ModelNotFoundError
+from ..models import ModelNotFoundError
 from ..engine.rerotate import ReuseUnsupportedError
 from ..engine.weights import WeightFormatError
 

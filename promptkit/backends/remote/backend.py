@@ -597,7 +597,7 @@ def load_tokenizer(model: str, tokenizer: Any) -> Any:
         return tokenizer
     from transformers import AutoTokenizer
 
-    from ...engine.models import is_embedded, resolve_llm
+    from ...models import is_embedded, resolve_llm
 
     name = tokenizer if isinstance(tokenizer, str) else model
     if is_embedded(name):

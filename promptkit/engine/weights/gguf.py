@@ -101,7 +101,7 @@ def _row_order(arch: str, config: Any):
 
 def gguf_cache_file(gguf: str | Path | None) -> Path | None:
     """Where :func:`read_gguf_int4` keeps a GGUF's reordered Q4_1 blocks (under the promptkit cache)."""
-    from ..models import cache_dir
+    from ...models import cache_dir
 
     if gguf is None:
         return None

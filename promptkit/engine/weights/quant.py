@@ -106,7 +106,7 @@ class Int4Linear(nn.Module):
         """The float32 weight ``(code - 8) * scale + zero``, [out, in]."""
         codes = _in_weight_order(_nibbles(self.packed), self.out_features, self.in_features)
         scale, zero = self.scale_zero.float().transpose(0, 1).unbind(-1)
-        return _scaled(codes, scale, zero - 8 * scale)
+        return dequantize_int4(codes, scale, zero - 8 * scale)
 
 
 class Int8Linear(nn.Module):
@@ -151,14 +151,7 @@ class Int8Linear(nn.Module):
         codes = _in_weight_order(joined, self.out_features, self.in_features)
         scale = self.low.scale_zero[..., 0].float().transpose(0, 1)
         high_scale, high_zero = self.high.scale_zero.float().transpose(0, 1).unbind(-1)
-        return _scaled(codes, scale, high_zero - 8 * high_scale)
-
-
-def _scaled(codes: torch.Tensor, scales: torch.Tensor, minimums: torch.Tensor) -> torch.Tensor:
-    """``scale * code + minimum`` per group of 32, float32, [out, in]."""
-    n, k = codes.shape
-    w = codes.reshape(n, k // GROUP, GROUP).float() * scales[..., None] + minimums[..., None]
-    return w.reshape(n, k)
+        return dequantize_int4(codes, scale, high_zero - 8 * high_scale)
 
 
 def _int4_mm(x: torch.Tensor, lin: Int4Linear) -> torch.Tensor:
@@ -304,7 +297,8 @@ def _quantize_groups(w: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def dequantize_int4(codes: torch.Tensor, scales: torch.Tensor, minimums: torch.Tensor) -> torch.Tensor:
-    """The float32 weight ``scale * code + minimum`` (the GGUF's own de-quantization)."""
+    """The float32 weight ``scale * code + minimum`` per group of 32, [out, in] (for 4-bit codes, the
+    GGUF's own de-quantization)."""
     n, k = codes.shape
     w = scales.float()[..., None] * codes.reshape(n, k // GROUP, GROUP).float() + minimums.float()[..., None]
     return w.reshape(n, k)
