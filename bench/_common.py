@@ -78,7 +78,8 @@ def machine() -> dict:
     """The host a figure was measured on: device, CPU model and the features that set its speed."""
     import torch
 
-    from promptkit.engine.weights import cpu_features, cpu_model
+    from promptkit.doctor import cpu_model
+    from promptkit.engine.weights import cpu_features
 
     return {"device": "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
             "cpu": cpu_model(), "cpu_features": cpu_features().describe(),

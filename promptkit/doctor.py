@@ -35,6 +35,19 @@ def _attempt(name: str, essential: bool, fn: Callable[[], str], fix: str) -> Che
         return Check(name=name, ok=False, essential=essential, detail=f"{type(e).__name__}: {e}"[:500], fix=fix)
 
 
+def cpu_model() -> str:
+    """The CPU's model name as the OS reports it (``/proc/cpuinfo``), and its core count."""
+    name = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    import platform
+
+    return f"{name or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
 def check_models(load: bool = True) -> list[Check]:
     """The embedded models: installed, and (``load``) loadable with transformers / sentence-transformers."""
     from .models import DEFAULT_EMBEDDER, DEFAULT_LLM, embedded_status, resolve_embedder, resolve_llm
@@ -139,7 +152,7 @@ def check_torch(compile: bool = True) -> list[Check]:
 def check_weights() -> Check:
     """The CPU's features and the weight format ``LM()`` picks from them by default."""
     from .models import DEFAULT_LLM, gguf_source
-    from .engine.weights import FORMATS, cpu_features, cpu_model, default_format, is_q4_gguf, resolve_format
+    from .engine.weights import FORMATS, cpu_features, default_format, is_q4_gguf, resolve_format
 
     pinned = os.environ.get("PROMPTKIT_WEIGHTS")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..engine.selective import SelectivePrefill, carry_scores, filter_scores, kept_indices, spec_scores
+from ..engine.selective import SelectivePrefill, carry_scores, kept_indices, tail_scores
 
 
 def choose_tokens(backend: Any, ids: list[int], text: str | None, cfg: SelectivePrefill) -> list[int] | None:
@@ -15,7 +15,8 @@ def choose_tokens(backend: Any, ids: list[int], text: str | None, cfg: Selective
         return None
     if cfg.mode == "filter":
         layers = backend.model.config.get_text_config().num_hidden_layers
-        scores = filter_scores(backend.engine, ids, min(cfg.layer or max(1, layers // 3), layers), cfg.tail)
+        layer = min(cfg.layer or max(1, layers // 3), layers)
+        scores = tail_scores(backend.engine, ids, cfg.tail, layer, first_layer=layer - 1)
     else:
         scores = _draft_scores(backend, ids, text, cfg)
     return kept_indices(scores, cfg.keep, cfg.tail, cfg.sink)
@@ -29,7 +30,7 @@ def _draft_scores(backend: Any, ids: list[int], text: str | None, cfg: Selective
     draft = get_lm(cfg.draft)  # type: ignore[arg-type]
     layers = draft.backend.model.config.get_text_config().num_hidden_layers
     if draft.backend.tokenizer.get_vocab() == backend.tokenizer.get_vocab():
-        return spec_scores(draft.backend.engine, ids, cfg.tail, layers)
+        return tail_scores(draft.backend.engine, ids, cfg.tail, layers)
     if text is None:
         raise ValueError("a draft model with another tokenizer needs the prompt as text, not token ids")
     target = backend.tokenizer(text, return_offsets_mapping=True)  # as the backend encodes prompts
@@ -38,5 +39,5 @@ def _draft_scores(backend: Any, ids: list[int], text: str | None, cfg: Selective
     mine = draft.backend.tokenizer(text, return_offsets_mapping=True)
     tail_start = target["offset_mapping"][len(ids) - cfg.tail][0]
     tail = sum(1 for a, _ in mine["offset_mapping"] if a >= tail_start)
-    scores = spec_scores(draft.backend.engine, list(mine["input_ids"]), max(1, tail), layers)
+    scores = tail_scores(draft.backend.engine, list(mine["input_ids"]), max(1, tail), layers)
     return carry_scores(scores, mine["offset_mapping"], target["offset_mapping"])

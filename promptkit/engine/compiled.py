@@ -71,7 +71,7 @@ _children: set[subprocess.Popen] = set()
 
 def usable(lean: Any, pool: KVPool) -> bool:
     """Whether a decode graph applies: the lean forward, on CPU, with bfloat16 activations and KV."""
-    return (lean is not None and lean.rope_table and pool.kv.device.type == "cpu"
+    return (lean is not None and pool.kv.device.type == "cpu"
             and pool.kv.dtype == torch.bfloat16 and pool.capacity >= 8)
 
 
@@ -80,12 +80,6 @@ def default_mode() -> CompileMode:
     if mode not in MODES:
         raise ValueError(f"PROMPTKIT_COMPILE_DECODE={mode!r}: choose one of {', '.join(MODES)}")
     return mode  # type: ignore[return-value]
-
-
-def graphs_dir() -> Path:
-    from ..models import cache_dir
-
-    return cache_dir() / "graphs"
 
 
 def graph_key(spec: Spec) -> str:
@@ -100,7 +94,10 @@ def graph_key(spec: Spec) -> str:
 
 
 def graph_path(spec: Spec) -> Path:
-    return graphs_dir() / f"{graph_key(spec)}.so"
+    """The spec's library in the promptkit cache."""
+    from ..models import cache_dir
+
+    return cache_dir() / "graphs" / f"{graph_key(spec)}.so"
 
 
 class CompiledDecode:
@@ -241,7 +238,7 @@ def _stop_builds() -> None:
 
 
 def build(spec: Spec, path: Path) -> None:
-    """Export :func:`decode_step` for ``spec`` and compile it with AOTInductor into the library ``path``.
+    """Export :class:`DecodeStep` for ``spec`` and compile it with AOTInductor into the library ``path``.
 
     One build per path at a time (a lock file); a library already there is kept."""
     path.parent.mkdir(parents=True, exist_ok=True)

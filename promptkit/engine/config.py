@@ -114,11 +114,7 @@ class EngineConfig(BaseModel):
     @field_validator("sparse", mode="before")
     @classmethod
     def _sparse(cls, v: Any) -> Any:
-        if v is True:
-            return SparseConfig()
-        if v is False:
-            return None
-        return v
+        return (SparseConfig() if v else None) if isinstance(v, bool) else v
 
     @classmethod
     def split(cls, options: dict[str, Any]) -> tuple[EngineConfig, dict[str, Any]]:

@@ -3,7 +3,7 @@
 :func:`describe` turns a bound lean forward into a *spec* (a JSON-able
 description: head counts, epsilons, how each projection multiplies, and the
 shape and dtype of every weight tensor) and the flat list of those tensors.
-:func:`decode_step` computes one token's logits from the spec, the tensors and
+:class:`DecodeStep` computes one token's logits from the spec, the tensors and
 the KV pool, through the same layer definition as the lean forward
 (:mod:`.llama`). The weights are arguments, never constants, so a graph
 compiled from a spec serves every model of that shape and format, and a
@@ -62,36 +62,6 @@ def split(spec: Spec, weights: list[torch.Tensor]) -> tuple[Projection, list[Lay
     return embed, layers, next(flat), product()
 
 
-def decode_step(spec: Spec, weights: list[torch.Tensor], ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv: torch.Tensor, runs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits [1, V] of the token ``ids`` [1] and its keys and values [L, 2, Hkv, D].
-
-    ``cos``, ``sin`` [1, 1, D]: the lean forward's rotation at the token's position. ``kv``: the
-    whole pool [L, 2, Hkv, slots, D]; ``runs`` [RUNS, 3]: the runs of slots ``(start, length, used)``
-    holding the keys before the token (a run not used has ``used`` 0 and is attended to by no
-    query). The new key and value are returned, not written.
-    """
-    embed, layers, norm, head = split(spec, weights)
-    hq, hkv = spec["heads"], spec["kv_heads"]
-    spans = []
-    for start, length in runs[:, :2].tolist():
-        torch._check(start >= 0)
-        torch._check(length >= 1)
-        torch._check(start + length <= kv.shape[3])
-        spans.append(kv.narrow(3, start, length))
-    unused = runs[:, 2] == 0  # [RUNS]
-    h = lookup(embed.kind, embed.tensors, ids)  # [1, hidden]
-    new = []
-    for i, w in enumerate(layers):
-        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: int = i, w: LayerWeights = w):
-            new.append(torch.stack((k[0], v[0])))
-            return _attend(q[0].view(hkv, hq // hkv, -1), k[0], v[0], [s[i] for s in spans], unused, w.scaling)
-
-        h = layer(h, cos, sin, w, hq, hkv, attend)
-    logits = kernel_product(head.kind, head.tensors, rms_norm(h, norm, spec["norm_eps"]))
-    return logits, torch.stack(new)
-
-
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: list[torch.Tensor], unused: torch.Tensor,
             scale: float) -> torch.Tensor:
     """q [Hkv, g, D] (the query heads of each KV head) over the cached K/V ``spans`` (each
@@ -106,7 +76,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: list[torch
 
 
 class DecodeStep(nn.Module):
-    """:func:`decode_step` over a fixed spec, as the module that ``torch.export`` traces."""
+    """The decode step over a fixed spec: the module that ``torch.export`` traces."""
 
     def __init__(self, spec: Spec) -> None:
         super().__init__()
@@ -114,4 +84,29 @@ class DecodeStep(nn.Module):
 
     def forward(self, ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor, runs: torch.Tensor,
                 weights: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return decode_step(self.spec, weights, ids, cos, sin, kv, runs)
+        """Logits [1, V] of the token ``ids`` [1] and its keys and values [L, 2, Hkv, D].
+
+        ``cos``, ``sin`` [1, 1, D]: the lean forward's rotation at the token's position. ``kv``: the
+        whole pool [L, 2, Hkv, slots, D]; ``runs`` [RUNS, 3]: the runs of slots ``(start, length, used)``
+        holding the keys before the token (a run not used has ``used`` 0 and is attended to by no
+        query). The new key and value are returned, not written.
+        """
+        embed, layers, norm, head = split(self.spec, weights)
+        hq, hkv = self.spec["heads"], self.spec["kv_heads"]
+        spans = []
+        for start, length in runs[:, :2].tolist():
+            torch._check(start >= 0)
+            torch._check(length >= 1)
+            torch._check(start + length <= kv.shape[3])
+            spans.append(kv.narrow(3, start, length))
+        unused = runs[:, 2] == 0  # [RUNS]
+        h = lookup(embed.kind, embed.tensors, ids)  # [1, hidden]
+        new = []
+        for i, w in enumerate(layers):
+            def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: int = i, w: LayerWeights = w):
+                new.append(torch.stack((k[0], v[0])))
+                return _attend(q[0].view(hkv, hq // hkv, -1), k[0], v[0], [s[i] for s in spans], unused, w.scaling)
+
+            h = layer(h, cos, sin, w, hq, hkv, attend)
+        logits = kernel_product(head.kind, head.tensors, rms_norm(h, norm, self.spec["norm_eps"]))
+        return logits, torch.stack(new)

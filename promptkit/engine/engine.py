@@ -78,18 +78,16 @@ class Engine:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         p = next(model.parameters())
         dtype = p.dtype if p.dtype.is_floating_point else torch.float32
-        self.device = p.device
         self.pool = KVPool(cfg.num_hidden_layers, kv_heads, head_dim, dtype, p.device, self.config.max_kv_bytes)
         self.cache = RadixCache(self.pool, enabled=self.config.prefix_cache)
         self.chunks = ChunkStore(self.pool, self.cache.tick)
         self.scheduler = Scheduler(self.pool, self.cache, self.config, self.chunks)
         # Binding the lean forward converts weights: on a thread of its own (see threads.py).
-        self.runner = on_fresh_thread(ModelRunner, model, self.pool, self.cache, self.config.sparse,
-                                      self.config.lean_forward, self.config.compile_decode)
+        self.runner = on_fresh_thread(ModelRunner, model, self.pool, self.config.sparse, self.config.lean_forward,
+                                      self.config.compile_decode)
         self.vocab_size = model.get_output_embeddings().out_features if model.get_output_embeddings() is not None \
             else model.config.vocab_size
-        self.reuse = Assembler(model, self.pool, self.cache, self.chunks, self.scheduler, self.runner,
-                               self._run_jobs, self.config.max_batch_tokens)
+        self.reuse = Assembler(model, self.scheduler, self.runner, self._run_jobs, self._prefill_prefixes)
         self.steps = 0
         self.outputs = Outputs(self.scheduler, self.eos_ids, self.vocab_size, self.config.fast_forward)
         self._lock = threading.RLock()  # held by the loop for each step, and by side passes (exclusive())
@@ -325,14 +323,19 @@ class Engine:
             return
         prompts = [r.tokens[: shareable(r)] for r in fresh]
         for level in prefix_job_steps(shared_prefixes(prompts, self.config.share_min_tokens)):
-            jobs = self.scheduler.start_prefix_jobs(level)
             try:
-                self._run_jobs(jobs)
+                self._prefill_prefixes(level)
             except Exception:  # sharing is an optimisation: the requests prefill their own prompts
                 log.exception("prefix prefill failed")
-                for r in jobs:
-                    self.scheduler.retire(r, keep=False)
                 return
+
+    def _prefill_prefixes(self, prefixes: list[tuple[int, ...]]) -> None:
+        """Prefill into the prefix tree those of ``prefixes`` not cached yet (skipped where the pool
+        has no room); a job that did not finish frees its slots, on every path."""
+        jobs = [r for p in prefixes if (r := self.scheduler.start_job(list(p))) is not None]
+        try:
+            self._run_jobs(jobs)
+        finally:
             for r in jobs:
                 self.scheduler.retire(r, keep=r.pending == 0)
 

@@ -16,7 +16,6 @@ def fast_forward(r: Request, vocab_size: int) -> str | None:
         r.processor.seen += 1
         r.tokens.append(tok)
         r.generated.append(tok)
-        r.counts.fast_forwarded += 1
         if r.events is not None:
             r.events.put(tok)
         if r.processor.finished or (r.stop_check is not None and r.stop_check(r.generated)):

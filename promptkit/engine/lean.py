@@ -69,18 +69,13 @@ class LeanForward:
         self.kv_heads = getattr(model.config, "num_key_value_heads", None) or self.heads
         self.window = getattr(model.config, "sliding_window", None) if model.config.model_type == "mistral" else None
         self.layers = [_bind(lay) for lay in base.layers]
-        rope_type = getattr(base.rotary_emb, "rope_type", "default")
-        # A RoPE whose frequencies depend on the sequence length is computed per forward, not tabled.
-        self.rope_table = "dynamic" not in rope_type and rope_type != "longrope"
+        # A table serves: RoPE whose frequencies depend on the sequence length is refused (families.py).
         self._cos = self._sin = None  # [positions, D]; sin negated on its first half (see rope)
 
     def rope(self, h: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin [T, 1, D] for ``position_ids`` [1, T]: ``x * cos + swap(x) * sin``, with
         ``swap`` exchanging the halves of x, is transformers' ``x * cos + rotate_half(x) * sin``
         (negating x or the sine gives the same float)."""
-        if not self.rope_table:
-            cos, sin = self.base.rotary_emb(h[None], position_ids)
-            return cos[0, :, None], _signed(sin[0])[:, None]
         needed = int(position_ids.max()) + 1
         if self._cos is None or self._cos.shape[0] < needed or self._cos.dtype != h.dtype:
             n = max(needed, 2 * (0 if self._cos is None else self._cos.shape[0]), 4096)

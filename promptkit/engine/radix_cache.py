@@ -75,10 +75,6 @@ class RadixCache:
         self._heap: list[tuple[int, int, Node]] = []  # (last access, tiebreak, leaf) candidates
         self._seq = itertools.count()
 
-    @property
-    def evictable_tokens(self) -> int:
-        return self.cached_tokens - self.locked_tokens
-
     def tick(self) -> int:
         """The next time on the LRU clock (shared with the chunk store)."""
         return next(self._clock)
@@ -184,13 +180,8 @@ class RadixCache:
     def evict(self, tokens: int) -> int:
         """Free at least ``tokens`` slots from unlocked leaves, least recently used first."""
         freed = 0
-        while freed < tokens and self._heap:
-            t, _, leaf = heapq.heappop(self._heap)
-            if leaf.parent is None or leaf.children or leaf.lock_ref:
-                continue  # gone, grew children or locked since it was pushed
-            if leaf.last_access != t:
-                self._push(leaf)  # used since: back in the queue at its new time
-                continue
+        while freed < tokens and self.oldest() is not None:  # the heap's top is now a current leaf
+            leaf = heapq.heappop(self._heap)[2]
             parent = leaf.parent
             del parent.children[leaf.tokens[0]]
             leaf.parent = None
@@ -219,7 +210,8 @@ class RadixCache:
     def size_info(self) -> dict[str, int]:
         bpt = self.pool.bytes_per_token
         return {"nodes": len(self.nodes()), "tokens": self.cached_tokens, "bytes": self.cached_tokens * bpt,
-                "locked_bytes": self.locked_tokens * bpt, "evictable_bytes": self.evictable_tokens * bpt}
+                "locked_bytes": self.locked_tokens * bpt,
+                "evictable_bytes": (self.cached_tokens - self.locked_tokens) * bpt}
 
     def check_integrity(self) -> None:
         """Raise AssertionError if the tree's invariants do not hold."""

@@ -54,7 +54,7 @@ class KVState:
     The first ``cached_len`` tokens are in the radix tree (the locked path ending at ``node``),
     the rest in the request's own pool ``runs``, of which ``own_len`` are computed. A request
     whose documents reuse stored KV has its own slots filled from the chunk store first; then only
-    the positions in ``todo`` are computed (``todo_done`` of them so far).
+    the positions in ``todo`` are computed (those still to compute stay in it).
     """
 
     node: Node | None = None
@@ -62,7 +62,6 @@ class KVState:
     runs: list[Run] = field(default_factory=list)
     own_len: int = 0
     todo: list[int] | None = None  # ascending
-    todo_done: int = 0
     exact_len: int | None = None  # KV past this position is reused (never handed to the prefix tree)
     admitted_seq: int = -1  # admission order (the youngest is preempted first)
     preemptions: int = 0
@@ -81,7 +80,6 @@ class Counts:
     reused_tokens: int = 0  # prompt tokens whose KV came from the chunk store and was kept
     recomputed_tokens: int = 0  # document tokens taken from the store, then recomputed in context
     stored_tokens: int = 0  # document tokens encoded alone into the store for this request
-    fast_forwarded: int = 0  # generated tokens the grammar forced, appended without sampling
 
 
 @dataclass(eq=False)
@@ -126,16 +124,12 @@ class Request:
     def computed(self) -> int:
         """Tokens before which every position has KV."""
         kv = self.kv
-        if kv.todo is not None and kv.todo_done < len(kv.todo):
-            return kv.todo[kv.todo_done]
-        return kv.cached_len + kv.own_len
+        return kv.todo[0] if kv.todo else kv.cached_len + kv.own_len
 
     @property
     def pending(self) -> int:
         """Tokens whose KV the next forwards must compute before the request can sample or finish."""
-        if self.kv.todo is not None:
-            return len(self.kv.todo) - self.kv.todo_done
-        return len(self.tokens) - self.computed
+        return len(self.tokens) - self.computed if self.kv.todo is None else len(self.kv.todo)
 
     def position(self, index: int) -> int:
         """The position (RoPE) of token ``index``."""
@@ -157,8 +151,7 @@ class Request:
     def todo_positions(self, n: int) -> list[int] | None:
         """Positions of the next ``n`` tokens to compute when they are scattered (an assembled
         prefill), else None (they are ``computed .. computed + n``)."""
-        kv = self.kv
-        return None if kv.todo is None else kv.todo[kv.todo_done : kv.todo_done + n]
+        return None if self.kv.todo is None else self.kv.todo[:n]
 
     def check(self, kv_slots: int, bytes_per_token: int, layers: int) -> None:
         """Refuse a request no engine step could serve (a clear error before it is queued)."""
@@ -174,13 +167,12 @@ class Request:
         seed = self.params.seed
         if seed is not None and not -(2**63) <= seed < 2**63:  # one bad seed would fail its whole batch
             raise ValueError(f"seed must be a 64-bit signed integer; got {seed}")
-        if self.positions is not None:
-            if len(self.positions) != self.prompt_len or any(b <= a for a, b in zip(self.positions, self.positions[1:])) \
-                    or self.positions[0] < 0:
-                raise ValueError("positions must give each prompt token a position, in increasing order")
-            if self.reuse is not None and self.reuse.config.reuses:
-                raise ValueError("selective prefill and documents' reused KV cannot be combined in one request")
+        if self.positions is not None and (len(self.positions) != self.prompt_len or self.positions[0] < 0
+                                           or any(b <= a for a, b in zip(self.positions, self.positions[1:]))):
+            raise ValueError("positions must give each prompt token a position, in increasing order")
         if self.reuse is not None and self.reuse.config.reuses:
+            if self.positions is not None:
+                raise ValueError("selective prefill and documents' reused KV cannot be combined in one request")
             end = 0
             for s, e in self.reuse.spans:
                 if not end <= s < e <= self.prompt_len:

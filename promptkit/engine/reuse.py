@@ -31,9 +31,8 @@ from typing import Any
 
 import torch
 
-from .chunk_store import Chunk, ChunkStore, chunk_key
-from .kv_pool import KVPool, run_slots, split_runs
-from .radix_cache import RadixCache
+from .chunk_store import Chunk, chunk_key
+from .kv_pool import run_slots, split_runs
 from .request import Kind, Request
 from .rerotate import Rerotator, ReuseUnsupportedError, rerotator_for
 from .runner import ModelRunner
@@ -57,11 +56,12 @@ class _Plan:
 class Assembler:
     """Fills the chunk store and assembles requests from it (see the module docstring)."""
 
-    def __init__(self, model: Any, pool: KVPool, cache: RadixCache, store: ChunkStore, scheduler: Scheduler,
-                 runner: ModelRunner, run_jobs: Callable[[list[Request]], None], max_batch_tokens: int) -> None:
-        self.model, self.pool, self.cache, self.store = model, pool, cache, store
-        self.scheduler, self.runner, self.run_jobs = scheduler, runner, run_jobs
-        self.max_batch_tokens = max_batch_tokens
+    def __init__(self, model: Any, scheduler: Scheduler, runner: ModelRunner, run_jobs: Callable[[list[Request]], None],
+                 prefill_prefixes: Callable[[list[tuple[int, ...]]], None]) -> None:
+        self.model, self.scheduler, self.runner = model, scheduler, runner
+        self.run_jobs, self.prefill_prefixes = run_jobs, prefill_prefixes
+        self.pool, self.cache, self.store = scheduler.pool, scheduler.cache, scheduler.store
+        self.max_batch_tokens = scheduler.config.max_batch_tokens
         self._rerotator: Rerotator | ReuseUnsupportedError | None = None
         self.reused_tokens = self.recomputed_tokens = 0
 
@@ -94,11 +94,7 @@ class Assembler:
         if not misses:
             return {}
         if self.cache.enabled:  # each lead-in once, into the prefix tree, ahead of its chunks
-            leads = sorted({lead for lead, _ in misses.values() if lead}, key=len)
-            jobs = self.scheduler.start_prefix_jobs(leads)
-            self.run_jobs(jobs)
-            for job in jobs:
-                self.scheduler.retire(job, keep=job.pending == 0)
+            self.prefill_prefixes(sorted({lead for lead, _ in misses.values() if lead}, key=len))
         started = []
         for key, (lead, toks) in misses.items():
             job = self.scheduler.start_job(list(lead + toks), match_limit=len(lead))
@@ -211,7 +207,7 @@ class Assembler:
             r.counts.recomputed_tokens, r.counts.reused_tokens = recomputed, p.reused - recomputed
             self.recomputed_tokens += recomputed
             self.reused_tokens += p.reused - recomputed
-            r.kv.todo, r.kv.todo_done = (p.compute.nonzero()[:, 0] + r.kv.cached_len).tolist(), 0
+            r.kv.todo = (p.compute.nonzero()[:, 0] + r.kv.cached_len).tolist()
 
     def _deviations(self, plans: list[_Plan], layer: int) -> list[torch.Tensor]:
         """Run each plan's positions up to ``layer`` in context (the layers before it now hold the

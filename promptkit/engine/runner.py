@@ -22,9 +22,7 @@ from .compiled import usable as compiled_usable
 from .kv_pool import KVPool, merge_runs, run_slots, split_runs
 from .lean import LeanForward
 from .lean import supports as lean_supports
-from .prepack import packed_positions
 from .probe import AttentionProbe, DeviationProbe, first_layers
-from .radix_cache import RadixCache
 from .request import Kind, Request
 from .sparse import SparseConfig, SparseStats, sparse_attention
 from .weights import model_bytes
@@ -35,10 +33,10 @@ SPARSE_MIN_CHUNK = 128  # a prefill chunk shorter than this gains nothing from s
 class ModelRunner:
     """Runs a transformers causal LM whose attention goes through the engine's KV pool."""
 
-    def __init__(self, model: Any, pool: KVPool, cache: RadixCache, sparse: SparseConfig | None = None,
-                 lean: bool = True, compile_decode: str = "auto") -> None:
+    def __init__(self, model: Any, pool: KVPool, sparse: SparseConfig | None = None, lean: bool = True,
+                 compile_decode: str = "auto") -> None:
         register()
-        self.model, self.pool, self.cache = model, pool, cache
+        self.model, self.pool = model, pool
         self.lean = LeanForward(model) if lean and lean_supports(model) else None
         self.compiled = CompiledDecode(self.lean, pool, compile_decode) \
             if compile_decode != "off" and compiled_usable(self.lean, pool) else None
@@ -75,7 +73,8 @@ class ModelRunner:
             rows.extend(range(offset + lo, offset + hi))
             offset += n
         keep = torch.tensor(rows or [0], device=self.device)  # an empty tensor would mean "every row"
-        logits = self._run(input_ids, positions, keep, AttentionBackend(layout, self.pool.kv, self._sparse_fn()))
+        sparse = self._sparse if self.sparse_config is not None else None
+        logits = self._run(input_ids, positions, keep, AttentionBackend(layout, self.pool.kv, sparse))
         return logits[0].float(), spans
 
     def _compiled_step(self, r: Request, n: int) -> torch.Tensor | None:
@@ -89,9 +88,6 @@ class ModelRunner:
         own, _ = split_runs(r.kv.runs, r.kv.own_len + 1)
         past, last = split_runs(merge_runs([p.run for p in path] + own), r.computed)
         return self.compiled.step(r.tokens[r.computed], r.position(r.computed), past, last[0][0])  # type: ignore[union-attr]
-
-    def _sparse_fn(self) -> Any:
-        return self._sparse if self.sparse_config is not None else None
 
     def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor, backend: Any,
              layers: int | None = None) -> torch.Tensor | None:
@@ -151,7 +147,7 @@ class ModelRunner:
             offset += n
         layout = BatchLayout(segs, self._prefix_groups(groups),
                              write_slots=run_slots([w for ws in writes for w in ws], self.device))
-        positions = packed_positions(starts, [n for _, n in batch], self.device)
+        positions = torch.cat([torch.arange(s, s + n, device=self.device) for s, (_, n) in zip(starts, batch)])
         for seg, (r, n) in zip(segs, batch):
             if seg.positions is not None:  # scattered among reused KV
                 positions[seg.start : seg.start + seg.length] = seg.positions
@@ -208,18 +204,11 @@ def _attention_of(model: Any, name: str) -> Iterator[None]:
 def logit_rows(r: Request, n: int) -> tuple[int, int]:
     """Rows (relative to the request's segment) whose logits a forward of ``n`` tokens must produce:
     scored tokens, or the last token when the request samples next."""
-    if r.kv.todo is not None:  # scattered: the wanted positions are the last ones, which are consecutive
-        pos = r.todo_positions(n)
-        first, end = pos[-1] + 1 - n, pos[-1] + 1  # type: ignore[index]
-        if r.kind == Kind.SCORE:
-            lo, hi = max(first, r.score_from - 1), min(end, r.prompt_len - 1)
-            assert hi <= lo or pos[lo - first] == lo, "scored positions must be computed together"  # type: ignore[index]
-            return (lo - first, hi - first) if hi > lo else (0, 0)
-        return (n - 1, n) if r.kind == Kind.GENERATE and end == len(r.tokens) else (0, 0)
-    first, end = r.computed, r.computed + n
+    pos = r.todo_positions(n)  # scattered: the wanted positions are the last ones, which are consecutive
+    end = r.computed + n if pos is None else pos[-1] + 1
+    first = end - n
     if r.kind == Kind.SCORE:
         lo, hi = max(first, r.score_from - 1), min(end, r.prompt_len - 1)
+        assert pos is None or hi <= lo or pos[lo - first] == lo, "scored positions must be computed together"
         return (lo - first, hi - first) if hi > lo else (0, 0)
-    if r.kind == Kind.GENERATE and end == len(r.tokens):
-        return n - 1, n
-    return 0, 0
+    return (n - 1, n) if r.kind == Kind.GENERATE and end == len(r.tokens) else (0, 0)

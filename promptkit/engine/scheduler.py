@@ -23,7 +23,6 @@ from collections import deque
 from .chunk_store import ChunkStore
 from .config import EngineConfig
 from .kv_pool import KVPool, split_runs
-from .prepack import first_fit_decreasing
 from .radix_cache import Node, RadixCache, common_prefix_length
 from .request import Kind, KVState, Request
 
@@ -32,7 +31,7 @@ class Scheduler:
     """Queues of waiting and running requests over one KV pool and its prefix tree."""
 
     def __init__(self, pool: KVPool, cache: RadixCache, config: EngineConfig,
-                 store: ChunkStore | None = None) -> None:
+                 store: ChunkStore) -> None:
         self.pool, self.cache, self.config, self.store = pool, cache, config, store
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -107,7 +106,7 @@ class Scheduler:
             return True
         if protect is not None:
             self.cache.lock(protect)
-        if self.store is None or not len(self.store):
+        if not len(self.store):
             self.cache.evict(need - self.pool.free_slots)
         else:  # the least recently used of tree leaves and stored chunks goes first
             while self.pool.free_slots < need:
@@ -122,14 +121,10 @@ class Scheduler:
             self.cache.unlock(protect)
         return self.pool.free_slots >= need
 
-    def start_prefix_jobs(self, prefixes: list[tuple[int, ...]]) -> list[Request]:
-        """Prefix jobs for ``prefixes`` not yet cached, admitted outside ``running`` (skipped when
-        the pool has no room for them: sharing is an optimisation, never a reason to preempt)."""
-        return [r for p in prefixes if (r := self.start_job(list(p))) is not None]
-
     def start_job(self, tokens: list[int], match_limit: int | None = None) -> Request | None:
-        """An internal prefix job computing ``tokens`` past their cached prefix (at most
-        ``match_limit`` tokens of it), or None when all are cached or the pool has no room."""
+        """An internal prefix job, admitted outside ``running``, computing ``tokens`` past their cached
+        prefix (at most ``match_limit`` tokens of it); None when all are cached or the pool has no
+        room (a job is an optimisation, never a reason to preempt)."""
         r = Request(tokens=tokens, kind="prefix")
         node, n = self.cache.match_prefix(r.tokens, match_limit)
         if n >= len(tokens) or not self._make_room(len(tokens) - n, protect=node):
@@ -166,10 +161,11 @@ class Scheduler:
         batch = [(r, 1) for r in reqs if r.pending == 1][: self.config.max_batch_tokens]
         room = self.config.max_batch_tokens - len(batch)
         prefilling = [r for r in reqs if r.pending > 1]
-        if prefilling and room > 0:
-            need = [r.pending for r in prefilling]
-            for i in first_fit_decreasing(need, room)[0]:
-                batch.append((prefilling[i], min(need[i], room)))
+        left = room
+        for r in sorted(prefilling, key=lambda r: -r.pending) if room > 0 else ():  # first fit, decreasing
+            if r.pending <= left or left == room:  # the longest always (chunked when over the budget)
+                batch.append((r, min(r.pending, left)))
+                left -= r.pending
         planned = []
         for r, n in batch:
             if not internal and r not in self.running:
@@ -229,9 +225,9 @@ class Scheduler:
         kv = r.kv
         if kv.todo is not None:  # an assembled prefill: the rest of the prompt is reused KV
             self.cache.stats.tokens_prefilled += n
-            kv.todo_done += n
-            if kv.todo_done == len(kv.todo):
-                kv.todo, kv.todo_done, kv.own_len = None, 0, r.prompt_len - kv.cached_len
+            kv.todo = kv.todo[n:]
+            if not kv.todo:
+                kv.todo, kv.own_len = None, r.prompt_len - kv.cached_len
             return
         if r.computed < r.prompt_len:
             self.cache.stats.tokens_prefilled += min(n, r.prompt_len - r.computed)
@@ -276,8 +272,8 @@ class Scheduler:
         self.pool.check()
         self.cache.check_integrity()
         owned = sum(r.kv.capacity for r in self.running)
-        stored = self.store.tokens if self.store is not None else 0
-        assert self.cache.cached_tokens + stored + owned + self.pool.free_slots == self.pool.capacity, "slots leaked"
+        held = self.cache.cached_tokens + self.store.tokens + owned
+        assert held + self.pool.free_slots == self.pool.capacity, "slots leaked"
         assert not any(r.kv.runs or r.kv.node for r in self.waiting), "a waiting request holds KV"
 
 

@@ -64,16 +64,11 @@ def kept_indices(scores: torch.Tensor, keep: float, tail: int, sink: int) -> lis
     return sorted({*ends, *chosen.tolist()})
 
 
-def filter_scores(engine: object, tokens: list[int], layer: int, tail: int) -> torch.Tensor:
-    """GemFilter's scores: the attention the last ``tail`` tokens pay to each token at ``layer``
-    (1-based: the first ``layer`` layers of the target run, nothing after)."""
-    return engine.attention_to(tokens, max(1, len(tokens) - tail), layer, layer - 1)  # type: ignore[attr-defined]
-
-
-def spec_scores(engine: object, tokens: list[int], tail: int, layers: int) -> torch.Tensor:
-    """SpecPrefill's scores from a draft model: the attention its last ``tail`` tokens pay to each
-    token, averaged over its ``layers`` layers."""
-    return engine.attention_to(tokens, max(1, len(tokens) - tail), layers, 0)  # type: ignore[attr-defined]
+def tail_scores(engine: object, tokens: list[int], tail: int, layers: int, first_layer: int = 0) -> torch.Tensor:
+    """The attention the last ``tail`` tokens pay to each token, averaged over layers ``first_layer ..
+    layers - 1`` (the layers after those do not run): GemFilter's scores from the target's layer
+    ``layers`` alone (``first_layer = layers - 1``), SpecPrefill's from every layer of a draft."""
+    return engine.attention_to(tokens, max(1, len(tokens) - tail), layers, first_layer)  # type: ignore[attr-defined]
 
 
 def carry_scores(scores: torch.Tensor, source: Sequence[tuple[int, int]], target: Sequence[tuple[int, int]]

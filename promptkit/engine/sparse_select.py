@@ -30,8 +30,7 @@ def _always_kept(cfg: SparseConfig, nq: int, nk: int, off_b: int, device: torch.
     """[nq, nk] bool: sink, local window and diagonal blocks."""
     j = torch.arange(nk, device=device)[None, :]
     diag = (torch.arange(nq, device=device) + off_b)[:, None]
-    keep = (j < cfg.sink_blocks) | ((j <= diag) & (j >= diag - cfg.local_blocks))
-    return keep & (j <= diag)
+    return ((j < cfg.sink_blocks) | (j >= diag - cfg.local_blocks)) & (j <= diag)
 
 
 def _budget(n: torch.Tensor, cfg: SparseConfig, unit: int) -> torch.Tensor:
@@ -89,10 +88,9 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, cfg: SparseConfig, scale: fl
         return causal.expand(h, nq, nk).clone(), ["dense"] * h
 
     # True attention of the last real block of queries, over every key position.
-    last_q = q_end
-    q_last = q[:, max(0, last_q - bs) : last_q].float() * scale  # [H, b, D]
+    q_last = q[:, max(0, q_end - bs) : q_end].float() * scale  # [H, b, D]
     b = q_last.shape[1]
-    q0 = off_b * bs + last_q - b  # absolute key position of the first of these queries
+    q0 = off_b * bs + q_end - b  # absolute key position of the first of these queries
     kf = k.float()
     logits = torch.einsum("gqd,gkd->gqk", q_last.reshape(hkv, -1, d), kf).reshape(h, b, lk)
     future = torch.arange(q0, lk, device=dev)[None, :] > torch.arange(q0, q0 + b, device=dev)[:, None]
@@ -108,23 +106,17 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, cfg: SparseConfig, scale: fl
     a_est = torch.softmax(est.masked_fill(~vis, float("-inf")), -1)
     query_aware = _sqrt_js(a_true, a_est) < cfg.tau  # [H]
 
-    patterns: list[Pattern] = []
-    qa_sel = None
-    if bool(query_aware.any()):
+    aware = query_aware.tolist()
+    qa_sel = vs_sel = torch.zeros_like(keep)
+    if any(aware):
         q_pool = _pool(q.float(), bs)  # [H, nq, D]
         s = torch.einsum("hqd,hkd->hqk", q_pool, k_pool) * scale
         probs = torch.softmax(s.masked_fill(~causal, float("-inf")), -1)
         qa_sel = _top_mass(probs, cfg.gamma, cfg, bs)
-    vs_sel = None
-    if bool((~query_aware).any()):
+    if not all(aware):
         vs_sel = _vertical_slash(attn, q0, keep[0, last_blk - off_b], cfg, nq, nk, off_b)
-    for i in range(h):
-        if bool(query_aware[i]):
-            keep[i] |= qa_sel[i]
-            patterns.append("query_aware")
-        else:
-            keep[i] |= vs_sel[i]
-            patterns.append("vertical_slash")
+    keep |= torch.where(query_aware[:, None, None], qa_sel, vs_sel)
+    patterns: list[Pattern] = ["query_aware" if a else "vertical_slash" for a in aware]
     return _widen_to_min_budget(keep & causal, causal, off_b, cfg), patterns
 
 

@@ -108,7 +108,6 @@ class AttentionBackend:
                  v_pool: torch.Tensor, scale: float, out: torch.Tensor, lse: torch.Tensor | None) -> None:
         """One segment that is not short: its rows of ``out`` (and of ``lse`` where prefix groups follow)."""
         s, e = seg.start, seg.start + seg.length
-        final = seg.positions is not None or (seg.sparse and self.sparse is not None)  # no prefix group joins
         if seg.positions is not None:  # scattered queries over all their keys, masked by position
             k, v = gather_kv(k_pool, seg.keys), gather_kv(v_pool, seg.keys)
             out[:, s:e] = attend_lse(q[:, s:e], k, v, scale, seg.positions)[0]
@@ -126,7 +125,7 @@ class AttentionBackend:
             if lse is not None:
                 lse[:, s:e] = l_
             return
-        if lse is not None and final:
+        if lse is not None:  # scattered or sparse: no prefix group joins these rows
             lse[:, s:e] = 0.0
 
     def _one_step(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, scale: float) -> torch.Tensor:

@@ -31,7 +31,7 @@ it picks and the output projection uses ``aten._weight_int8pack_mm``.
 
 
 # The names of the package, re-exported from its modules.
-from .cpu import CpuFeatures, cpu_features, cpu_model  # noqa: F401
+from .cpu import CpuFeatures, cpu_features  # noqa: F401
 from .formats import (DEFAULT_ORDER, FORMATS, INT4,  # noqa: F401
                       WeightFormatError, WeightReport, activation_dtype, apply_format,
                       default_format, resolve_format)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import cache
 
@@ -40,20 +39,6 @@ class CpuFeatures:
     def describe(self) -> str:
         amx = "usable" if self.amx_usable else "listed but not enabled by the kernel" if self.amx_listed else "no"
         return f"{self.capability}, AVX512-BF16 {'yes' if self.avx512_bf16 else 'no'}, AMX {amx}"
-
-
-@cache
-def cpu_model() -> str:
-    """The CPU's model name as the OS reports it (``/proc/cpuinfo``), and its core count."""
-    name = ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
-    import platform
-
-    return f"{name or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
 @cache

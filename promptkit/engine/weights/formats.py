@@ -103,7 +103,7 @@ def apply_format(model: nn.Module, fmt: str, gguf: str | Path | None = None,
     act = dtype or activation_dtype(fmt, device)
     report = WeightReport(format=fmt, activation_dtype=str(act).removeprefix("torch."))
     if fmt.startswith("int"):
-        source = read_gguf_int4(gguf, model, gguf_cache) if gguf and fmt in INT4 else GGUFInt4()
+        source = read_gguf_int4(gguf, model, gguf_cache) if gguf and fmt in INT4 else {}
         _quantize_linears(model, fmt, act, source, report)
     for p in model.parameters():  # norms and anything left in float; buffers (rotary frequencies) stay as they are
         p.data = p.data.to(act)
@@ -119,7 +119,7 @@ def _quantize_linears(model: nn.Module, fmt: str, act: torch.dtype, source: GGUF
         for child_name, child in list(parent.named_children()):
             if not isinstance(child, nn.Linear) or child is head:
                 continue
-            setattr(parent, child_name, _compact_linear(child, fmt, act, source.blocks.get(params[id(child.weight)]),
+            setattr(parent, child_name, _compact_linear(child, fmt, act, source.get(params[id(child.weight)]),
                                                         report))
     # Embedding and output projection: one int8 table with a scale per row (kept tied when tied).
     q, s = quantize_int8_rows(embed.weight.detach())

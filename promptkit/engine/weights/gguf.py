@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +33,8 @@ def q4_1_blocks(raw: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor
     codes = torch.stack([qs & 0x0F, qs >> 4], -2).reshape(n, k)
     return codes, scales, minimums
 
-
-@dataclass
-class GGUFInt4:
-    """The Q4_1 blocks of a GGUF file, by the name of the transformers parameter they became."""
-
-    blocks: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+# The Q4_1 blocks of a GGUF file (codes, scales, minimums), by the transformers parameter they became.
+GGUFInt4 = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def read_gguf_int4(path: str | Path, model: nn.Module, cache: str | Path | None = None) -> GGUFInt4:
@@ -63,11 +58,8 @@ def read_gguf_int4(path: str | Path, model: nn.Module, cache: str | Path | None 
             save_file(rows, str(tmp))
             tmp.rename(cache)  # atomic: a half-written file is never read
     params = dict(model.named_parameters())
-    out = GGUFInt4()
-    for name, raw in rows.items():
-        if name in params and params[name].dim() == 2:
-            out.blocks[name] = q4_1_blocks(raw, tuple(params[name].shape))
-    return out
+    return {name: q4_1_blocks(raw, tuple(params[name].shape)) for name, raw in rows.items()
+            if name in params and params[name].dim() == 2}
 
 
 def _gguf_q4_1_rows(path: str | Path, model: nn.Module) -> dict[str, torch.Tensor]:

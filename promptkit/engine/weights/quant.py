@@ -104,9 +104,7 @@ class Int4Linear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight ``(code - 8) * scale + zero``, [out, in]."""
-        codes = _in_weight_order(_nibbles(self.packed), self.out_features, self.in_features)
-        scale, zero = self.scale_zero.float().transpose(0, 1).unbind(-1)
-        return dequantize_int4(codes, scale, zero - 8 * scale)
+        return dequantize_int4(*self.codes_scales_minimums())
 
 
 class Int8Linear(nn.Module):
