@@ -287,6 +287,24 @@ def test_store_stays_inside_the_budget_and_is_evicted_lru():
     eng.check_integrity()
 
 
+def test_a_failed_forward_while_storing_documents_leaks_no_slot():
+    tokens, spans = rag_prompt(seed=5)
+    lead, docs = tokens[: spans[0][0]], [tokens[s:e] for s, e in spans]
+    eng = Engine(model_of("llama"), eos_ids=set())
+    forward = eng.runner.forward
+
+    def failing(batch):
+        raise RuntimeError("the forward failed")
+
+    eng.runner.forward = failing  # fails the lead-in's prefill, before any document is encoded
+    with pytest.raises(RuntimeError, match="the forward failed"):
+        eng.store_chunks(lead, docs)
+    eng.check_integrity()  # every slot free, cached or stored: none held by the failed jobs
+    eng.runner.forward = forward
+    assert eng.store_chunks(lead, docs) == len(docs)
+    eng.check_integrity()
+
+
 def test_preempted_assemblies_start_over_and_match_an_unpressed_run():
     prompts = [rag_prompt(seed=30 + i, docs=(40, 40)) for i in range(4)]
     cfg = KVReuse(mode="sink", sink_tokens=3)
