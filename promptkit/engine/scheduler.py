@@ -235,10 +235,10 @@ class Scheduler:
 
     def cache_prompt(self, r: Request, upto: int) -> None:
         """Hand the KV of ``r.tokens[:upto]`` to the prefix tree and continue from that node."""
-        if r.kv.exact_len is not None:
-            upto = min(upto, r.kv.exact_len)  # reused KV is close, not exact: never served as a prefix
-        upto = min(upto, r.natural_len)  # nor is selective prefill's, past its first skipped token
         kv = r.kv
+        if kv.exact_len is not None:
+            upto = min(upto, kv.exact_len)  # reused KV is close, not exact: never served as a prefix
+        upto = min(upto, r.natural_len)  # nor is selective prefill's, past its first skipped token
         if not self.cache.enabled or upto <= kv.cached_len:
             return
         done = upto - kv.cached_len
